@@ -1,0 +1,74 @@
+"""kdserve: decoupled knowledge distillation.
+
+Teachers produce knowledge (logits, soft labels, features) as Arrow batches, served
+online or written to a store; students merge any mix of teachers by sample id and
+read one stream re-batched to their own batch size.
+"""
+
+from kdserve.batch import Knowledge, concat_batches, from_record_batch, to_record_batch
+from kdserve.codecs import Bf16, Codec, Fp16, Int8, TopK, codec_from_spec
+from kdserve.errors import (
+    AlignmentError,
+    AuthenticationError,
+    CodecError,
+    KdserveError,
+    MergeError,
+    ProtocolError,
+    SchemaError,
+    StoreError,
+    TeacherUnavailableError,
+)
+from kdserve.merge import (
+    Max,
+    Mean,
+    Merger,
+    MergeStrategy,
+    Min,
+    Sum,
+    Take,
+    WeightedMean,
+    strategy_from_spec,
+)
+from kdserve.ragged import Ragged
+from kdserve.rebatch import Rebatcher, rebatch
+from kdserve.schema import SAMPLE_ID, Field, Schema
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAMPLE_ID",
+    "AlignmentError",
+    "AuthenticationError",
+    "Bf16",
+    "Codec",
+    "CodecError",
+    "Field",
+    "Fp16",
+    "Int8",
+    "KdserveError",
+    "Knowledge",
+    "Max",
+    "Mean",
+    "MergeError",
+    "MergeStrategy",
+    "Merger",
+    "Min",
+    "ProtocolError",
+    "Ragged",
+    "Rebatcher",
+    "Schema",
+    "SchemaError",
+    "StoreError",
+    "Sum",
+    "Take",
+    "TeacherUnavailableError",
+    "TopK",
+    "WeightedMean",
+    "__version__",
+    "codec_from_spec",
+    "concat_batches",
+    "from_record_batch",
+    "rebatch",
+    "strategy_from_spec",
+    "to_record_batch",
+]

@@ -1,0 +1,335 @@
+"""Merging several teachers' knowledge into one batch, aligned by sample id.
+
+A field produced by one teacher passes through. A field produced by several needs a
+strategy -- ``"sum"``, ``"mean"``, ``"max"``, ``"min"``, :class:`WeightedMean`,
+:class:`Take` (one teacher's value) or any callable ``f({teacher: array}) -> array`` --
+and without one the merge is refused, as in Pantheon. Rows are matched by ``sample_id``:
+a teacher whose batch holds the same ids in another order is reordered; different ids
+raise :class:`~kdserve.errors.AlignmentError`. Results have the field's declared dtype.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from kdserve.batch import Knowledge
+from kdserve.errors import AlignmentError, MergeError
+from kdserve.ragged import Ragged
+from kdserve.schema import SAMPLE_ID, Field, Schema
+
+__all__ = [
+    "Max",
+    "Mean",
+    "MergeStrategy",
+    "Merger",
+    "Min",
+    "Sum",
+    "Take",
+    "WeightedMean",
+    "strategy_from_spec",
+]
+
+Values = Mapping[str, Any]  # teacher name -> ndarray or Ragged, in registration order
+
+
+class MergeStrategy(ABC):
+    """How one field's values from several teachers become one value."""
+
+    name: ClassVar[str]
+
+    def check(self, field: str, teachers: Sequence[str]) -> None:  # noqa: B027 -- optional hook
+        """Raise MergeError if this strategy cannot merge ``field`` from ``teachers``."""
+
+    def merge(self, field: Field, values: Values) -> Any:
+        """Merge per-teacher arrays (or Ragged, which must agree on sequence lengths)."""
+        first = next(iter(values.values()))
+        if not isinstance(first, Ragged):
+            return self.combine(values).astype(field.dtype, copy=False)
+        for teacher, value in values.items():
+            if not np.array_equal(value.offsets, first.offsets):
+                raise MergeError(
+                    f"teachers disagree on the sequence lengths of field {field.name!r} "
+                    f"(teacher {teacher!r}); element-wise strategies need equal lengths, "
+                    f"use Take(teacher) for this field instead",
+                    field=field.name,
+                )
+        merged = self.combine({t: v.values for t, v in values.items()})
+        return Ragged(merged.astype(field.dtype, copy=False), first.offsets)
+
+    @abstractmethod
+    def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Merge equally shaped arrays, one per teacher."""
+
+
+class _Reduce(MergeStrategy):
+    reduce: ClassVar[Callable[..., np.ndarray]]
+
+    def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        return type(self).reduce(np.stack(list(values.values())), axis=0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class Sum(_Reduce):
+    """Element-wise sum over teachers."""
+
+    name = "sum"
+    reduce = np.sum
+
+
+class Mean(_Reduce):
+    """Element-wise mean over teachers."""
+
+    name = "mean"
+    reduce = np.mean
+
+
+class Max(_Reduce):
+    """Element-wise maximum over teachers."""
+
+    name = "max"
+    reduce = np.max
+
+
+class Min(_Reduce):
+    """Element-wise minimum over teachers."""
+
+    name = "min"
+    reduce = np.min
+
+
+@dataclass(frozen=True)
+class WeightedMean(MergeStrategy):
+    """``sum(w_t * x_t) / sum(w_t)``; weights by teacher name, or by position in a list."""
+
+    weights: Mapping[str, float] | Sequence[float]
+    name: ClassVar[str] = "weighted_mean"
+
+    def _by_name(self, teachers: Sequence[str]) -> dict[str, float]:
+        if isinstance(self.weights, Mapping):
+            return {t: float(self.weights[t]) for t in teachers if t in self.weights}
+        return {t: float(w) for t, w in zip(teachers, self.weights, strict=False)}
+
+    def check(self, field: str, teachers: Sequence[str]) -> None:
+        weights = self._by_name(teachers)
+        missing = [t for t in teachers if t not in weights]
+        if missing or (
+            not isinstance(self.weights, Mapping) and len(self.weights) != len(teachers)
+        ):
+            raise MergeError(
+                f"weighted_mean for field {field!r} needs one weight per teacher "
+                f"{list(teachers)}; got {self.weights!r}",
+                field=field,
+            )
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise MergeError(
+                f"weighted_mean weights for field {field!r} must be >= 0 with a positive "
+                f"sum; got {weights}",
+                field=field,
+            )
+
+    def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        weights = self._by_name(list(values))
+        total = sum(weights.values())
+        out = sum(weights[t] / total * v.astype(np.float64) for t, v in values.items())
+        return np.asarray(out)
+
+
+@dataclass(frozen=True)
+class Take(MergeStrategy):
+    """Use one teacher's value, by name or by registration index."""
+
+    teacher: str | int
+    name: ClassVar[str] = "take"
+
+    def _pick(self, teachers: Sequence[str]) -> str:
+        if isinstance(self.teacher, int):
+            return teachers[self.teacher]
+        return self.teacher
+
+    def check(self, field: str, teachers: Sequence[str]) -> None:
+        ok = (
+            -len(teachers) <= self.teacher < len(teachers)
+            if isinstance(self.teacher, int)
+            else self.teacher in teachers
+        )
+        if not ok:
+            raise MergeError(
+                f"Take({self.teacher!r}) for field {field!r}: that teacher does not produce "
+                f"it; the field comes from {list(teachers)}",
+                field=field,
+            )
+
+    def merge(self, field: Field, values: Values) -> Any:
+        value = values[self._pick(list(values))]
+        if isinstance(value, Ragged):
+            return Ragged(value.values.astype(field.dtype, copy=False), value.offsets)
+        return value.astype(field.dtype, copy=False)
+
+    def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        return values[self._pick(list(values))]
+
+
+@dataclass(frozen=True)
+class Custom(MergeStrategy):
+    """A user callable ``f({teacher: array}) -> array`` (arrays: values of sequences)."""
+
+    fn: Callable[[Mapping[str, np.ndarray]], Any]
+    name: ClassVar[str] = "custom"
+
+    def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        first = next(iter(values.values()))
+        out = np.asarray(self.fn(values))
+        if out.shape != first.shape:
+            raise MergeError(
+                f"the merge callable {self.fn!r} returned shape {out.shape}, expected "
+                f"{first.shape} (the teachers' shape)"
+            )
+        return out
+
+
+STRATEGIES: dict[str, type[MergeStrategy]] = {s.name: s for s in (Sum, Mean, Max, Min)}
+
+StrategySpec = str | MergeStrategy | Callable[[Mapping[str, np.ndarray]], Any]
+
+
+def strategy_from_spec(spec: StrategySpec, field: str = "?") -> MergeStrategy:
+    """Resolve ``"mean"``, a MergeStrategy, or a callable into a MergeStrategy."""
+    if isinstance(spec, MergeStrategy):
+        return spec
+    if isinstance(spec, str):
+        if spec not in STRATEGIES:
+            raise MergeError(
+                f"unknown merge strategy {spec!r} for field {field!r}; use one of "
+                f"{sorted(STRATEGIES)}, WeightedMean(...), Take(...) or a callable",
+                field=field,
+            )
+        return STRATEGIES[spec]()
+    if callable(spec):
+        return Custom(spec)
+    raise MergeError(f"merge strategy for field {field!r} must be a name, a strategy or a callable")
+
+
+class Merger:
+    """Merges per-teacher batches into one, after checking the teachers' schemas fit together.
+
+    ``schemas`` maps teacher name -> its knowledge schema, in registration order.
+    :attr:`schema` is the merged (decoded, codec-free) schema.
+    """
+
+    def __init__(
+        self, schemas: Mapping[str, Schema], strategies: Mapping[str, StrategySpec] | None = None
+    ) -> None:
+        if not schemas:
+            raise MergeError("register at least one teacher before merging")
+        self.teachers = list(schemas)
+        self._owners: dict[str, list[str]] = {}
+        fields: dict[str, Field] = {}
+        for teacher, schema in schemas.items():
+            for f in schema:
+                plain = f.with_codec(None)
+                if f.name in fields and (fields[f.name] != plain):
+                    raise MergeError(
+                        f"field {f.name!r} differs between teachers {self._owners[f.name]} "
+                        f"({_signature(fields[f.name])}) and {teacher!r} ({_signature(plain)}); "
+                        f"teachers must agree on a shared field's dtype and shape",
+                        field=f.name,
+                    )
+                fields.setdefault(f.name, plain)
+                self._owners.setdefault(f.name, []).append(teacher)
+        self.schema = Schema(fields.values())
+        strategies = dict(strategies or {})
+        unknown = [name for name in strategies if name not in fields]
+        if unknown:
+            raise MergeError(
+                f"merge strategies name field(s) {unknown} that no teacher produces; "
+                f"the teachers produce {list(fields)}",
+                field=unknown[0],
+            )
+        self._strategies: dict[str, MergeStrategy] = {}
+        for name, owners in self._owners.items():
+            if name in strategies:
+                strategy = strategy_from_spec(strategies[name], name)
+                strategy.check(name, owners)
+                self._strategies[name] = strategy
+            elif len(owners) > 1:
+                raise MergeError(
+                    f"field {name!r} comes from teachers {owners} but has no merge strategy; "
+                    f"pass merge_strategy={{{name!r}: 'mean'}} (or 'sum', 'max', 'min', "
+                    f"WeightedMean, Take, a callable)",
+                    field=name,
+                )
+
+    def merge(self, batches: Mapping[str, Knowledge]) -> Knowledge:
+        """Merge one batch per teacher (same sample ids) into one batch."""
+        missing = [t for t in self.teachers if t not in batches]
+        if missing:
+            raise MergeError(f"no batch from teacher(s) {missing}")
+        reference = self.teachers[0]
+        ids = np.asarray(batches[reference][SAMPLE_ID])
+        aligned = {reference: batches[reference]}
+        for teacher in self.teachers[1:]:
+            aligned[teacher] = _align(reference, ids, teacher, batches[teacher])
+        out: Knowledge = {SAMPLE_ID: ids}
+        for f in self.schema:
+            owners = self._owners[f.name]
+            values = {t: aligned[t][f.name] for t in owners}
+            strategy = self._strategies.get(f.name)
+            if strategy is None:
+                out[f.name] = values[owners[0]]
+            else:
+                out[f.name] = strategy.merge(f, values)
+        return out
+
+
+def _signature(f: Field) -> str:
+    return f"{f.dtype}{list(f.shape)}"
+
+
+def _align(reference: str, ids: np.ndarray, teacher: str, batch: Knowledge) -> Knowledge:
+    """``batch`` reordered to the reference ids, or AlignmentError if the ids differ."""
+    other = np.asarray(batch[SAMPLE_ID])
+    if np.array_equal(ids, other):
+        return batch
+    if len(ids) == len(other) and len(np.unique(ids)) == len(ids):
+        order = np.argsort(other, kind="stable")
+        position = np.searchsorted(other, ids, sorter=order)
+        position = np.clip(position, 0, len(other) - 1)
+        perm = order[position]
+        if np.array_equal(other[perm], ids):
+            return {k: _take_rows(v, perm) for k, v in batch.items()}
+    row = _first_difference(ids, other)
+    a = int(ids[row]) if row < len(ids) else None
+    b = int(other[row]) if row < len(other) else None
+    raise AlignmentError(
+        f"teachers {reference!r} and {teacher!r} hold different samples: at row {row} of "
+        f"this batch {reference!r} has sample_id {a} and {teacher!r} has {b} "
+        f"({len(ids)} vs {len(other)} rows). Teachers must read the same samples; check their "
+        f"readers' order, shuffling and drop_last",
+        teachers=(reference, teacher),
+        sample_ids=(a, b),
+    )
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def _take_rows(value: Any, rows: np.ndarray) -> Any:
+    if isinstance(value, Ragged):
+        return Ragged.from_list([value[i] for i in rows]) if len(rows) else value
+    return np.asarray(value)[rows]
