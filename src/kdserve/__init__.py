@@ -30,8 +30,13 @@ from kdserve.merge import (
     strategy_from_spec,
 )
 from kdserve.ragged import Ragged
+from kdserve.reader import iter_feed_batches
 from kdserve.rebatch import Rebatcher, rebatch
+from kdserve.sampler import Block, Sampler
 from kdserve.schema import SAMPLE_ID, Field, Schema
+from kdserve.store import StoreReader, StoreWriter
+from kdserve.student import Student
+from kdserve.teacher import Teacher
 
 __version__ = "0.1.0"
 
@@ -40,6 +45,7 @@ __all__ = [
     "AlignmentError",
     "AuthenticationError",
     "Bf16",
+    "Block",
     "Codec",
     "CodecError",
     "Field",
@@ -56,11 +62,16 @@ __all__ = [
     "ProtocolError",
     "Ragged",
     "Rebatcher",
+    "Sampler",
     "Schema",
     "SchemaError",
     "StoreError",
+    "StoreReader",
+    "StoreWriter",
+    "Student",
     "Sum",
     "Take",
+    "Teacher",
     "TeacherUnavailableError",
     "TopK",
     "WeightedMean",
@@ -68,6 +79,7 @@ __all__ = [
     "codec_from_spec",
     "concat_batches",
     "from_record_batch",
+    "iter_feed_batches",
     "rebatch",
     "strategy_from_spec",
     "to_record_batch",

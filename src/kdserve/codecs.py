@@ -77,8 +77,9 @@ class Fp16(Codec):
         return {"data": (np.dtype(np.float16), inner_shape)}
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
-        out = rows.astype(np.float16)
-        overflow = np.isinf(out) & np.isfinite(rows)
+        # Check before casting: the cast would warn, and values in (65504, 65520) would
+        # silently become 65504 although this codec refuses everything beyond +-65504.
+        overflow = np.isfinite(rows) & (np.abs(rows) > _FP16_MAX)
         if overflow.any():
             raise CodecError(
                 f"field {field!r} has values beyond float16's range (max |x| = "
@@ -86,7 +87,7 @@ class Fp16(Codec):
                 field=field,
                 codec=self.name,
             )
-        return {"data": out}
+        return {"data": rows.astype(np.float16)}
 
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
@@ -104,18 +105,39 @@ class Bf16(Codec):
         return {"data": (np.dtype(np.uint16), inner_shape)}
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
-        bits = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32)
+        with np.errstate(over="ignore"):
+            f32 = np.ascontiguousarray(rows, dtype=np.float32)
+        finite = np.isfinite(f32)
+        beyond = ~np.isinf(rows) & np.isinf(f32)
+        if beyond.any():
+            raise CodecError(
+                f"field {field!r} has values beyond float32's range (max |x| = "
+                f"{float(np.abs(rows[beyond]).max()):.4g}), which bf16 cannot hold; store "
+                f"this field without a codec",
+                field=field,
+                codec=self.name,
+            )
+        bits = f32.view(np.uint32)
         # Round to nearest, ties to even, on the 16 bits that are dropped.
         rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
         out = rounded.astype(np.uint16)
-        out[np.isnan(rows)] = 0x7FC0
+        # Finite values above bf16's largest finite value would round to +-inf: keep them
+        # finite at +-max (0x7F7F), which is within the error bound; 0x7F80 - 1 == 0x7F7F.
+        out[finite & ((out & np.uint16(0x7FFF)) == np.uint16(0x7F80))] -= np.uint16(1)
+        out[np.isnan(f32)] = 0x7FC0
         return {"data": out}
 
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
     ) -> np.ndarray:
-        bits = parts["data"].astype(np.uint32) << 16
-        return bits.view(np.float32).astype(dtype, copy=False)
+        values = (parts["data"].astype(np.uint32) << 16).view(np.float32)
+        dtype = np.dtype(dtype)
+        if dtype.itemsize < values.itemsize:
+            # A float16 field: bf16 rounding can carry 65504 up to 65536, which would
+            # overflow to inf; clamp finite values to the target's range instead.
+            top = float(np.finfo(dtype).max)
+            values = np.where(np.isinf(values), values, np.clip(values, -top, top))
+        return values.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -136,7 +158,18 @@ class Int8(Codec):
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
         _need_finite(self.name, field, rows)
-        scale = (np.abs(rows).max(axis=-1) / 127.0).astype(np.float32)
+        # At least float32 arithmetic: in float16 the scale of a small row would lose
+        # precision (or underflow) and break the error bound.
+        peak = np.abs(rows).max(axis=-1, initial=0).astype(np.promote_types(rows.dtype, np.float32))
+        with np.errstate(over="ignore"):
+            scale = (peak / 127).astype(np.float32)
+        if not np.isfinite(scale).all():
+            raise CodecError(
+                f"field {field!r} has values too large for int8's float32 scale (max |x| = "
+                f"{float(np.abs(rows).max()):.4g}); store this field without a codec",
+                field=field,
+                codec=self.name,
+            )
         safe = np.where(scale == 0, np.float32(1), scale)
         q = np.rint(rows / safe[..., None]).clip(-127, 127).astype(np.int8)
         return {"q": q, "scale": scale}
@@ -144,7 +177,16 @@ class Int8(Codec):
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
     ) -> np.ndarray:
-        return (parts["q"].astype(np.float32) * parts["scale"][..., None]).astype(dtype, copy=False)
+        dtype = np.dtype(dtype)
+        work = np.promote_types(dtype, np.float32)  # float64 for float64 fields
+        with np.errstate(over="ignore"):
+            out: np.ndarray = parts["q"].astype(work) * parts["scale"].astype(work)[..., None]
+        if dtype.itemsize < 8:
+            # 127 * scale can round just past the largest float32 (or float16) when a row
+            # peaks there; the original values were finite, so clamp instead of giving inf.
+            top = float(np.finfo(dtype).max)
+            out = np.clip(out, -top, top)
+        return out.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
@@ -165,12 +207,18 @@ class TopK(Codec):
     name: ClassVar[str] = "topk"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
+        k: Any = self.k
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
             raise CodecError(f"topk needs an integer k >= 1, got {self.k!r}", codec=self.name)
+        object.__setattr__(self, "k", int(k))
         if self.kind not in ("logits", "probs"):
             raise CodecError(
                 f"topk kind must be 'logits' or 'probs', got {self.kind!r}", codec=self.name
             )
+        tail: Any = self.tail
+        if not isinstance(tail, (bool, np.bool_)):
+            raise CodecError(f"topk tail must be true or false, got {tail!r}", codec=self.name)
+        object.__setattr__(self, "tail", bool(tail))
 
     def check(self, field: str, dtype: np.dtype[Any], inner_shape: tuple[int, ...]) -> None:
         super().check(field, dtype, inner_shape)
@@ -208,15 +256,21 @@ class TopK(Codec):
         indices = np.take_along_axis(top, order, axis=-1).astype(_index_dtype(width))
         parts: Parts = {"values": values, "indices": indices}
         if self.tail:
-            parts["tail"] = self._tail_mass(rows, values).astype(np.float32)
+            parts["tail"] = self._tail_mass(rows, values, top).astype(np.float32)
         return parts
 
-    def _tail_mass(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def _tail_mass(self, rows: np.ndarray, values: np.ndarray, top: np.ndarray) -> np.ndarray:
         if self.kind == "probs":
-            return np.clip(1.0 - values.sum(axis=-1, dtype=np.float64), 0.0, 1.0)
-        # 1 - sum(softmax(rows)[top k]) without overflow: exp(lse(top) - lse(all)).
-        top_mass = np.exp(_logsumexp(values) - _logsumexp(rows))
-        return np.clip(-np.expm1(np.log(np.clip(top_mass, 0.0, 1.0))), 0.0, 1.0)
+            mass: np.ndarray = np.clip(1.0 - values.sum(axis=-1, dtype=np.float64), 0.0, 1.0)
+            return mass
+        if self.k == rows.shape[-1]:
+            return np.zeros(rows.shape[:-1])
+        # sum(softmax(rows) outside the top k) = exp(lse(rest) - lse(all)), computed from
+        # the rest itself: 1 - exp(lse(top) - lse(all)) loses all precision for small tails.
+        rest = rows.astype(np.float64)
+        np.put_along_axis(rest, top, -np.inf, axis=-1)
+        tail: np.ndarray = np.clip(np.exp(_logsumexp(rest) - _logsumexp(rows)), 0.0, 1.0)
+        return tail
 
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
@@ -243,9 +297,14 @@ class TopK(Codec):
         with np.errstate(divide="ignore"):
             log_tail = np.log(tail) - np.log1p(-np.minimum(tail, 1 - 1e-12))
         fill = _logsumexp(values) + log_tail - np.log(rest)
-        # No tail mass: push the other entries below anything softmax can see.
+        # No tail mass: push the other entries below anything softmax can see (a finite
+        # logit rather than -inf). A tail that is merely tiny keeps its own, exact fill.
         lowest = values.min(axis=-1) + floor
-        return np.maximum(fill, lowest)
+        out: np.ndarray = np.where(tail > 0, fill, lowest)
+        return out
+
+
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -291,7 +350,7 @@ def codec_from_spec(spec: str | Mapping[str, Any] | Codec | None) -> Codec | Non
         raise CodecError(f"a codec is a name or a dict with a 'name' key, got {spec!r}")
     params = dict(spec)
     name = params.pop("name")
-    if name not in CODECS:
+    if not isinstance(name, str) or name not in CODECS:
         raise CodecError(f"unknown codec {name!r}; choose one of {sorted(CODECS)}", codec=str(name))
     try:
         return CODECS[name](**params)

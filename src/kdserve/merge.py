@@ -133,10 +133,13 @@ class WeightedMean(MergeStrategy):
                 f"{list(teachers)}; got {self.weights!r}",
                 field=field,
             )
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        # Written so that NaN (every comparison False) is refused too: it would make the
+        # merged values NaN, as would an infinite weight (inf / inf).
+        bad = any(not (0 <= w < np.inf) for w in weights.values())
+        if bad or sum(weights.values()) <= 0:
             raise MergeError(
-                f"weighted_mean weights for field {field!r} must be >= 0 with a positive "
-                f"sum; got {weights}",
+                f"weighted_mean weights for field {field!r} must be finite and >= 0 with a "
+                f"positive sum; got {weights}",
                 field=field,
             )
 
@@ -209,6 +212,16 @@ def strategy_from_spec(spec: StrategySpec, field: str = "?") -> MergeStrategy:
     """Resolve ``"mean"``, a MergeStrategy, or a callable into a MergeStrategy."""
     if isinstance(spec, MergeStrategy):
         return spec
+    if isinstance(spec, type) and issubclass(spec, MergeStrategy):
+        # The class itself (``Mean`` for ``Mean()``) is callable, but not a merge callable.
+        try:
+            return spec()
+        except TypeError:
+            raise MergeError(
+                f"merge strategy for field {field!r} is the class {spec.__name__}, which needs "
+                f"arguments; pass an instance such as {spec.__name__}(...)",
+                field=field,
+            ) from None
     if isinstance(spec, str):
         if spec not in STRATEGIES:
             raise MergeError(
@@ -277,6 +290,15 @@ class Merger:
         missing = [t for t in self.teachers if t not in batches]
         if missing:
             raise MergeError(f"no batch from teacher(s) {missing}")
+        for teacher in self.teachers:
+            needed = [SAMPLE_ID] + [n for n, owners in self._owners.items() if teacher in owners]
+            lacking = [n for n in needed if n not in batches[teacher]]
+            if lacking:
+                raise MergeError(
+                    f"the batch from teacher {teacher!r} lacks {lacking}, which its schema "
+                    f"declares; it has {list(batches[teacher])}",
+                    field=lacking[0],
+                )
         reference = self.teachers[0]
         ids = np.asarray(batches[reference][SAMPLE_ID])
         aligned = {reference: batches[reference]}

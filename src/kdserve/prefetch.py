@@ -1,0 +1,78 @@
+"""Prefetch: run an iterator in a background thread, ``buf_size`` items ahead of its consumer.
+
+The queue is bounded, so a slow consumer slows the producer instead of growing memory.
+An exception in the producer is raised in the consumer; a consumer that stops early
+(breaks out of its loop) stops the producer. No wait is unbounded: both sides poll a
+stop flag while they wait.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["Prefetcher"]
+
+T = TypeVar("T")
+_POLL = 0.1  # seconds between checks of the other side while waiting
+_DONE = object()
+
+
+class Prefetcher(Generic[T]):
+    """Iterate ``produce()`` in a daemon thread; iterate this object to consume it."""
+
+    def __init__(self, produce: Callable[[], Iterable[T]], buf_size: int, name: str) -> None:
+        if buf_size < 1:
+            raise ValueError(f"buf_size must be >= 1, got {buf_size}")
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=buf_size)
+        self._stop = threading.Event()
+        self._produce = produce
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def qsize(self) -> int:
+        """Items produced and not yet consumed."""
+        return self._queue.qsize()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._produce():
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=_POLL)
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        return
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the producer and wait for its thread (it checks the flag every 0.1 s)."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)

@@ -1,0 +1,90 @@
+"""Which rows of a stored pass a reader gets, and in which order.
+
+A pass over ``num_rows`` rows is cut into blocks of ``block_rows`` contiguous rows. With
+``shuffle``, the block order and the rows inside each block are permuted by generators
+seeded from ``(seed, epoch)`` and ``(seed, epoch, block)`` -- no RNG state is stored, so
+every process derives the same order. The resulting sequence is split into
+``world_size * num_workers`` contiguous parts of near-equal size; part
+``rank * num_workers + worker`` is this reader's. The parts are disjoint and together
+hold every row exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Block", "Sampler"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``start..stop`` of the store, or, when ``rows`` is set, those rows in that order."""
+
+    start: int
+    stop: int
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start if self.rows is None else len(self.rows)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Shuffle and partition settings; :meth:`plan` turns them into this reader's blocks."""
+
+    shuffle: bool = False
+    seed: int = 0
+    block_rows: int = 4096
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {self.block_rows}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        if not 0 <= self.worker < self.num_workers:
+            raise ValueError(f"worker {self.worker} is outside num_workers {self.num_workers}")
+
+    @staticmethod
+    def world_from_env() -> tuple[int, int]:
+        """``(rank, world_size)`` from torchrun's RANK / WORLD_SIZE, else ``(0, 1)``."""
+        try:
+            return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ValueError(
+                f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+                f"are not integers"
+            ) from None
+
+    def plan(self, num_rows: int, epoch: int = 0) -> list[Block]:
+        """This reader's blocks for pass ``epoch``, in reading order."""
+        starts = range(0, num_rows, self.block_rows)
+        order: list[int] = list(range(len(starts)))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(starts)).tolist()
+        parts = self.world_size * self.num_workers
+        part = self.rank * self.num_workers + self.worker
+        lo, hi = part * num_rows // parts, (part + 1) * num_rows // parts
+        blocks = []
+        position = 0  # where the current block begins in the shuffled sequence
+        for b in order:
+            start = starts[b]
+            stop = min(start + self.block_rows, num_rows)
+            size = stop - start
+            first, last = max(lo - position, 0), min(hi - position, size)
+            position += size
+            if first >= last:
+                continue
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, b])
+                rows = start + rng.permutation(size)[first:last]
+                blocks.append(Block(start, stop, rows))
+            else:
+                blocks.append(Block(start + first, start + last))
+        return blocks
