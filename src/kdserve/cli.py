@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,6 +35,142 @@ def demo(samples: int, batch_size: int) -> None:
     from kdserve.demo import run_demo
 
     run_demo(samples=samples, batch_size=batch_size)
+
+
+def _load(spec: str, what: str) -> Any:
+    """Resolve ``module:attr`` (or ``path/to/file.py:attr``), importing from the current dir."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(
+            f"{spec!r} is not MODULE:NAME (e.g. mymodels:teacher)", param_hint=what
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            sys.path.insert(0, str(path.parent))
+            module_name = path.stem
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint=what) from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise click.BadParameter(
+            f"module {module_name!r} has no {attr!r}", param_hint=what
+        ) from None
+
+
+@cli.command()
+@click.option(
+    "--program",
+    required=True,
+    metavar="MODULE:NAME",
+    help="Callable: dict of feed arrays -> dict of output arrays.",
+)
+@click.option(
+    "--reader",
+    "reader_spec",
+    required=True,
+    metavar="MODULE:NAME",
+    help="Generator function (of samples with --batch-size, else of batches), "
+    "a Pantheon reader_config dict, or an iterable of batches.",
+)
+@click.option(
+    "--feed", "feeds", multiple=True, required=True, help="Feed name, in reader order (repeat)."
+)
+@click.option(
+    "--keep",
+    "keep",
+    multiple=True,
+    required=True,
+    help="Field to store: a program output or a feed (repeat).",
+)
+@click.option(
+    "--out", "out_path", required=True, type=click.Path(file_okay=False), help="Store directory."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch the reader's samples.")
+@click.option("--drop-last", is_flag=True, help="Drop a last batch smaller than --batch-size.")
+@click.option("--fp16", "use_fp16", is_flag=True, help="Store float fields as float16.")
+@click.option(
+    "--shard-mb",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Shard size bound in MB.",
+)
+@click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
+def dump(
+    program: str,
+    reader_spec: str,
+    feeds: tuple[str, ...],
+    keep: tuple[str, ...],
+    out_path: str,
+    batch_size: int | None,
+    drop_last: bool,
+    use_fp16: bool,
+    shard_mb: int,
+    overwrite: bool,
+) -> None:
+    """Run a teacher over a reader once and write its knowledge to a store (resumable)."""
+    fn = _load(program, "--program")
+    reader = _load(reader_spec, "--reader")
+    if not callable(fn):
+        raise click.BadParameter(f"{program!r} is not callable", param_hint="--program")
+    if isinstance(reader, dict):
+        config: Any = reader
+    elif batch_size is not None:
+        config = {"sample_generator": reader, "batch_size": batch_size, "drop_last": drop_last}
+    elif callable(reader):
+        config = {"batch_generator": reader}
+    else:
+        config = reader
+    with kdserve.Teacher(out_path, shard_bytes=shard_mb * 1024 * 1024, overwrite=overwrite) as t:
+        written = t.start_knowledge_service(list(feeds), list(keep), fn, config, use_fp16=use_fp16)
+        total = t.rows_stored
+    click.echo(f"wrote {written} samples; {out_path} holds {total} samples")
+
+
+@cli.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(store: str, as_json: bool) -> None:
+    """Show a store's schema, rows, shards, bytes, codecs and teacher."""
+    reader = kdserve.StoreReader(store)
+    if as_json:
+        click.echo(json.dumps(reader.manifest, indent=1))
+        return
+    m = reader.manifest
+    click.echo(f"store     {store}")
+    click.echo(f"teacher   {json.dumps(reader.teacher) if reader.teacher else '-'}")
+    click.echo(
+        f"status    {'complete' if reader.complete else 'INCOMPLETE (dump running or interrupted)'}"
+    )
+    click.echo(f"rows      {len(reader)}")
+    click.echo(f"shards    {len(reader.shards)}")
+    click.echo(f"bytes     {reader.nbytes} ({reader.nbytes / 1e6:.1f} MB)")
+    click.echo(f"created   {m.get('created', '-')}   updated {m.get('updated', '-')}\n")
+    rows = [("field", "dtype", "shape", "lod", "codec")]
+    for f in reader.schema:
+        codec = json.dumps(f.codec.to_json()) if f.codec else "-"
+        shape = "(" + ", ".join("*" if d is None else str(d) for d in f.shape) + ")"
+        rows.append((f.name, f.dtype.name, shape, str(f.lod_level), codec))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+
+
+@cli.command()
+@click.argument("store", type=click.Path(file_okay=False))
+def verify(store: str) -> None:
+    """Check every shard of a store: size, crc32 and Arrow structure."""
+    reader = kdserve.StoreReader(store)
+    reader.verify()
+    state = "complete" if reader.complete else "incomplete"
+    click.echo(
+        f"OK: {store}: {len(reader)} rows in {len(reader.shards)} shards, crc32 verified ({state})"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,178 @@
+"""Offline mode end to end: teachers dump to stores, students merge and read them."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import kdserve as kd
+
+N = 500
+X = np.random.default_rng(0).normal(size=(N, 6)).astype(np.float32)
+LABELS = np.arange(N) % 7
+W = {k: np.random.default_rng(k).normal(size=(6, 5)).astype(np.float32) for k in (1, 2, 3)}
+
+
+def _samples(order=None):
+    def gen():
+        for i in range(N) if order is None else order:
+            yield X[i], LABELS[i], i
+
+    return gen
+
+
+def _dump(path, k, order=None, **kwargs):
+    with kd.Teacher(path, progress=False, shard_bytes=4096) as teacher:
+        written = teacher.start_knowledge_service(
+            feed_list=["x", "label", "sample_id"],
+            schema=["logits", "label"],
+            program=lambda feed: {"logits": feed["x"] @ W[k]},
+            reader_config={"sample_generator": _samples(order), "batch_size": 32},
+            **kwargs,
+        )
+    return written
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    _dump(root / "a", 1)
+    _dump(root / "b", 2, use_fp16=True)
+    _dump(root / "c", 3, order=list(reversed(range(N))))  # same samples, other order
+    return root
+
+
+def _student(stores, names=("a", "b"), **kwargs):
+    student = kd.Student(merge_strategy={"logits": "mean", "label": kd.Take(0)}, **kwargs)
+    for n in names:
+        student.register_teacher(in_path=stores / n)
+    student.start()
+    return student
+
+
+def _exact(ids, teachers):
+    return np.mean([X[ids] @ W[k] for k in teachers], axis=0)
+
+
+def test_two_offline_teachers_merge_by_sample_id(stores):
+    student = _student(stores)
+    assert student.get_knowledge_desc() == {
+        "logits": {"shape": [-1, 5], "dtype": "float32", "lod_level": 0},
+        "label": {"shape": [-1], "dtype": "int64", "lod_level": 0},
+    }
+    batches = list(student.get_knowledge_generator(batch_size=64)())
+    assert [len(b["sample_id"]) for b in batches] == [64] * 7 + [52]
+    ids = np.concatenate([b["sample_id"] for b in batches])
+    np.testing.assert_array_equal(ids, np.arange(N))
+    logits = np.concatenate([b["logits"] for b in batches])
+    np.testing.assert_allclose(logits, _exact(ids, (1, 2)), atol=2e-2)  # b is fp16
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), LABELS)
+
+
+def test_teachers_in_different_orders_are_aligned_by_id(stores):
+    student = _student(stores, ("a", "c"))
+    for batch in student.get_knowledge_generator(batch_size=50, drop_last=True)():
+        np.testing.assert_allclose(batch["logits"], _exact(batch["sample_id"], (1, 3)), rtol=1e-5)
+
+
+def test_each_call_is_one_more_pass_with_a_new_shuffle(stores):
+    student = _student(stores, shuffle=True, seed=5, block_rows=64)
+    reader = student.get_knowledge_generator(batch_size=100)
+    passes = [np.concatenate([b["sample_id"] for b in reader()]) for _ in range(3)]
+    for ids in passes:
+        assert sorted(ids.tolist()) == list(range(N))
+    assert not np.array_equal(passes[0], passes[1])
+    again = _student(stores, shuffle=True, seed=5, block_rows=64).get_knowledge_generator(100)
+    np.testing.assert_array_equal(np.concatenate([b["sample_id"] for b in again()]), passes[0])
+
+
+def test_data_parallel_ranks_get_disjoint_shares(stores):
+    shares = []
+    for rank in range(3):
+        student = _student(stores, rank=rank, world_size=3, shuffle=True)
+        ids = np.concatenate([b["sample_id"] for b in student.get_knowledge_generator(16)()])
+        assert len(ids) == len(student)
+        shares.append(ids)
+    assert sorted(np.concatenate(shares).tolist()) == list(range(N))
+
+
+def test_stopping_early_stops_the_prefetch_thread(stores):
+    student = _student(stores, buf_size=2)
+    before = threading.active_count()
+    for i, _ in enumerate(student.get_knowledge_generator(batch_size=8)()):
+        if i == 3:
+            assert student.get_knowledge_qsize() <= 2
+            break
+    assert threading.active_count() <= before
+
+
+def test_misaligned_teachers_are_refused(stores, tmp_path):
+    with kd.Teacher(tmp_path / "short", progress=False) as t:
+        t.dump({"logits": np.zeros((10, 5), np.float32), "label": np.zeros(10, np.int64)})
+    student = kd.Student(merge_strategy={"logits": "mean", "label": "max"})
+    student.register_teacher(in_path=stores / "a")
+    student.register_teacher(in_path=tmp_path / "short")
+    with pytest.raises(kd.AlignmentError, match=r"do not hold the same samples.*first id only in"):
+        student.start()
+
+
+def test_shared_field_without_strategy_is_refused(stores):
+    student = kd.Student()
+    student.register_teacher(in_path=stores / "a")
+    student.register_teacher(in_path=stores / "b")
+    with pytest.raises(kd.MergeError, match="field 'logits' comes from teachers"):
+        student.start()
+
+
+def test_student_usage_errors(stores):
+    student = kd.Student()
+    with pytest.raises(kd.KdserveError, match="register at least one teacher"):
+        student.start()
+    with pytest.raises(kd.KdserveError, match="needs in_path="):
+        student.register_teacher()
+    with pytest.raises(kd.KdserveError, match="call start"):
+        student.get_knowledge_desc()
+    student.register_teacher(in_path=stores / "nope")
+    with pytest.raises(kd.StoreError, match="does not exist"):
+        student.start()
+
+
+def test_dump_api_declared_schema_and_resume(tmp_path):
+    path = tmp_path / "dumped"
+    schema = kd.Schema(
+        [kd.Field("emb", "float32", (3,), codec="bf16"), kd.Field("seq", "int32", (None,))]
+    )
+    seqs = [np.arange(i % 4, dtype=np.int32) for i in range(10)]
+    with kd.Teacher(path, progress=False) as t:
+        t.start_knowledge_service(["emb", "seq"], schema, lambda f: {}, [(np.ones((10, 3)), seqs)])
+    reader = kd.StoreReader(path)
+    assert reader.schema["emb"].codec == kd.Bf16() and len(reader) == 10
+    back = kd.from_record_batch(reader.read(0, 10))
+    assert [len(s) for s in back["seq"]] == [i % 4 for i in range(10)]
+
+    # dump(): a re-run over the stored rows skips them and appends only what is new.
+    with kd.Teacher(tmp_path / "d", progress=False) as t:
+        t.dump({"y": np.arange(4.0)})
+        t.dump({"y": np.arange(4.0, 8.0)})
+    with kd.Teacher(tmp_path / "d", progress=False) as t:
+        for start in (0, 4, 8):
+            t.dump({"y": np.arange(start, start + 4.0)})
+    reader = kd.StoreReader(tmp_path / "d")
+    np.testing.assert_array_equal(reader.sample_ids(), np.arange(12))
+    np.testing.assert_array_equal(kd.from_record_batch(reader.read(0, 12))["y"], np.arange(12.0))
+
+
+def test_teacher_usage_errors(tmp_path):
+    teacher = kd.Teacher(tmp_path / "t", progress=False)
+    with pytest.raises(kd.KdserveError, match="call start"):
+        teacher.dump({"y": np.ones(2)})
+    teacher.start()
+    with pytest.raises(ValueError, match="times > 1 is for online service"):
+        teacher.start_knowledge_service(["x"], ["y"], lambda f: f, [(np.ones(2),)], times=2)
+    with pytest.raises(kd.SchemaError, match="neither a program output"):
+        teacher.start_knowledge_service(["x"], ["y"], lambda f: {"z": f["x"]}, [(np.ones(2),)])
+    with pytest.raises(kd.SchemaError, match="must return a dict"):
+        teacher.start_knowledge_service(["x"], ["y"], lambda f: f["x"], [(np.ones(2),)])
+    teacher.close()
+    with pytest.raises(kd.KdserveError, match="is closed"):
+        teacher.dump({"y": np.ones(2)})
