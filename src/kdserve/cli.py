@@ -28,13 +28,32 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--samples", default=2048, show_default=True, help="Samples per teacher.")
-@click.option("--batch-size", default=64, show_default=True, help="The student's batch size.")
-def demo(samples: int, batch_size: int) -> None:
-    """Run the demo: two teachers' knowledge merged and re-batched for a student."""
+@click.option(
+    "--samples",
+    default=20000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Samples in the dataset.",
+)
+@click.option(
+    "--batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="The student's batch size.",
+)
+@click.option(
+    "--out",
+    default="demo-output",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo writes its stores (replaced on each run).",
+)
+def demo(samples: int, batch_size: int, out: str) -> None:
+    """Run the demo: two teachers dump knowledge, a student merges and reads it."""
     from kdserve.demo import run_demo
 
-    run_demo(samples=samples, batch_size=batch_size)
+    run_demo(samples=samples, batch_size=batch_size, out=Path(out))
 
 
 def _load(spec: str, what: str) -> Any:
