@@ -82,11 +82,18 @@ class _Reduce(MergeStrategy):
         return hash(type(self))
 
 
+def _sum(stacked: np.ndarray, axis: int) -> np.ndarray:
+    # A float16 sum would round after every addition; accumulate in float32 (as np.mean
+    # does for float16) so the result is rounded to float16 once, at the end.
+    dtype = np.float32 if stacked.dtype == np.float16 else None
+    return np.asarray(np.sum(stacked, axis=axis, dtype=dtype))
+
+
 class Sum(_Reduce):
     """Element-wise sum over teachers."""
 
     name = "sum"
-    reduce = np.sum
+    reduce = _sum
 
 
 class Mean(_Reduce):
