@@ -176,3 +176,22 @@ def test_teacher_usage_errors(tmp_path):
     teacher.close()
     with pytest.raises(kd.KdserveError, match="is closed"):
         teacher.dump({"y": np.ones(2)})
+
+
+def test_store_partitions_over_ranks_and_workers_cover_every_row_once(stores):
+    reader = kd.StoreReader(stores / "a")
+    seen = []
+    for rank in range(2):
+        for worker in range(3):
+            sampler = kd.Sampler(True, 11, 50, rank, 2, worker, 3)
+            for batch in reader.iter_blocks(sampler.plan(len(reader), epoch=4)):
+                seen.append(batch.column(0).to_numpy())
+    assert sorted(np.concatenate(seen).tolist()) == list(range(N))
+
+
+def test_take_gathers_scattered_rows_in_the_asked_order(stores):
+    reader = kd.StoreReader(stores / "c")  # stored in reverse order: row r holds id N-1-r
+    rows = np.random.default_rng(3).permutation(N)[:123]
+    batch = kd.from_record_batch(reader.take(rows))
+    np.testing.assert_array_equal(batch["sample_id"], N - 1 - rows)
+    np.testing.assert_allclose(batch["logits"], X[N - 1 - rows] @ W[3], rtol=1e-6)

@@ -18,7 +18,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from kdserve.batch import concat_batches
 from kdserve.errors import SchemaError, StoreError
+from kdserve.sampler import Block
 from kdserve.schema import Schema
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "ShardInfo", "StoreReader", "StoreWriter"]
@@ -354,6 +355,7 @@ class StoreReader:
                 )
         self._shard_starts = np.cumsum([0] + [s.rows for s in self.shards])
         self._open: dict[int, tuple[pa.ipc.RecordBatchFileReader, np.ndarray]] = {}
+        self._batch_starts: np.ndarray | None = None
 
     @property
     def complete(self) -> bool:
@@ -433,16 +435,45 @@ class StoreReader:
             return pa.RecordBatch.from_pylist([], schema=self._arrow_schema)
         return concat_batches(pieces)
 
+    def _batch_index(self) -> np.ndarray:
+        """First row of every stored batch, over all shards (opens every shard's footer)."""
+        if self._batch_starts is None:
+            starts = [
+                int(self._shard_starts[i]) + self._shard(i)[1][:-1] for i in range(len(self.shards))
+            ]
+            self._batch_starts = np.concatenate([*starts, [len(self)]]).astype(np.int64)
+        return self._batch_starts
+
     def take(self, rows: np.ndarray) -> pa.RecordBatch:
-        """The given rows, in the given order (a copy)."""
+        """The given rows, in the given order: gathered from each stored batch they touch."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return self.read(0, 0)
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        if lo < 0 or hi > len(self):
-            raise IndexError(f"rows {lo}..{hi - 1} are outside the store's {len(self)} rows")
-        span = self.read(lo, hi)
-        return span.take(pa.array(rows - lo))
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(
+                f"rows {int(rows.min())}..{int(rows.max())} are outside the store's "
+                f"{len(self)} rows"
+            )
+        starts = self._batch_index()
+        which = np.searchsorted(starts, rows, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        pieces = []
+        for b in np.unique(which):
+            mine = order[
+                np.searchsorted(which[order], b) : np.searchsorted(which[order], b, "right")
+            ]
+            begin = int(starts[b])
+            pieces.append(self.read(begin, int(starts[b + 1])).take(pa.array(rows[mine] - begin)))
+        gathered = concat_batches(pieces)
+        return gathered.take(pa.array(np.argsort(order, kind="stable")))
+
+    def iter_blocks(self, blocks: Iterable[Block]) -> Iterator[pa.RecordBatch]:
+        """The rows of ``blocks`` (from :meth:`kdserve.Sampler.plan`), in order."""
+        for block in blocks:
+            if block.rows is None:
+                yield from self.iter_range(block.start, block.stop)
+            else:
+                yield self.take(block.rows)
 
     def sample_ids(self) -> np.ndarray:
         """Every row's sample id, in row order."""

@@ -79,15 +79,18 @@ class _OfflineTeacher:
         self.rows_of = order[pos]
 
     def batches(self, blocks: list[Block]) -> Iterator[pa.RecordBatch]:
-        """The rows of ``blocks`` (reference rows), in order."""
-        for block in blocks:
-            if self.rows_of is None and block.rows is None:
-                yield from self.reader.iter_range(block.start, block.stop)
-                continue
-            rows = np.arange(block.start, block.stop) if block.rows is None else block.rows
-            if self.rows_of is not None:
-                rows = self.rows_of[rows]
-            yield self.reader.take(rows)
+        """The rows of ``blocks`` (numbered as the reference teacher's rows), in order."""
+        if self.rows_of is not None:
+            rows_of = self.rows_of
+            blocks = [
+                Block(
+                    b.start,
+                    b.stop,
+                    rows_of[np.arange(b.start, b.stop) if b.rows is None else b.rows],
+                )
+                for b in blocks
+            ]
+        return self.reader.iter_blocks(blocks)
 
 
 class Student:
