@@ -159,7 +159,7 @@ class WeightedMean(MergeStrategy):
 
 @dataclass(frozen=True)
 class Take(MergeStrategy):
-    """Use one teacher's value, by name or by registration index."""
+    """Use one teacher's value: by name, or by index among the teachers that produce the field."""
 
     teacher: str | int
     name: ClassVar[str] = "take"
