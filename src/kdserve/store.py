@@ -217,7 +217,7 @@ class StoreWriter:
             stored = Schema.from_json(manifest["schema"])
         except (KeyError, SchemaError) as exc:
             raise StoreError(f"{self.path / MANIFEST} has no valid schema: {exc}") from None
-        if stored != self.schema:
+        if stored.fields != self.schema.fields:
             raise StoreError(
                 f"the store at {self.path} holds fields {stored.describe()}, not "
                 f"{self.schema.describe()}; write to another directory or pass overwrite=True",

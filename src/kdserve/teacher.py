@@ -30,11 +30,12 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from kdserve.batch import to_record_batch
-from kdserve.errors import KdserveError, SchemaError
+from kdserve.codecs import Fp16
+from kdserve.errors import KdserveError, SchemaError, StoreError
 from kdserve.prefetch import Prefetcher
 from kdserve.reader import FeedBatch, iter_feed_batches
 from kdserve.schema import SAMPLE_ID, Schema
-from kdserve.store import DEFAULT_SHARD_BYTES, StoreWriter, stored_rows
+from kdserve.store import DEFAULT_SHARD_BYTES, StoreReader, StoreWriter, stored_rows
 
 __all__ = ["Teacher"]
 
@@ -153,6 +154,9 @@ class Teacher:
         if not names:
             raise SchemaError("schema must name at least one field to keep")
         declared = schema if isinstance(schema, Schema) else None
+        if self._writer is None and self._resume_rows:
+            # Resuming: check this run against the store now, even if it skips every sample.
+            self._open_writer(declared or self._stored_schema(names, use_fp16))
         before = self.rows_stored
         feeds = self._unstored(iter_feed_batches(reader_config, feed_list))
         with (
@@ -223,6 +227,19 @@ class Teacher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _stored_schema(self, names: list[str], use_fp16: bool) -> Schema:
+        """The schema of the store being resumed, if it is what ``names``/``use_fp16`` ask for."""
+        stored = StoreReader(self.out_path).schema
+        floats = [f for f in stored if f.dtype.kind == "f" and f.dtype.itemsize > 2]
+        if stored.names != names or any((f.codec == Fp16()) != use_fp16 for f in floats):
+            raise StoreError(
+                f"the store at {self.out_path} holds {stored.describe()}, but this dump keeps "
+                f"{names} with use_fp16={use_fp16}; dump to another directory or pass "
+                f"overwrite=True",
+                path=self.out_path,
+            )
+        return stored
 
     def _skip(self, n: int) -> int:
         """Advance the reader position by a batch of ``n``; return how many of it are stored."""
