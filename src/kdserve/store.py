@@ -14,6 +14,7 @@ after them. Readers memory-map the shards and slice record batches without copyi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -90,9 +91,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The parsed manifest of the store at ``path``, checked for format and version."""
     file = path / MANIFEST
     if not path.is_dir():
-        raise StoreError(
-            f"no knowledge store at {path}: the directory does not exist", path=str(path)
-        )
+        why = "is not a directory" if path.exists() else "does not exist"
+        raise StoreError(f"no knowledge store at {path}: the path {why}", path=str(path))
     if not file.is_file():
         raise StoreError(
             f"{path} is not a knowledge store: {MANIFEST} is missing (was the dump run with "
@@ -115,11 +115,23 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _parse_manifest(path: Path, manifest: Mapping[str, Any]) -> tuple[Schema, list[ShardInfo]]:
+    """The schema and shards a manifest records; StoreError naming it if they are damaged."""
+    file = path / MANIFEST
+    try:
+        schema = Schema.from_json(manifest["schema"])
+        shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
+    except (KeyError, TypeError, ValueError) as exc:  # SchemaError is a ValueError
+        raise StoreError(f"{file} is corrupted: bad or missing {exc}", path=str(file)) from None
+    return schema, shards
+
+
 def stored_rows(path: str | os.PathLike[str]) -> int:
     """Rows a store at ``path`` durably holds (0 if there is no store yet)."""
     if not (Path(path) / MANIFEST).exists():
         return 0
-    return sum(int(s["rows"]) for s in read_manifest(Path(path))["shards"])
+    _, shards = _parse_manifest(Path(path), read_manifest(Path(path)))
+    return sum(s.rows for s in shards)
 
 
 class _CrcFile:
@@ -213,10 +225,7 @@ class StoreWriter:
 
     def _resume(self) -> None:
         manifest = read_manifest(self.path)
-        try:
-            stored = Schema.from_json(manifest["schema"])
-        except (KeyError, SchemaError) as exc:
-            raise StoreError(f"{self.path / MANIFEST} has no valid schema: {exc}") from None
+        stored, shards = _parse_manifest(self.path, manifest)
         if stored.fields != self.schema.fields:
             raise StoreError(
                 f"the store at {self.path} holds fields {stored.describe()}, not "
@@ -224,7 +233,7 @@ class StoreWriter:
                 path=str(self.path),
             )
         self._created = manifest.get("created", self._created)
-        self._shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
+        self._shards = shards
         if manifest.get("teacher") and not self._teacher:
             self._teacher = manifest["teacher"]
         listed = {s.file for s in self._shards}
@@ -323,6 +332,13 @@ class StoreWriter:
         _write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
+def _groups(keys: np.ndarray) -> Iterator[tuple[int, slice]]:
+    """``(key, slice)`` of each run of equal values in the sorted ``keys``."""
+    bounds = [0, *(np.flatnonzero(np.diff(keys)) + 1).tolist(), len(keys)]
+    for lo, hi in itertools.pairwise(bounds):
+        yield int(keys[lo]), slice(lo, hi)
+
+
 class StoreReader:
     """Reads a knowledge store: memory-mapped, zero-copy, any row range without the rest.
 
@@ -333,14 +349,7 @@ class StoreReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        try:
-            self.schema = Schema.from_json(self.manifest["schema"])
-            self.shards = [ShardInfo.from_json(s) for s in self.manifest["shards"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(
-                f"{self.path / MANIFEST} is corrupted: bad or missing {exc}",
-                path=str(self.path / MANIFEST),
-            ) from None
+        self.schema, self.shards = _parse_manifest(self.path, self.manifest)
         self._arrow_schema = self.schema.to_arrow()
         for s in self.shards:
             f = self.path / s.file
@@ -355,7 +364,6 @@ class StoreReader:
                 )
         self._shard_starts = np.cumsum([0] + [s.rows for s in self.shards])
         self._open: dict[int, tuple[pa.ipc.RecordBatchFileReader, np.ndarray]] = {}
-        self._batch_starts: np.ndarray | None = None
 
     @property
     def complete(self) -> bool:
@@ -389,7 +397,7 @@ class StoreReader:
                         path=str(f),
                     )
                 rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-            except (pa.ArrowException, OSError) as exc:
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 raise StoreError(f"shard {f} is corrupted: {exc}", path=str(f)) from None
             starts = np.cumsum([0, *rows])
             if starts[-1] != self.shards[index].rows:
@@ -407,7 +415,7 @@ class StoreReader:
         try:
             batch = reader.get_batch(index)
             batch.validate(full=True)
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise StoreError(f"shard {f}, batch {index} is corrupted: {exc}", path=str(f)) from None
         return batch
 
@@ -435,15 +443,6 @@ class StoreReader:
             return pa.RecordBatch.from_pylist([], schema=self._arrow_schema)
         return concat_batches(pieces)
 
-    def _batch_index(self) -> np.ndarray:
-        """First row of every stored batch, over all shards (opens every shard's footer)."""
-        if self._batch_starts is None:
-            starts = [
-                int(self._shard_starts[i]) + self._shard(i)[1][:-1] for i in range(len(self.shards))
-            ]
-            self._batch_starts = np.concatenate([*starts, [len(self)]]).astype(np.int64)
-        return self._batch_starts
-
     def take(self, rows: np.ndarray) -> pa.RecordBatch:
         """The given rows, in the given order: gathered from each stored batch they touch."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -454,16 +453,21 @@ class StoreReader:
                 f"rows {int(rows.min())}..{int(rows.max())} are outside the store's "
                 f"{len(self)} rows"
             )
-        starts = self._batch_index()
-        which = np.searchsorted(starts, rows, side="right") - 1
-        order = np.argsort(which, kind="stable")
+        # Name each row's stored batch by the batch's first row; open only touched shards.
+        batch_of = np.empty_like(rows)
+        shard_of = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        for shard in np.unique(shard_of).tolist():
+            mine = shard_of == shard
+            first = int(self._shard_starts[shard])
+            starts = self._shard(shard)[1]
+            batch_of[mine] = (
+                first + starts[np.searchsorted(starts, rows[mine] - first, "right") - 1]
+            )
+        order = np.argsort(batch_of, kind="stable")
         pieces = []
-        for b in np.unique(which):
-            mine = order[
-                np.searchsorted(which[order], b) : np.searchsorted(which[order], b, "right")
-            ]
-            begin = int(starts[b])
-            pieces.append(self.read(begin, int(starts[b + 1])).take(pa.array(rows[mine] - begin)))
+        for begin, group in _groups(batch_of[order]):
+            picked = rows[order[group]] - begin
+            pieces.append(self.read(begin, begin + int(picked.max()) + 1).take(pa.array(picked)))
         gathered = concat_batches(pieces)
         return gathered.take(pa.array(np.argsort(order, kind="stable")))
 
