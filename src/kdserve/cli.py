@@ -6,8 +6,9 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -15,6 +16,8 @@ import kdserve
 from kdserve.errors import KdserveError
 
 __all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,21 +30,20 @@ def cli() -> None:
     """
 
 
+def _count(flag: str, default: int | None, help_text: str) -> Callable[[F], F]:
+    """An option taking an int >= 1."""
+    return click.option(
+        flag,
+        default=default,
+        show_default=default is not None,
+        type=click.IntRange(min=1),
+        help=help_text,
+    )
+
+
 @cli.command()
-@click.option(
-    "--samples",
-    default=20000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Samples in the dataset.",
-)
-@click.option(
-    "--batch-size",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="The student's batch size.",
-)
+@_count("--samples", 20000, "Samples in the dataset.")
+@_count("--batch-size", 256, "The student's batch size.")
 @click.option(
     "--out",
     default="demo-output",
@@ -109,16 +111,10 @@ def _load(spec: str, what: str) -> Any:
 @click.option(
     "--out", "out_path", required=True, type=click.Path(file_okay=False), help="Store directory."
 )
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch the reader's samples.")
+@_count("--batch-size", None, "Batch the reader's samples.")
 @click.option("--drop-last", is_flag=True, help="Drop a last batch smaller than --batch-size.")
 @click.option("--fp16", "use_fp16", is_flag=True, help="Store float fields as float16.")
-@click.option(
-    "--shard-mb",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Shard size bound in MB.",
-)
+@_count("--shard-mb", 256, "Shard size bound in MB.")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
 def dump(
     program: str,

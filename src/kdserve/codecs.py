@@ -67,14 +67,21 @@ class Codec(ABC):
         return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
 
 
+class _Cast(Codec):
+    """An element-wise codec: one ``data`` component of the same shape, another dtype."""
+
+    stored: ClassVar[np.dtype[Any]]
+
+    def layout(self, dtype: np.dtype[Any], inner_shape: tuple[int, ...]) -> Layout:
+        return {"data": (self.stored, inner_shape)}
+
+
 @dataclass(frozen=True)
-class Fp16(Codec):
+class Fp16(_Cast):
     """IEEE half precision (Pantheon's ``use_fp16``). Refuses values beyond +-65504."""
 
     name: ClassVar[str] = "fp16"
-
-    def layout(self, dtype: np.dtype[Any], inner_shape: tuple[int, ...]) -> Layout:
-        return {"data": (np.dtype(np.float16), inner_shape)}
+    stored: ClassVar[np.dtype[Any]] = np.dtype(np.float16)
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
         # Check before casting: the cast would warn, and values in (65504, 65520) would
@@ -96,13 +103,11 @@ class Fp16(Codec):
 
 
 @dataclass(frozen=True)
-class Bf16(Codec):
+class Bf16(_Cast):
     """bfloat16 stored as uint16 bit patterns: float32's range with 8 significant bits."""
 
     name: ClassVar[str] = "bf16"
-
-    def layout(self, dtype: np.dtype[Any], inner_shape: tuple[int, ...]) -> Layout:
-        return {"data": (np.dtype(np.uint16), inner_shape)}
+    stored: ClassVar[np.dtype[Any]] = np.dtype(np.uint16)
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
         with np.errstate(over="ignore"):

@@ -16,6 +16,8 @@ or file at fault and what to do about it; the same facts are attributes too.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AlignmentError",
     "AuthenticationError",
@@ -30,70 +32,62 @@ __all__ = [
 
 
 class KdserveError(Exception):
-    """Base class of every error kdserve raises."""
+    """Base class of every error kdserve raises.
+
+    Keyword arguments are the error's context (``field``, ``teacher``, ``path``, ...)
+    and become attributes, so handlers need not parse the message.
+    """
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        for key, value in context.items():
+            setattr(self, key, value)
 
 
 class SchemaError(KdserveError, ValueError):
     """Knowledge that does not match its schema: unknown field, wrong dtype or shape."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    field: str | None = None
 
 
 class CodecError(SchemaError):
     """A codec that cannot encode or decode a field's values."""
 
-    def __init__(self, message: str, *, field: str | None = None, codec: str | None = None):
-        super().__init__(message, field=field)
-        self.codec = codec
+    codec: str | None = None
 
 
 class MergeError(KdserveError, ValueError):
     """Merge strategies that do not fit the registered teachers' knowledge."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    field: str | None = None
 
 
 class AlignmentError(MergeError):
-    """Teachers whose batches hold different sample ids: merging them would be wrong."""
+    """Teachers whose batches hold different sample ids: merging them would be wrong.
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        teachers: tuple[str, str],
-        sample_ids: tuple[int | None, int | None],
-    ) -> None:
-        super().__init__(message)
-        self.teachers = teachers
-        self.sample_ids = sample_ids
+    ``teachers`` names the two teachers, ``sample_ids`` their first differing ids.
+    """
+
+    teachers: tuple[str, str]
+    sample_ids: tuple[int | None, int | None]
 
 
 class StoreError(KdserveError):
     """A knowledge store that is missing, truncated, corrupted or incompatible."""
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
-        super().__init__(message)
-        self.path = path
+    path: str | None = None
 
 
 class TeacherUnavailableError(KdserveError):
     """A teacher that cannot be reached, or that died and did not come back in time."""
 
-    def __init__(self, message: str, *, teacher: str | None = None) -> None:
-        super().__init__(message)
-        self.teacher = teacher
+    teacher: str | None = None
 
 
 class AuthenticationError(KdserveError):
     """A request with a wrong or missing token."""
 
-    def __init__(self, message: str, *, teacher: str | None = None) -> None:
-        super().__init__(message)
-        self.teacher = teacher
+    teacher: str | None = None
 
 
 class ProtocolError(KdserveError):
