@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import time
 import zlib
@@ -46,27 +47,41 @@ class ShardInfo:
     """One complete shard as the manifest records it."""
 
     file: str
-    rows: int
     bytes: int
     crc32: int
     min_sample_id: int | None
     max_sample_id: int | None
+    batch_rows: tuple[int, ...]
+    """Rows of each record batch, so a reader locates rows from the manifest alone."""
+
+    @property
+    def rows(self) -> int:
+        return sum(self.batch_rows)
 
     def to_json(self) -> dict[str, Any]:
+        runs: list[list[int]] = []  # run-length coded: [[rows, how many batches], ...]
+        for n in self.batch_rows:
+            if runs and runs[-1][0] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([n, 1])
         return {
             "file": self.file,
             "rows": self.rows,
             "bytes": self.bytes,
             "crc32": f"{self.crc32:08x}",
             "sample_ids": [self.min_sample_id, self.max_sample_id],
+            "batches": runs,
         }
 
     @classmethod
     def from_json(cls, spec: Mapping[str, Any]) -> ShardInfo:
         lo, hi = spec["sample_ids"]
-        return cls(
-            spec["file"], int(spec["rows"]), int(spec["bytes"]), int(spec["crc32"], 16), lo, hi
-        )
+        batch_rows = tuple(int(n) for n, count in spec["batches"] for _ in range(int(count)))
+        info = cls(spec["file"], int(spec["bytes"]), int(spec["crc32"], 16), lo, hi, batch_rows)
+        if info.rows != int(spec["rows"]):
+            raise ValueError(f"'rows' of shard {info.file} ({spec['rows']} != {info.rows})")
+        return info
 
 
 def _fsync_dir(path: Path) -> None:
@@ -189,7 +204,7 @@ class StoreWriter:
         self._shards: list[ShardInfo] = []
         self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._open_shard: tuple[_CrcFile, pa.ipc.RecordBatchFileWriter, Path] | None = None
-        self._shard_rows = 0
+        self._batch_rows: list[int] = []  # of the shard in progress
         self._shard_ids: tuple[int, int] | None = None
         self._closed = False
         if (self.path / MANIFEST).exists() and not overwrite:
@@ -200,7 +215,7 @@ class StoreWriter:
     @property
     def rows(self) -> int:
         """Rows in complete shards plus rows written to the shard in progress."""
-        return sum(s.rows for s in self._shards) + self._shard_rows
+        return sum(s.rows for s in self._shards) + sum(self._batch_rows)
 
     @property
     def durable_rows(self) -> int:
@@ -271,7 +286,7 @@ class StoreWriter:
         if self._shard_ids is not None:
             lo, hi = min(lo, self._shard_ids[0]), max(hi, self._shard_ids[1])
         self._shard_ids = (lo, hi)
-        self._shard_rows += batch.num_rows
+        self._batch_rows.append(batch.num_rows)
         if sink.size >= self.shard_bytes:
             self._finish_shard()
 
@@ -300,7 +315,7 @@ class StoreWriter:
         sink = _CrcFile(tmp)
         writer = pa.ipc.new_file(pa.PythonFile(sink, mode="w"), self._arrow_schema)
         self._open_shard = (sink, writer, tmp)
-        self._shard_rows = 0
+        self._batch_rows = []
         self._shard_ids = None
 
     def _finish_shard(self) -> None:
@@ -312,9 +327,10 @@ class StoreWriter:
         os.replace(tmp, final)
         _fsync_dir(self.path)
         lo, hi = self._shard_ids if self._shard_ids else (None, None)
-        self._shards.append(ShardInfo(final.name, self._shard_rows, sink.size, sink.crc, lo, hi))
+        info = ShardInfo(final.name, sink.size, sink.crc, lo, hi, tuple(self._batch_rows))
+        self._shards.append(info)
         self._open_shard = None
-        self._shard_rows = 0
+        self._batch_rows = []
         self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool) -> None:
@@ -337,6 +353,15 @@ def _groups(keys: np.ndarray) -> Iterator[tuple[int, slice]]:
     bounds = [0, *(np.flatnonzero(np.diff(keys)) + 1).tolist(), len(keys)]
     for lo, hi in itertools.pairwise(bounds):
         yield int(keys[lo]), slice(lo, hi)
+
+
+@dataclass
+class _OpenShard:
+    """A shard a reader has opened: its IPC reader, batch start rows, and batches read."""
+
+    reader: pa.ipc.RecordBatchFileReader
+    starts: np.ndarray
+    batches: list[pa.RecordBatch | None]
 
 
 class StoreReader:
@@ -363,7 +388,7 @@ class StoreReader:
                     path=str(f),
                 )
         self._shard_starts = np.cumsum([0] + [s.rows for s in self.shards])
-        self._open: dict[int, tuple[pa.ipc.RecordBatchFileReader, np.ndarray]] = {}
+        self._open: dict[int, _OpenShard] = {}
 
     @property
     def complete(self) -> bool:
@@ -384,39 +409,55 @@ class StoreReader:
     def __repr__(self) -> str:
         return f"StoreReader({str(self.path)!r}, rows={len(self)}, shards={len(self.shards)})"
 
-    def _shard(self, index: int) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray]:
-        """The open reader of shard ``index`` and the first row of each of its batches."""
+    def _shard(self, index: int) -> _OpenShard:
+        """Shard ``index``, opened on first use: only its footer is read."""
         if index not in self._open:
-            f = self.path / self.shards[index].file
+            info = self.shards[index]
+            f = self.path / info.file
             try:
-                reader = pa.ipc.open_file(pa.memory_map(str(f)))
+                with open(f, "rb") as fh:
+                    # Python's mmap, not pa.memory_map: Arrow's asks the kernel to read ahead
+                    # every batch it touches, which makes one random read pull a whole batch.
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
                 if not reader.schema.equals(self._arrow_schema):
                     raise StoreError(
                         f"shard {f} has columns {reader.schema.names}, not the manifest's "
                         f"{self._arrow_schema.names}",
                         path=str(f),
                     )
-                rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise StoreError(f"shard {f} is corrupted: {exc}", path=str(f)) from None
-            starts = np.cumsum([0, *rows])
-            if starts[-1] != self.shards[index].rows:
+            if reader.num_record_batches != len(info.batch_rows):
                 raise StoreError(
-                    f"shard {f} holds {starts[-1]} rows, the manifest says "
-                    f"{self.shards[index].rows}",
+                    f"shard {f} holds {reader.num_record_batches} batches, the manifest says "
+                    f"{len(info.batch_rows)}",
                     path=str(f),
                 )
-            self._open[index] = (reader, starts)
+            starts = np.cumsum([0, *info.batch_rows])
+            self._open[index] = _OpenShard(reader, starts, [None] * len(info.batch_rows))
         return self._open[index]
 
     def _batch(self, shard: int, index: int) -> pa.RecordBatch:
-        reader, _ = self._shard(shard)
-        f = self.path / self.shards[shard].file
-        try:
-            batch = reader.get_batch(index)
-            batch.validate(full=True)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise StoreError(f"shard {f}, batch {index} is corrupted: {exc}", path=str(f)) from None
+        """Stored batch ``index`` of ``shard``, checked once and kept (it is only a view)."""
+        opened = self._shard(shard)
+        batch = opened.batches[index]
+        if batch is None:
+            f = self.path / self.shards[shard].file
+            try:
+                batch = opened.reader.get_batch(index)
+                batch.validate(full=True)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise StoreError(
+                    f"shard {f}, batch {index} is corrupted: {exc}", path=str(f)
+                ) from None
+            if batch.num_rows != self.shards[shard].batch_rows[index]:
+                raise StoreError(
+                    f"shard {f}, batch {index} holds {batch.num_rows} rows, the manifest says "
+                    f"{self.shards[shard].batch_rows[index]}",
+                    path=str(f),
+                )
+            opened.batches[index] = batch
         return batch
 
     def iter_range(self, start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
@@ -427,7 +468,7 @@ class StoreReader:
         row = start
         while row < stop:
             shard = int(np.searchsorted(self._shard_starts, row, side="right")) - 1
-            _, starts = self._shard(shard)
+            starts = self._shard(shard).starts
             local = row - int(self._shard_starts[shard])
             index = int(np.searchsorted(starts, local, side="right")) - 1
             batch = self._batch(shard, index)
@@ -459,7 +500,7 @@ class StoreReader:
         for shard in np.unique(shard_of).tolist():
             mine = shard_of == shard
             first = int(self._shard_starts[shard])
-            starts = self._shard(shard)[1]
+            starts = self._shard(shard).starts
             batch_of[mine] = (
                 first + starts[np.searchsorted(starts, rows[mine] - first, "right") - 1]
             )
@@ -499,6 +540,6 @@ class StoreReader:
                     f"restore the file or re-dump the store",
                     path=str(f),
                 )
-            _, starts = self._shard(index)
+            starts = self._shard(index).starts
             for b in range(len(starts) - 1):
                 self._batch(index, b)
