@@ -21,6 +21,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ class ShardInfo:
         return info
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,7 +101,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -149,32 +151,13 @@ def stored_rows(path: str | os.PathLike[str]) -> int:
     return sum(s.rows for s in shards)
 
 
-class _CrcFile:
-    """A binary file that keeps the crc32 and size of everything written to it."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 -- closed by close()
-        self.crc = 0
-        self.size = 0
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(memoryview(data).cast("B"))
-        return self._file.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self.closed = True
+def _crc32_file(path: Path) -> int:
+    """crc32 of a file, read in 8 MB chunks (zlib releases the GIL while it hashes)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 1024 * 1024):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 class StoreWriter:
@@ -203,7 +186,7 @@ class StoreWriter:
         self._teacher = dict(teacher or {})
         self._shards: list[ShardInfo] = []
         self._created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._open_shard: tuple[_CrcFile, pa.ipc.RecordBatchFileWriter, Path] | None = None
+        self._open_shard: tuple[pa.NativeFile, pa.ipc.RecordBatchFileWriter, Path] | None = None
         self._batch_rows: list[int] = []  # of the shard in progress
         self._shard_ids: tuple[int, int] | None = None
         self._closed = False
@@ -287,7 +270,7 @@ class StoreWriter:
             lo, hi = min(lo, self._shard_ids[0]), max(hi, self._shard_ids[1])
         self._shard_ids = (lo, hi)
         self._batch_rows.append(batch.num_rows)
-        if sink.size >= self.shard_bytes:
+        if sink.tell() >= self.shard_bytes:
             self._finish_shard()
 
     def flush(self) -> None:
@@ -312,8 +295,8 @@ class StoreWriter:
     def _open_new_shard(self) -> None:
         name = f"shard-{len(self._shards):05d}.arrow"
         tmp = self.path / (name + _TMP)
-        sink = _CrcFile(tmp)
-        writer = pa.ipc.new_file(pa.PythonFile(sink, mode="w"), self._arrow_schema)
+        sink = pa.OSFile(str(tmp), "wb")
+        writer = pa.ipc.new_file(sink, self._arrow_schema)
         self._open_shard = (sink, writer, tmp)
         self._batch_rows = []
         self._shard_ids = None
@@ -322,12 +305,19 @@ class StoreWriter:
         assert self._open_shard is not None
         sink, writer, tmp = self._open_shard
         writer.close()
+        size = sink.tell()
         sink.close()
+        # Hash the shard from the page cache while the disk flushes it: the crc costs
+        # no time of its own (both calls release the GIL).
+        with ThreadPoolExecutor(1, thread_name_prefix="kdserve-crc32") as pool:
+            crc = pool.submit(_crc32_file, tmp)
+            _fsync(tmp)
+            crc32 = crc.result()
         final = tmp.with_name(tmp.name[: -len(_TMP)])
         os.replace(tmp, final)
-        _fsync_dir(self.path)
+        _fsync(self.path)
         lo, hi = self._shard_ids if self._shard_ids else (None, None)
-        info = ShardInfo(final.name, sink.size, sink.crc, lo, hi, tuple(self._batch_rows))
+        info = ShardInfo(final.name, size, crc32, lo, hi, tuple(self._batch_rows))
         self._shards.append(info)
         self._open_shard = None
         self._batch_rows = []
@@ -530,10 +520,7 @@ class StoreReader:
         """Check every shard's size and crc32 and that it parses; raise StoreError if not."""
         for index, s in enumerate(self.shards):
             f = self.path / s.file
-            crc = 0
-            with open(f, "rb") as fh:
-                while chunk := fh.read(8 * 1024 * 1024):
-                    crc = zlib.crc32(chunk, crc)
+            crc = _crc32_file(f)
             if crc != s.crc32:
                 raise StoreError(
                     f"shard {f} is corrupted: crc32 {crc:08x}, the manifest says {s.crc32:08x}; "
