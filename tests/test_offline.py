@@ -143,9 +143,10 @@ def test_dump_api_declared_schema_and_resume(tmp_path):
         [kd.Field("emb", "float32", (3,), codec="bf16"), kd.Field("seq", "int32", (None,))]
     )
     seqs = [np.arange(i % 4, dtype=np.int32) for i in range(10)]
-    with kd.Teacher(path, progress=False) as t:
+    with kd.Teacher(path, progress=False, name="embedder", model="toy v1") as t:
         t.start_knowledge_service(["emb", "seq"], schema, lambda f: {}, [(np.ones((10, 3)), seqs)])
     reader = kd.StoreReader(path)
+    assert reader.teacher == {"name": "embedder", "model": "toy v1"}
     assert reader.schema["emb"].codec == kd.Bf16() and len(reader) == 10
     back = kd.from_record_batch(reader.read(0, 10))
     assert [len(s) for s in back["seq"]] == [i % 4 for i in range(10)]

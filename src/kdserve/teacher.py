@@ -45,8 +45,10 @@ Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 class Teacher:
     """Produces knowledge into a store at ``out_path`` (online serving: see the issues).
 
-    ``overwrite=True`` starts the store over; otherwise an existing store with the same
-    schema is resumed. ``progress`` shows a samples/s bar (None: only on a terminal).
+    ``name`` and ``model`` (a free-form description, e.g. "resnet50, ImageNet top-1 76%")
+    are recorded in the store's manifest. ``overwrite=True`` starts the store over;
+    otherwise an existing store with the same schema is resumed. ``progress`` shows a
+    samples/s bar (None: only on a terminal).
     """
 
     def __init__(
@@ -54,12 +56,14 @@ class Teacher:
         out_path: str | os.PathLike[str],
         *,
         name: str | None = None,
+        model: str | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         progress: bool | None = None,
     ) -> None:
         self.out_path = os.fspath(out_path)
         self.name = name or os.path.basename(os.path.normpath(self.out_path)) or "teacher"
+        self.model = model
         self.shard_bytes = shard_bytes
         self.overwrite = overwrite
         self.progress = progress
@@ -84,7 +88,7 @@ class Teacher:
                 self.schema,
                 shard_bytes=self.shard_bytes,
                 overwrite=self.overwrite,
-                teacher={"name": self.name},
+                teacher={"name": self.name, **({"model": self.model} if self.model else {})},
             )
             if self._resume_rows:
                 print(
