@@ -1,86 +1,218 @@
-"""Teacher: runs a model over a data reader and writes the knowledge to a store.
+"""Teacher: runs a model over a data reader; writes the knowledge to a store and/or serves it.
 
 Pantheon's calls keep their names and meaning::
 
-    teacher = Teacher(out_path="knowledge/")
+    teacher = Teacher(out_path="knowledge/")          # offline: a store
+    teacher = Teacher(out_port=8470)                  # online: a Flight server
+    teacher = Teacher(out_path="knowledge/", out_port=8470)   # both at once
     teacher.start()
     teacher.start_knowledge_service(
         feed_list=["image"], schema=["logits"], program=model_fn,
-        reader_config={"sample_generator": gen, "batch_size": 64}, use_fp16=True)
+        reader_config={"sample_generator": gen, "batch_size": 64}, use_fp16=True, times=3)
     teacher.close()
 
 ``program`` is any callable from a dict of feed arrays to a dict of output arrays.
 Reading and inference run on a background thread, encoding (codecs, Arrow) on a small
-thread pool, writing on the calling thread; all three overlap, bounded by ``buf_size``
-batches. A store that already holds rows is resumed: the teacher skips that many
-samples of its reader (sample ids are reader positions unless the reader provides
-``sample_id``), so re-running an interrupted dump completes it.
+thread pool, writing and serving on the calling thread; the stages overlap, bounded by
+``buf_size`` batches. Sample ids are reader positions unless the reader yields a
+``sample_id`` feed.
+
+Offline, a store that already holds rows is resumed: the teacher skips the samples it
+holds, so re-running an interrupted dump completes it. Online, the teacher serves
+``times`` passes; after a restart it regenerates, from its (deterministic) reader, only
+the batches its students still need.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import queue
+import secrets
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from kdserve.batch import to_record_batch
+from kdserve.batch import from_record_batch, to_record_batch
+from kdserve.client import TOKEN_ENV
 from kdserve.codecs import Fp16
 from kdserve.errors import KdserveError, SchemaError, StoreError
 from kdserve.prefetch import Prefetcher
 from kdserve.reader import FeedBatch, iter_feed_batches
+from kdserve.replay import ReplayWindow, WindowStoppedError
 from kdserve.schema import SAMPLE_ID, Schema
+from kdserve.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.store import DEFAULT_SHARD_BYTES, StoreReader, StoreWriter, stored_rows
 
 __all__ = ["Teacher"]
 
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
+_POLL = 0.1
+
+
+@dataclass
+class _Work:
+    """One batch on its way from inference to the store and/or the replay window."""
+
+    pass_: int
+    seq: int
+    future: Future[pa.RecordBatch] | None  # None: the pass is over (``seq`` batches)
+    store_skip: int = 0  # leading rows the store already holds (all rows: not stored)
+    online: bool = False  # whether a student still needs it
 
 
 class Teacher:
-    """Produces knowledge into a store at ``out_path`` (online serving: see the issues).
+    """Produces knowledge into a store at ``out_path`` and/or serves it on ``out_port``.
 
     ``name`` and ``model`` (a free-form description, e.g. "resnet50, ImageNet top-1 76%")
     are recorded in the store's manifest. ``overwrite=True`` starts the store over;
     otherwise an existing store with the same schema is resumed. ``progress`` shows a
     samples/s bar (None: only on a terminal).
+
+    Online, every call needs ``token`` (or ``KDSERVE_TOKEN``); without one the teacher
+    makes one and prints it. It binds ``host`` (127.0.0.1 by default) and refuses any
+    other address without an explicit token. ``tls_cert``/``tls_key`` (PEM bytes or
+    paths) turn on TLS.
     """
 
     def __init__(
         self,
-        out_path: str | os.PathLike[str],
+        out_path: str | os.PathLike[str] | None = None,
+        out_port: int | None = None,
         *,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        tls_cert: bytes | str | os.PathLike[str] | None = None,
+        tls_key: bytes | str | os.PathLike[str] | None = None,
         name: str | None = None,
         model: str | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         progress: bool | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        student_grace: float = 2.0,
     ) -> None:
-        self.out_path = os.fspath(out_path)
-        self.name = name or os.path.basename(os.path.normpath(self.out_path)) or "teacher"
+        if out_path is None and out_port is None:
+            raise KdserveError("a Teacher needs out_path= (a store), out_port= (serving), or both")
+        self.out_path = None if out_path is None else os.fspath(out_path)
+        self.out_port = out_port
+        self.host = host
+        default_name = os.path.basename(os.path.normpath(self.out_path)) if self.out_path else ""
+        self.name = name or default_name or f"teacher:{out_port}"
         self.model = model
         self.shard_bytes = shard_bytes
         self.overwrite = overwrite
         self.progress = progress
+        self.chunk_bytes = chunk_bytes
+        self.student_grace = student_grace
+        self.token = token or os.environ.get(TOKEN_ENV)
+        self._token_given = self.token is not None
+        self._tls = _read_tls(tls_cert, tls_key)
         self.schema: Schema | None = None
         self._writer: StoreWriter | None = None
+        self._server: TeacherServer | None = None
+        self._window: ReplayWindow | None = None
+        self._schema_lock = threading.Lock()
         self._position = 0  # reader position of the next sample given to dump()/the service
-        self._resume_rows = 0 if overwrite else stored_rows(self.out_path)
+        self._resume_rows = 0 if overwrite or not self.out_path else stored_rows(self.out_path)
         self._started = False
-        self._closed = False
+        self._closed = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Pantheon's start(): ready the teacher. Safe to call more than once."""
-        if self._closed:
+        """Pantheon's start(): ready the teacher; online, start listening. Idempotent."""
+        if self._closed.is_set():
             raise KdserveError(f"teacher {self.name!r} is closed; create a new Teacher")
+        if self._started:
+            return
+        if self.out_port is not None:
+            self._start_server()
         self._started = True
 
+    def _start_server(self) -> None:
+        assert self.out_port is not None
+        if self.token is None:
+            if not _is_loopback(self.host):
+                raise KdserveError(
+                    f"teacher {self.name!r} would listen on {self.host} without a token: pass "
+                    f"token= or set {TOKEN_ENV} (only 127.0.0.1 gets a generated token)"
+                )
+            self.token = secrets.token_urlsafe(18)
+        self._server = TeacherServer(
+            name=self.name,
+            host=self.host,
+            port=self.out_port,
+            token=self.token,
+            schema=None,
+            window=None,
+            query=None,
+            tls=self._tls,
+            chunk_bytes=self.chunk_bytes,
+        )
+        self.out_port = self._server.port  # the real port when 0 asked for any
+        token_note = "" if self._token_given else f"; token {self.token}"
+        print(
+            f"[kdserve] teacher {self.name} serving on {self.address}{token_note}", file=sys.stderr
+        )
+
+    @property
+    def address(self) -> str:
+        """``host:port`` that students pass as ``in_address`` (online teachers)."""
+        return f"{self.host}:{self.out_port}"
+
+    def close(self) -> None:
+        """Complete the store and stop serving. Safe from another thread; idempotent."""
+        self._closed.set()
+        if self._window is not None:
+            self._window.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> Teacher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_started(self) -> None:
+        if self._closed.is_set():
+            raise KdserveError(f"teacher {self.name!r} is closed; create a new Teacher")
+        if not self._started:
+            raise KdserveError(f"call start() on teacher {self.name!r} first (or use `with`)")
+
+    # -- schema and store -----------------------------------------------------------
+
+    def _publish_schema(self, schema: Schema) -> None:
+        """Fix the knowledge schema: open the store for it and tell the server."""
+        with self._schema_lock:
+            if self.schema is None:
+                if self.out_path is not None:
+                    self._open_writer(schema)
+                else:
+                    self.schema = schema.with_metadata(teacher=self.name)
+                if self._server is not None:
+                    self._server.schema = self.schema.to_arrow() if self.schema else None
+            elif schema.with_metadata(teacher=self.name) != self.schema:
+                raise SchemaError(
+                    f"teacher {self.name!r} produces {self.schema.describe()}; a batch with "
+                    f"{schema.describe()} does not fit"
+                )
+
     def _open_writer(self, schema: Schema) -> StoreWriter:
+        assert self.out_path is not None
         if self._writer is None:
             self.schema = schema.with_metadata(teacher=self.name)
             self._writer = StoreWriter(
@@ -96,37 +228,58 @@ class Teacher:
                     f"it holds are skipped",
                     file=sys.stderr,
                 )
-        elif schema.with_metadata(teacher=self.name) != self.schema:
-            raise SchemaError(
-                f"teacher {self.name!r} writes fields {self.schema and self.schema.describe()}; "
-                f"a batch with {schema.describe()} does not fit"
-            )
         return self._writer
+
+    def _stored_schema(self, names: list[str], use_fp16: bool) -> Schema:
+        """The schema of the store being resumed, if it is what ``names``/``use_fp16`` ask for."""
+        assert self.out_path is not None
+        stored = StoreReader(self.out_path).schema
+        floats = [f for f in stored if f.dtype.kind == "f" and f.dtype.itemsize > 2]
+        if stored.names != names or any((f.codec == Fp16()) != use_fp16 for f in floats):
+            raise StoreError(
+                f"the store at {self.out_path} holds {stored.describe()}, but this dump keeps "
+                f"{names} with use_fp16={use_fp16}; dump to another directory or pass "
+                f"overwrite=True",
+                path=self.out_path,
+            )
+        return stored
 
     @property
     def rows_stored(self) -> int:
         """Rows in the store so far (including those found when resuming)."""
         return self._writer.rows if self._writer else 0
 
+    def _skip(self, n: int) -> int:
+        """Advance the reader position by a batch of ``n``; return how many of it are stored."""
+        skip = min(max(self._resume_rows - self._position, 0), n)
+        self._position += n
+        return skip
+
+    # -- offline: dump --------------------------------------------------------------
+
     def dump(self, knowledge: Mapping[str, Any]) -> None:
-        """Write one batch of knowledge (Pantheon's offline ``dump``).
+        """Write one batch of knowledge to the store (Pantheon's offline ``dump``).
 
         The first batch fixes the schema (inferred from its arrays). Sample ids come from
         ``knowledge["sample_id"]`` or count on from the previous batch. On a resumed
         store, rows it already holds are skipped.
         """
         self._check_started()
+        if self.out_path is None:
+            raise KdserveError(f"teacher {self.name!r} has no out_path; dump() writes a store")
         data = dict(knowledge)
         n = _batch_length(data)  # every field is checked against it when the batch is built
         ids = np.asarray(data.pop(SAMPLE_ID)) if SAMPLE_ID in data else None
         if ids is None:
             ids = np.arange(self._position, self._position + n, dtype=np.int64)
-        writer = self._open_writer(self.schema or Schema.from_arrays(data))
-        assert self.schema is not None
+        self._publish_schema(self.schema or Schema.from_arrays(data))
+        assert self.schema is not None and self._writer is not None
         batch = to_record_batch(data, self.schema, ids)
         skip = self._skip(n)
         if skip < n:
-            writer.write(batch.slice(skip))
+            self._writer.write(batch.slice(skip))
+
+    # -- the service ----------------------------------------------------------------
 
     def start_knowledge_service(
         self,
@@ -139,18 +292,22 @@ class Teacher:
         times: int = 1,
         num_postprocess_threads: int = 2,
     ) -> int:
-        """Run ``program`` over the reader and store the knowledge; return rows written.
+        """Run ``program`` over the reader; store and/or serve the knowledge.
 
         ``schema`` names the fields to keep -- program outputs, or feeds passed through --
         or is a :class:`Schema` that declares them (with codecs). ``use_fp16`` stores float
-        fields as float16. A store is written once and read any number of times, so
-        ``times`` (Pantheon's repeat count for online service) must be 1 here.
+        fields as float16. Online, ``times`` passes are served (each student call of its
+        generator takes the next) and this returns when every student has received the
+        last one; a store is written in the first pass. Online with ``reader_config=None``,
+        the teacher only answers queries, until :meth:`close`. Returns the samples this
+        call delivered (written to the store, or served over all passes).
         """
         self._check_started()
-        if times != 1:
+        online = self._server is not None
+        if times < 1 or (times != 1 and not online):
             raise ValueError(
                 f"times={times}: a store is written once and students read it as often as "
-                f"they like; times > 1 is for online service"
+                f"they like; times > 1 is for online service (out_port=)"
             )
         if buf_size < 1 or num_postprocess_threads < 1:
             raise ValueError("buf_size and num_postprocess_threads must be >= 1")
@@ -158,115 +315,196 @@ class Teacher:
         if not names:
             raise SchemaError("schema must name at least one field to keep")
         declared = schema if isinstance(schema, Schema) else None
-        if self._writer is None and self._resume_rows:
+        if declared is not None:
+            self._publish_schema(declared)
+        elif self.out_path is not None and self._resume_rows:
             # Resuming: check this run against the store now, even if it skips every sample.
-            self._open_writer(declared or self._stored_schema(names, use_fp16))
-        before = self.rows_stored
-        feeds = self._unstored(iter_feed_batches(reader_config, feed_list))
-        with (
-            ThreadPoolExecutor(
-                num_postprocess_threads, thread_name_prefix="kdserve-encode"
-            ) as pool,
-            tqdm(
-                desc=f"teacher {self.name}",
-                unit=" samples",
-                disable=self.progress is False
-                or (self.progress is None and not sys.stderr.isatty()),
-            ) as bar,
-        ):
-            futures: Prefetcher[Future[pa.RecordBatch]] = Prefetcher(
-                lambda: self._infer(feeds, program, names, declared, use_fp16, pool),
-                buf_size,
-                name="kdserve-infer",
-            )
-            for future in futures:
-                batch = future.result()
-                assert self._writer is not None
-                self._writer.write(batch)
-                bar.update(batch.num_rows)
-        return self.rows_stored - before
+            self._publish_schema(self._stored_schema(names, use_fp16))
+        encode = _Encoder(program, names, use_fp16, lambda: self.schema, self._publish_schema)
+        if self._server is not None:
+            self._server.query = encode.query
+        if reader_config is None:
+            if not online:
+                raise ValueError("reader_config=None (queries only) needs out_port=")
+            self._closed.wait()
+            return encode.samples
+        if online:
+            self._window = ReplayWindow(times, buf_size)
+            assert self._server is not None
+            self._server.window = self._window
+        work = self._produce(feed_list, reader_config, encode, times, num_postprocess_threads)
+        delivered = 0
+        try:
+            delivered = self._consume(Prefetcher(work, buf_size, name="kdserve-infer"))
+            if self._window is not None:
+                while not self._window.wait_drained(timeout=_POLL):
+                    pass
+        except WindowStoppedError:
+            pass  # close() was called while serving
+        return delivered
 
-    def _infer(
+    def _produce(
         self,
-        feeds: Iterator[tuple[np.ndarray, FeedBatch]],
+        feed_list: Sequence[str],
+        reader_config: Any,
+        encode: _Encoder,
+        times: int,
+        threads: int,
+    ) -> Callable[[], Iterator[_Work]]:
+        """Reading and inference, as a generator factory for the background thread."""
+
+        def work() -> Iterator[_Work]:
+            window = self._window
+            with ThreadPoolExecutor(threads, thread_name_prefix="kdserve-encode") as pool:
+                for p in range(times):
+                    if p and window is not None and not window.pass_needed(p):
+                        continue  # every student is past this pass (a restarted teacher)
+                    count = 0
+                    self._position = 0
+                    for seq, feed in enumerate(iter_feed_batches(reader_config, feed_list)):
+                        count += 1
+                        n = _batch_length(feed)
+                        position = self._position
+                        store_skip = self._skip(n) if p == 0 and self.out_path else n
+                        ids = feed.get(SAMPLE_ID)
+                        ids = np.arange(position, position + n) if ids is None else np.asarray(ids)
+                        if self.schema is None:
+                            encode.first(feed, ids)  # students need the schema to start
+                        if window is not None and seq == 0 and p == 0:
+                            window.wait_for_students(self.student_grace)
+                        needed = window is not None and window.needed((p, seq))
+                        if store_skip < n or needed:
+                            knowledge = encode.infer(feed)
+                            future = pool.submit(encode.batch, knowledge, ids)
+                            yield _Work(p, seq, future, store_skip, needed)
+                    if count == 0 and p == 0:
+                        raise SchemaError("the reader yielded no batches; check reader_config")
+                    if count == 0:
+                        raise KdserveError(
+                            f"the reader yielded nothing on pass {p}: it can be read only once. "
+                            f"Give a generator function (Pantheon) or a re-iterable such as a "
+                            f"list or a DataLoader"
+                        )
+                    if window is not None:
+                        yield _Work(p, count, None)
+
+        return work
+
+    def _consume(self, work: Prefetcher[_Work]) -> int:
+        """Write and serve batches in order (the calling thread's part of the pipeline);
+        return the samples delivered (stored or served)."""
+        delivered = 0
+        quiet = self.progress is False or (self.progress is None and not sys.stderr.isatty())
+        with tqdm(desc=f"teacher {self.name}", unit=" samples", disable=quiet) as bar:
+            for item in work:
+                if item.future is None:
+                    assert self._window is not None
+                    self._window.end_pass(item.pass_, item.seq)
+                    continue
+                batch = item.future.result()
+                if item.store_skip < batch.num_rows:
+                    assert self._writer is not None
+                    self._writer.write(batch.slice(item.store_skip))
+                if item.online:
+                    assert self._window is not None
+                    self._window.put((item.pass_, item.seq), batch)
+                rows = batch.num_rows if item.online else batch.num_rows - item.store_skip
+                delivered += rows
+                bar.update(rows)
+        return delivered
+
+    # -- messages -------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Send a message (JSON values and numpy arrays) to every student (online)."""
+        self._online("send").broadcast(message)
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next message from a student; waits up to ``timeout`` seconds (None: forever,
+        interruptible). Raises TimeoutError when none came."""
+        server = self._online("recv")
+        waited = 0.0
+        while timeout is None or waited < timeout:
+            step = _POLL if timeout is None else min(_POLL, timeout - waited)
+            try:
+                return server.inbox.get(timeout=step)[1]
+            except queue.Empty:
+                waited += step
+            if self._closed.is_set():
+                break
+        raise TimeoutError(f"no message reached teacher {self.name!r} within {timeout} s")
+
+    def _online(self, what: str) -> TeacherServer:
+        self._check_started()
+        if self._server is None:
+            raise KdserveError(f"{what}() needs an online teacher (out_port=)")
+        return self._server
+
+
+class _Encoder:
+    """Turns program outputs into knowledge batches, for passes and for queries."""
+
+    def __init__(
+        self,
         program: Program,
         names: list[str],
-        declared: Schema | None,
         use_fp16: bool,
-        pool: ThreadPoolExecutor,
-    ) -> Iterator[Future[pa.RecordBatch]]:
-        for ids, feed in feeds:
-            outputs = program(feed)
-            if not isinstance(outputs, Mapping):
-                raise SchemaError(
-                    f"program must return a dict of output arrays, got {type(outputs).__name__}"
-                )
-            knowledge = {}
-            for n in names:
-                if n in outputs:
-                    knowledge[n] = _to_numpy(outputs[n])
-                elif n in feed:
-                    knowledge[n] = feed[n]
-                else:
-                    raise SchemaError(
-                        f"schema field {n!r} is neither a program output {sorted(outputs)} "
-                        f"nor a feed {sorted(feed)}",
-                        field=n,
-                    )
-            if self._writer is None:
-                schema = declared or _infer_schema(knowledge, use_fp16)
-                self._open_writer(schema)
-            assert self.schema is not None
-            yield pool.submit(to_record_batch, knowledge, self.schema, ids)
+        schema: Callable[[], Schema | None],
+        publish: Callable[[Schema], None],
+    ) -> None:
+        self.schema = schema
+        self.publish = publish
+        self.program = program
+        self.names = names
+        self.use_fp16 = use_fp16
+        self.samples = 0
+        self._pending: tuple[int, dict[str, Any]] | None = None  # the first batch, computed early
 
-    def close(self) -> None:
-        """Complete the store. What was dumped is readable afterwards. Idempotent."""
-        if self._writer is not None:
-            self._writer.close()
-        self._closed = True
-
-    def __enter__(self) -> Teacher:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _stored_schema(self, names: list[str], use_fp16: bool) -> Schema:
-        """The schema of the store being resumed, if it is what ``names``/``use_fp16`` ask for."""
-        stored = StoreReader(self.out_path).schema
-        floats = [f for f in stored if f.dtype.kind == "f" and f.dtype.itemsize > 2]
-        if stored.names != names or any((f.codec == Fp16()) != use_fp16 for f in floats):
-            raise StoreError(
-                f"the store at {self.out_path} holds {stored.describe()}, but this dump keeps "
-                f"{names} with use_fp16={use_fp16}; dump to another directory or pass "
-                f"overwrite=True",
-                path=self.out_path,
+    def infer(self, feed: FeedBatch) -> dict[str, Any]:
+        """Run the program on one feed batch and pick the fields to keep."""
+        if self._pending is not None and self._pending[0] == id(feed):
+            knowledge = self._pending[1]
+            self._pending = None
+            return knowledge
+        outputs = self.program(feed)
+        if not isinstance(outputs, Mapping):
+            raise SchemaError(
+                f"program must return a dict of output arrays, got {type(outputs).__name__}"
             )
-        return stored
+        knowledge = {}
+        for n in self.names:
+            if n in outputs:
+                knowledge[n] = _to_numpy(outputs[n])
+            elif n in feed:
+                knowledge[n] = feed[n]
+            else:
+                raise SchemaError(
+                    f"schema field {n!r} is neither a program output {sorted(outputs)} "
+                    f"nor a feed {sorted(feed)}",
+                    field=n,
+                )
+        self.samples += _batch_length(feed)
+        return knowledge
 
-    def _skip(self, n: int) -> int:
-        """Advance the reader position by a batch of ``n``; return how many of it are stored."""
-        skip = min(max(self._resume_rows - self._position, 0), n)
-        self._position += n
-        return skip
+    def first(self, feed: FeedBatch, ids: np.ndarray) -> None:
+        """Infer the schema from the first batch (kept, so it is not computed twice)."""
+        knowledge = self.infer(feed)
+        self._pending = (id(feed), knowledge)
+        self.publish(_infer_schema(knowledge, self.use_fp16))
 
-    def _unstored(self, feeds: Iterator[FeedBatch]) -> Iterator[tuple[np.ndarray, FeedBatch]]:
-        """Attach sample ids (reader positions, or the feed ``sample_id``); skip stored rows."""
-        for feed in feeds:
-            n = _batch_length(feed)
-            position = self._position
-            given = feed.get(SAMPLE_ID)
-            ids = np.arange(position, position + n) if given is None else np.asarray(given)
-            skip = self._skip(n)
-            if skip < n:
-                yield ids[skip:], {k: v[skip:] for k, v in feed.items()} if skip else feed
+    def batch(self, knowledge: dict[str, Any], ids: np.ndarray) -> pa.RecordBatch:
+        schema = self.schema()
+        assert schema is not None
+        return to_record_batch(knowledge, schema, ids)
 
-    def _check_started(self) -> None:
-        if self._closed:
-            raise KdserveError(f"teacher {self.name!r} is closed; create a new Teacher")
-        if not self._started:
-            raise KdserveError(f"call start() on teacher {self.name!r} first (or use `with`)")
+    def query(self, inputs: pa.RecordBatch) -> pa.RecordBatch:
+        """Query mode: a batch of a student's feeds -> the knowledge for it."""
+        feed = from_record_batch(inputs)
+        ids = feed.pop(SAMPLE_ID)
+        knowledge = self.infer(feed)
+        if self.schema() is None:
+            self.publish(_infer_schema(knowledge, self.use_fp16))
+        return self.batch(knowledge, ids)
 
 
 def _batch_length(data: Mapping[str, Any]) -> int:
@@ -290,3 +528,25 @@ def _infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
         return schema
     floats = [f.name for f in schema if f.dtype.kind == "f" and f.dtype.itemsize > 2]
     return schema.with_codecs(dict.fromkeys(floats, "fp16"))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_tls(
+    cert: bytes | str | os.PathLike[str] | None, key: bytes | str | os.PathLike[str] | None
+) -> tuple[bytes, bytes] | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise KdserveError("TLS needs both tls_cert= and tls_key= (PEM bytes or file paths)")
+    return (
+        cert if isinstance(cert, bytes) else Path(cert).read_bytes(),
+        key if isinstance(key, bytes) else Path(key).read_bytes(),
+    )

@@ -1,0 +1,238 @@
+"""A student's connection to one online teacher (an Arrow Flight client).
+
+Calls retry with exponential backoff while the teacher cannot be reached, for up to
+``connect_timeout`` seconds, then raise :class:`~kdserve.errors.TeacherUnavailableError`;
+so teacher and student may start in either order, and a teacher that restarts is
+waited for. A knowledge stream that breaks is asked for again from the first batch
+not fully received: with the teacher's replay window, no sample is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import pyarrow as pa
+from pyarrow import flight
+
+from kdserve.errors import (
+    AuthenticationError,
+    KdserveError,
+    ProtocolError,
+    TeacherUnavailableError,
+)
+from kdserve.messages import decode_message, encode_message
+from kdserve.schema import Schema
+
+__all__ = ["TeacherClient", "parse_address"]
+
+T = TypeVar("T")
+_TRANSIENT = (
+    flight.FlightUnavailableError,
+    flight.FlightTimedOutError,
+    flight.FlightInternalError,
+    flight.FlightCancelledError,
+)
+TOKEN_ENV = "KDSERVE_TOKEN"
+
+
+def parse_address(address: str, tls: bool) -> str:
+    """``host:port`` (or a grpc:// / grpc+tls:// URI) -> a Flight location URI."""
+    if "://" in address:
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise KdserveError(f"teacher address {address!r} is not host:port (e.g. 127.0.0.1:8470)")
+    return f"{'grpc+tls' if tls else 'grpc'}://{host}:{port}"
+
+
+class TeacherClient:
+    """Calls to one teacher, with retries, auth and error translation."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        name: str,
+        token: str | None = None,
+        tls_root_certs: bytes | None = None,
+        connect_timeout: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.connect_timeout = connect_timeout
+        token = token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise AuthenticationError(
+                f"no token for teacher {name!r} at {address}: pass token= or set "
+                f"{TOKEN_ENV} (the teacher prints its token when it starts)",
+                teacher=name,
+            )
+        location = parse_address(address, tls_root_certs is not None)
+        kwargs = {"tls_root_certs": tls_root_certs} if tls_root_certs else {}
+        self._client = flight.FlightClient(location, **kwargs)
+        self._headers = [(b"authorization", f"Bearer {token}".encode())]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _options(self, timeout: float | None = None) -> flight.FlightCallOptions:
+        return flight.FlightCallOptions(headers=self._headers, timeout=timeout)
+
+    def _fail(self, exc: Exception) -> Exception:
+        """The kdserve error for a Flight error that retrying will not cure."""
+        if isinstance(exc, flight.FlightUnauthenticatedError):
+            return AuthenticationError(
+                f"teacher {self.name!r} at {self.address} refused the token; use the token "
+                f"the teacher was started with (token= or {TOKEN_ENV})",
+                teacher=self.name,
+            )
+        text = str(exc).split(". Detail:")[0]
+        if "kdserve:" in text:
+            return ProtocolError(f"teacher {self.name!r}: {text.split('kdserve:', 1)[1].strip()}")
+        return ProtocolError(f"teacher {self.name!r} at {self.address} failed: {text}")
+
+    def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
+        """Run ``fn`` with retries and backoff until it works or the deadline passes."""
+        deadline = deadline or time.monotonic() + self.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TeacherUnavailableError(
+                        f"teacher {self.name!r} at {self.address} did not answer ({what}) for "
+                        f"{self.connect_timeout:g} s: is it running, with the right port? "
+                        f"({str(exc).split('. Detail:')[0]})",
+                        teacher=self.name,
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except flight.FlightError as exc:
+                raise self._fail(exc) from None
+
+    # -- calls ----------------------------------------------------------------------
+
+    def action(self, kind: str, body: bytes = b"") -> list[bytes]:
+        def run() -> list[bytes]:
+            results = self._client.do_action(flight.Action(kind, body), self._options())
+            return [r.body.to_pybytes() for r in results]
+
+        return self.call(run, kind)
+
+    def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.action("info")[0])
+        return result
+
+    def schema(self) -> Schema:
+        descriptor = flight.FlightDescriptor.for_command(b"knowledge")
+        result = self.call(lambda: self._client.get_schema(descriptor, self._options()), "schema")
+        return Schema.from_arrow(result.schema)
+
+    def send(self, student: str, message: Any) -> None:
+        self.action("send", encode_message({"student": student, "message": message}))
+
+    def recv(self, after: int, wait: float) -> list[Any]:
+        body = json.dumps({"after": after, "wait": wait}).encode()
+        return [decode_message(m) for m in self.action("recv", body)]
+
+    def _ack(self, pass_: int, seq: int, rank: int, world_size: int) -> None:
+        spec = {"pass": pass_, "seq": seq, "rank": rank, "world_size": world_size}
+        self.action("ack", json.dumps(spec).encode())
+
+    def stream_pass(
+        self, pass_: int, rank: int, world_size: int, ack_every: int
+    ) -> Iterator[pa.RecordBatch]:
+        """This rank's batches of pass ``pass_``, resumed across broken connections."""
+        seq = rank  # the next batch this rank needs
+        since_ack = 0
+        while True:
+            ticket = {"pass": pass_, "seq": seq, "rank": rank, "world_size": world_size}
+            parts: list[pa.RecordBatch] = []
+            try:
+                reader = self.call(
+                    lambda t=ticket: self._client.do_get(  # type: ignore[misc]
+                        flight.Ticket(json.dumps(t).encode()), self._options()
+                    ),
+                    "knowledge",
+                )
+                for chunk in reader:
+                    meta = json.loads(chunk.app_metadata.to_pybytes())
+                    if (meta["pass"], meta["seq"], meta["part"]) != (pass_, seq, len(parts)):
+                        raise ProtocolError(
+                            f"teacher {self.name!r} sent batch {meta} while pass {pass_}, "
+                            f"batch {seq}, part {len(parts)} was expected"
+                        )
+                    parts.append(chunk.data)
+                    if len(parts) < meta["parts"]:
+                        continue
+                    yield from parts  # a batch goes on only once all its parts are here
+                    parts = []
+                    seq += world_size
+                    since_ack += 1
+                    if since_ack >= ack_every:
+                        self._ack(pass_, seq, rank, world_size)
+                        since_ack = 0
+            except _TRANSIENT:
+                continue  # reconnect: call() waits for the teacher, up to connect_timeout
+            except flight.FlightError as exc:
+                raise self._fail(exc) from None
+            self._ack(pass_ + 1, rank, rank, world_size)  # the pass is over for this rank
+            return
+
+    def query(
+        self, batches: Iterable[pa.RecordBatch], max_in_flight: int
+    ) -> Iterator[pa.RecordBatch]:
+        """Send input batches, get the knowledge for each, ``max_in_flight`` pipelined."""
+        descriptor = flight.FlightDescriptor.for_command(b"query")
+        writer, reader = self.call(
+            lambda: self._client.do_exchange(descriptor, self._options()), "query"
+        )
+        slots = threading.Semaphore(max_in_flight)
+        sent = [0]
+        failure: list[BaseException] = []
+        finished = threading.Event()
+
+        def write() -> None:
+            try:
+                begun = False
+                for batch in batches:
+                    while not slots.acquire(timeout=0.1):
+                        if finished.is_set():
+                            return
+                    if not begun:
+                        writer.begin(batch.schema)
+                        begun = True
+                    writer.write_batch(batch)
+                    sent[0] += 1
+                writer.done_writing()
+            except BaseException as exc:  # handed to the reading side
+                failure.append(exc)
+            finally:
+                finished.set()
+
+        thread = threading.Thread(target=write, name="kdserve-query", daemon=True)
+        thread.start()
+        received = 0
+        try:
+            while not (finished.is_set() and received >= sent[0]) or failure:
+                if failure:
+                    raise failure[0]
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    break
+                except flight.FlightError as exc:
+                    raise self._fail(exc) from None
+                received += 1
+                slots.release()
+                yield chunk.data
+        finally:
+            finished.set()
+            thread.join(timeout=30)
+            writer.close()
