@@ -169,6 +169,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             info = {
                 "name": self.name,
                 "times": self.window.times if self.window else 0,
+                "buf_size": self.window.buf_size if self.window else 0,
                 "stream": self.window is not None,
                 "query": self.query is not None,
             }

@@ -3,8 +3,8 @@
 Pantheon's calls keep their names and meaning::
 
     student = Student(merge_strategy={"logits": "mean"})
-    student.register_teacher(in_path="knowledge/teacher_a")
-    student.register_teacher(in_path="knowledge/teacher_b")
+    student.register_teacher(in_path="knowledge/teacher_a")      # offline: a store
+    student.register_teacher(in_address="127.0.0.1:8470")       # online: a served teacher
     student.start()
     desc = student.get_knowledge_desc()
     reader = student.get_knowledge_generator(batch_size=32)
@@ -12,39 +12,45 @@ Pantheon's calls keep their names and meaning::
         for batch in reader():       # each call is one more pass
             ...                      # dict[str, ndarray], incl. "sample_id"
 
-The first registered teacher sets the order of a pass; other teachers' rows are
-matched to it by sample id (positionally when their ids are in the same order, through
-an id index otherwise). Teachers that do not hold the same samples are refused at
-``start()`` with an :class:`~kdserve.errors.AlignmentError`.
+Teachers are matched by sample id, never by arrival order. With online teachers, the
+first online teacher's stream sets the order of a pass; other online teachers must
+stream the same samples (each batch is realigned by id), and offline teachers are
+looked up by id. With only offline teachers, the first one sets the order (block
+shuffled with ``shuffle=True``), and the others are matched to it by id. Teachers that
+do not hold the same samples are refused with an :class:`~kdserve.errors.AlignmentError`.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from kdserve.batch import Knowledge, from_record_batch
+from kdserve.batch import Knowledge, from_record_batch, to_record_batch
+from kdserve.client import TeacherClient
 from kdserve.errors import AlignmentError, KdserveError, StoreError
 from kdserve.merge import Merger, StrategySpec
 from kdserve.prefetch import Prefetcher
 from kdserve.rebatch import rebatch
 from kdserve.sampler import Block, Sampler
+from kdserve.schema import SAMPLE_ID, Schema
 from kdserve.store import StoreReader
 
 __all__ = ["Student"]
 
 
 class _OfflineTeacher:
-    """A registered store and how its rows map onto the reference teacher's rows."""
+    """A registered store, and how its rows map onto the reference order."""
 
     def __init__(self, name: str, path: str, allow_incomplete: bool) -> None:
         self.name = name
-        self.path = path
         self.reader = StoreReader(path)
+        self.schema = self.reader.schema
         if not self.reader.complete and not allow_incomplete:
             raise StoreError(
                 f"store {path} (teacher {name!r}) is incomplete: its dump is still running or "
@@ -53,30 +59,42 @@ class _OfflineTeacher:
                 path=path,
             )
         self.rows_of: np.ndarray | None = None  # reference row -> this store's row; None: same
+        self._ids = self.reader.sample_ids()
+        self._order: np.ndarray | None = None
 
     def align_to(self, reference: _OfflineTeacher) -> None:
-        ref_ids, ids = reference.reader.sample_ids(), self.reader.sample_ids()
-        if np.array_equal(ref_ids, ids):
+        """Map the reference store's rows onto this store's rows, by sample id."""
+        if np.array_equal(reference._ids, self._ids):
             return
-        order = np.argsort(ids, kind="stable")
-        pos = np.clip(np.searchsorted(ids, ref_ids, sorter=order), 0, max(len(ids) - 1, 0))
-        found = (
-            len(ids) == len(ref_ids) and len(ids) > 0 and np.array_equal(ids[order[pos]], ref_ids)
-        )
-        if not found or len(np.unique(ref_ids)) != len(ref_ids):
-            missing = np.setdiff1d(ref_ids, ids)
-            extra = np.setdiff1d(ids, ref_ids)
+        self.rows_of = self.rows_for(reference._ids, reference.name)
+
+    def rows_for(self, ids: np.ndarray, reference: str) -> np.ndarray:
+        """This store's rows holding ``ids``; AlignmentError naming the first missing id."""
+        if self._order is None:
+            if len(np.unique(self._ids)) != len(self._ids):
+                raise AlignmentError(
+                    f"store of teacher {self.name!r} holds a sample id more than once",
+                    teachers=(reference, self.name),
+                    sample_ids=(None, None),
+                )
+            self._order = np.argsort(self._ids, kind="stable")
+        pos = np.searchsorted(self._ids, ids, sorter=self._order)
+        rows = self._order[np.clip(pos, 0, max(len(self._ids) - 1, 0))] if len(self._ids) else pos
+        found = len(self._ids) > 0 and np.array_equal(self._ids[rows], ids)
+        if not found or (len(ids) != len(np.unique(ids))):
+            missing = np.setdiff1d(ids, self._ids)
+            extra = np.setdiff1d(self._ids, ids)
             a = int(missing[0]) if len(missing) else None
             b = int(extra[0]) if len(extra) else None
             raise AlignmentError(
-                f"teachers {reference.name!r} ({len(ref_ids)} samples) and {self.name!r} "
-                f"({len(ids)} samples) do not hold the same samples: first id only in "
-                f"{reference.name!r}: {a}, first id only in {self.name!r}: {b}. Dump both "
-                f"teachers over the same data",
-                teachers=(reference.name, self.name),
+                f"teachers {reference!r} and {self.name!r} do not hold the same samples: "
+                f"first id only in {reference!r}: {a}, first id only in {self.name!r}: {b} "
+                f"({len(ids)} vs {len(self._ids)} samples). Produce both teachers' knowledge "
+                f"over the same data",
+                teachers=(reference, self.name),
                 sample_ids=(a, b),
             )
-        self.rows_of = order[pos]
+        return rows
 
     def batches(self, blocks: list[Block]) -> Iterator[pa.RecordBatch]:
         """The rows of ``blocks`` (numbered as the reference teacher's rows), in order."""
@@ -93,14 +111,26 @@ class _OfflineTeacher:
         return self.reader.iter_blocks(blocks)
 
 
+class _OnlineTeacher:
+    """A registered served teacher: its connection, schema and what it serves."""
+
+    def __init__(self, name: str, client: TeacherClient) -> None:
+        self.name = name
+        self.client = client
+        self.info = client.info()
+        self.schema = client.schema() if self.info["stream"] else Schema([])
+
+
 class Student:
     """Merges registered teachers' knowledge and yields it in the student's batch size.
 
     ``merge_strategy`` maps a field that several teachers produce to ``"sum"``,
     ``"mean"``, ``"max"``, ``"min"``, a :class:`~kdserve.merge.MergeStrategy` or a
-    callable. ``shuffle``/``seed`` give each pass a deterministic block-shuffled order
-    (a new one per pass); ``rank``/``world_size`` (default: torchrun's RANK/WORLD_SIZE)
-    give this process a disjoint share of every pass.
+    callable. ``shuffle``/``seed`` give each pass a deterministic block-shuffled order (a
+    new one per pass; offline teachers only). ``rank``/``world_size`` (default:
+    torchrun's RANK/WORLD_SIZE) give this process a disjoint share of every pass.
+    ``token`` (or ``KDSERVE_TOKEN``), ``tls_root_certs`` and ``connect_timeout`` apply
+    to online teachers; ``buf_size`` batches are prefetched in the background.
     """
 
     def __init__(
@@ -113,6 +143,9 @@ class Student:
         rank: int | None = None,
         world_size: int | None = None,
         buf_size: int = 8,
+        token: str | None = None,
+        tls_root_certs: bytes | None = None,
+        connect_timeout: float = 60.0,
     ) -> None:
         env_rank, env_world = Sampler.world_from_env()
         self._sampler = Sampler(
@@ -124,11 +157,18 @@ class Student:
         )
         self.merge_strategy = dict(merge_strategy or {})
         self.buf_size = buf_size
-        self._registered: list[tuple[str, str, bool]] = []
-        self._teachers: list[_OfflineTeacher] = []
+        self.token = token
+        self.tls_root_certs = tls_root_certs
+        self.connect_timeout = connect_timeout
+        self.id = uuid.uuid4().hex
+        self._registered: list[tuple[str, Callable[[], _OfflineTeacher | _OnlineTeacher]]] = []
+        self._teachers: list[_OfflineTeacher | _OnlineTeacher] = []
         self._merger: Merger | None = None
         self._epoch = 0
         self._prefetcher: Prefetcher[Knowledge] | None = None
+        self._received: dict[int, int] = {}  # teacher id -> messages received
+
+    # -- registration ---------------------------------------------------------------
 
     def register_teacher(
         self,
@@ -137,40 +177,67 @@ class Student:
         *,
         name: str | None = None,
         allow_incomplete: bool = False,
+        token: str | None = None,
+        tls_root_certs: bytes | None = None,
     ) -> int:
-        """Register an offline teacher (a store at ``in_path``); returns its teacher id."""
+        """Register a store (``in_path``) or a served teacher (``in_address="host:port"``);
+        returns its teacher id (0, 1, ... in registration order)."""
         if self._merger is not None:
             raise KdserveError("register every teacher before start()")
-        if in_address is not None:
+        if (in_path is None) == (in_address is None):
             raise KdserveError(
-                f"online teachers (in_address={in_address!r}) are not available in this "
-                f"version of kdserve yet; dump the teacher to a store and use in_path="
+                "register_teacher needs one of in_path= (a knowledge store directory) or "
+                "in_address= ('host:port' of an online teacher)"
             )
-        if in_path is None:
-            raise KdserveError("register_teacher needs in_path= (a knowledge store directory)")
-        path = os.fspath(in_path)
-        teacher_name = name or f"{len(self._registered)}:{os.path.basename(os.path.normpath(path))}"
-        if any(n == teacher_name for n, _, _ in self._registered):
+        where = os.fspath(in_path) if in_path is not None else str(in_address)
+        label = os.path.basename(os.path.normpath(where)) if in_path is not None else where
+        teacher_name = name or f"{len(self._registered)}:{label}"
+        if any(n == teacher_name for n, _ in self._registered):
             raise KdserveError(f"a teacher named {teacher_name!r} is already registered")
-        self._registered.append((teacher_name, path, allow_incomplete))
+        if in_path is not None:
+            path = os.fspath(in_path)
+            self._registered.append(
+                (teacher_name, lambda: _OfflineTeacher(teacher_name, path, allow_incomplete))
+            )
+        else:
+            address = str(in_address)
+            client = TeacherClient(
+                address,
+                name=teacher_name,
+                token=token or self.token,
+                tls_root_certs=tls_root_certs or self.tls_root_certs,
+                connect_timeout=self.connect_timeout,
+            )
+            self._registered.append((teacher_name, lambda: _OnlineTeacher(teacher_name, client)))
         return len(self._registered) - 1
 
     def start(self) -> None:
-        """Open every teacher, check their knowledge fits together and holds the same samples."""
+        """Connect to every teacher; check their knowledge fits together and aligns."""
         if self._merger is not None:
             return
         if not self._registered:
             raise KdserveError("register at least one teacher before start()")
-        teachers = [_OfflineTeacher(n, p, a) for n, p, a in self._registered]
-        for t in teachers[1:]:
-            t.align_to(teachers[0])
-        self._merger = Merger({t.name: t.reader.schema for t in teachers}, self.merge_strategy)
+        teachers = [make() for _, make in self._registered]
+        offline = [t for t in teachers if isinstance(t, _OfflineTeacher)]
+        online = [t for t in teachers if isinstance(t, _OnlineTeacher) and t.info["stream"]]
+        if online and self._sampler.shuffle:
+            raise KdserveError(
+                "shuffle=True needs offline teachers only: online teachers stream in their "
+                "reader's order (shuffle the teachers' readers instead)"
+            )
+        if not online:
+            for t in offline[1:]:
+                t.align_to(offline[0])
+        merged = [t for t in teachers if t in offline or t in online]
+        self._merger = Merger({t.name: t.schema for t in merged}, self.merge_strategy)
         self._teachers = teachers
 
     def _started(self) -> Merger:
         if self._merger is None:
             raise KdserveError("call start() before reading knowledge")
         return self._merger
+
+    # -- knowledge ------------------------------------------------------------------
 
     def get_knowledge_desc(self) -> dict[str, dict[str, Any]]:
         """The merged knowledge: ``{field: {"shape", "dtype", "lod_level"}}`` (Pantheon style)."""
@@ -181,36 +248,139 @@ class Student:
         return self._prefetcher.qsize() if self._prefetcher else 0
 
     def __len__(self) -> int:
-        """Samples in one pass for this rank."""
+        """Samples in one pass for this rank (offline teachers only)."""
         self._started()
-        return sum(len(b) for b in self._sampler.plan(len(self._teachers[0].reader)))
+        if self._online():
+            raise KdserveError("the length of a pass of online teachers is not known in advance")
+        first = self._offline()[0]
+        return sum(len(b) for b in self._sampler.plan(len(first.reader)))
+
+    def _online(self) -> list[_OnlineTeacher]:
+        return [t for t in self._teachers if isinstance(t, _OnlineTeacher) and t.info["stream"]]
+
+    def _offline(self) -> list[_OfflineTeacher]:
+        return [t for t in self._teachers if isinstance(t, _OfflineTeacher)]
 
     def get_knowledge_generator(
         self, batch_size: int, drop_last: bool = False
     ) -> Callable[[], Iterator[Knowledge]]:
         """A callable; each call yields one more pass of merged batches of ``batch_size``."""
-        merger = self._started()
+        self._started()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
         def one_pass() -> Iterator[Knowledge]:
             epoch = self._epoch
             self._epoch += 1
-            blocks = self._sampler.plan(len(self._teachers[0].reader), epoch)
-
-            def produce() -> Iterator[Knowledge]:
-                streams = [
-                    rebatch(t.batches(blocks), batch_size, drop_last) for t in self._teachers
-                ]
-                for batches in zip(*streams, strict=True):
-                    yield merger.merge(
-                        {
-                            t.name: from_record_batch(b, t.reader.schema)
-                            for t, b in zip(self._teachers, batches, strict=True)
-                        }
-                    )
-
-            self._prefetcher = Prefetcher(produce, self.buf_size, name="kdserve-student")
+            produce = self._online_pass if self._online() else self._offline_pass
+            self._prefetcher = Prefetcher(
+                lambda: produce(epoch, batch_size, drop_last), self.buf_size, "kdserve-student"
+            )
             yield from self._prefetcher
 
         return one_pass
+
+    def _merge(self, batches: dict[str, pa.RecordBatch]) -> Knowledge:
+        merger = self._started()
+        schemas = {t.name: t.schema for t in self._teachers}
+        return merger.merge({n: from_record_batch(b, schemas[n]) for n, b in batches.items()})
+
+    def _offline_pass(self, epoch: int, batch_size: int, drop_last: bool) -> Iterator[Knowledge]:
+        teachers = self._offline()
+        blocks = self._sampler.plan(len(teachers[0].reader), epoch)
+        streams = [rebatch(t.batches(blocks), batch_size, drop_last) for t in teachers]
+        for batches in zip(*streams, strict=True):
+            yield self._merge({t.name: b for t, b in zip(teachers, batches, strict=True)})
+
+    def _online_pass(self, epoch: int, batch_size: int, drop_last: bool) -> Iterator[Knowledge]:
+        online = self._online()
+        for t in online:
+            if epoch >= t.info["times"]:
+                raise KdserveError(
+                    f"teacher {t.name!r} serves {t.info['times']} pass(es) (its times=); this "
+                    f"would be pass {epoch + 1}"
+                )
+        rank, world = self._sampler.rank, self._sampler.world_size
+        streams = [
+            rebatch(
+                t.client.stream_pass(epoch, rank, world, max(1, t.info["buf_size"] // 2)),
+                batch_size,
+                drop_last,
+            )
+            for t in online
+        ]
+        driver = online[0]
+        for batches in itertools.zip_longest(*streams):
+            if any(b is None for b in batches):
+                short = [t.name for t, b in zip(online, batches, strict=True) if b is None]
+                raise AlignmentError(
+                    f"online teachers {short} ended pass {epoch} before {driver.name!r}: they "
+                    f"do not serve the same samples",
+                    teachers=(driver.name, short[0]),
+                    sample_ids=(None, None),
+                )
+            by_name = {t.name: b for t, b in zip(online, batches, strict=True)}
+            ids = by_name[driver.name].column(0).to_numpy()
+            for store in self._offline():
+                by_name[store.name] = store.reader.take(store.rows_for(ids, driver.name))
+            yield self._merge(by_name)
+
+    # -- messages and queries -------------------------------------------------------
+
+    def _client(self, teacher_id: int) -> TeacherClient:
+        self._started()
+        if not 0 <= teacher_id < len(self._teachers):
+            raise KdserveError(f"no teacher {teacher_id}; ids run 0..{len(self._teachers) - 1}")
+        teacher = self._teachers[teacher_id]
+        if not isinstance(teacher, _OnlineTeacher):
+            raise KdserveError(f"teacher {teacher.name!r} is offline (a store): no messages")
+        return teacher.client
+
+    def send(self, data: Any, teacher_ids: Iterable[int] | None = None) -> None:
+        """Send a message (JSON values and numpy arrays) to online teachers (default: all)."""
+        self._started()
+        ids = (
+            [i for i, t in enumerate(self._teachers) if isinstance(t, _OnlineTeacher)]
+            if teacher_ids is None
+            else list(teacher_ids)
+        )
+        for i in ids:
+            self._client(i).send(self.id, data)
+
+    def recv(self, teacher_id: int, timeout: float | None = None) -> Any:
+        """The next message from teacher ``teacher_id``; waits up to ``timeout`` seconds
+        (None: until one comes). Raises TimeoutError when none came."""
+        client = self._client(teacher_id)
+        after = self._received.get(teacher_id, 0)
+        waited = 0.0
+        while timeout is None or waited < timeout:
+            step = 1.0 if timeout is None else min(1.0, timeout - waited)
+            messages = client.recv(after, step)
+            if messages:
+                self._received[teacher_id] = after + 1
+                return messages[0]
+            waited += step
+        raise TimeoutError(f"no message from teacher {client.name!r} within {timeout} s")
+
+    def query(self, teacher_id: int, inputs: Mapping[str, Any]) -> Knowledge:
+        """Query mode: send one batch of inputs, get the teacher's knowledge for it."""
+        return next(self.query_stream(teacher_id, [inputs], max_in_flight=1))
+
+    def query_stream(
+        self, teacher_id: int, batches: Iterable[Mapping[str, Any]], max_in_flight: int = 4
+    ) -> Iterator[Knowledge]:
+        """Query mode over many input batches, ``max_in_flight`` requests pipelined to hide
+        the round trip; results come in input order. Sample ids are taken from a
+        ``sample_id`` input or numbered 0..n-1 per batch."""
+        client = self._client(teacher_id)
+
+        def arrow() -> Iterator[pa.RecordBatch]:
+            for inputs in batches:
+                data = dict(inputs)
+                ids = data.pop(SAMPLE_ID, None)
+                n = len(next(iter(data.values())))
+                schema = Schema.from_arrays(data)
+                yield to_record_batch(data, schema, np.arange(n) if ids is None else ids)
+
+        for result in client.query(arrow(), max_in_flight):
+            yield from_record_batch(result)
