@@ -1,6 +1,7 @@
 """kdserve dump / inspect / verify, run as real subprocesses on real stores."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,35 @@ def test_bad_input_gets_clear_messages(tmp_path):
     assert out.returncode == 2 and "cannot import 'nomodule'" in out.stderr
     out = _run(*base, "--program", "justaname", cwd=tmp_path)
     assert out.returncode == 2 and "is not MODULE:NAME" in out.stderr
+
+
+def test_serve_streams_to_a_student(tmp_path):
+    (tmp_path / "myteacher.py").write_text(TEACHER_MODULE)
+    env = {**os.environ, "KDSERVE_TOKEN": "cli-secret"}
+    args = ["serve", "--program", "myteacher:program", "--reader", "myteacher:samples"]
+    args += ["--feed", "x", "--feed", "y", "--keep", "logits", "--batch-size", "10"]
+    proc = subprocess.Popen(
+        [KDSERVE, *args, "--port", "0", "--times", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stderr.readline()  # "[kdserve] teacher NAME serving on HOST:PORT"
+        assert "serving on" in line and "token" not in line  # a given token is never echoed
+        address = line.split("serving on ")[1].split()[0]
+        student = kd.Student(token="cli-secret", connect_timeout=20)
+        student.register_teacher(in_address=address)
+        student.start()
+        reader = student.get_knowledge_generator(batch_size=25)
+        for _ in range(2):
+            ids = np.concatenate([b["sample_id"] for b in reader()])
+            np.testing.assert_array_equal(ids, np.arange(100))
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "served 200 samples over 2 pass(es)" in out
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

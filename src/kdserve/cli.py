@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,68 +85,131 @@ def _load(spec: str, what: str) -> Any:
         ) from None
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What a teacher command runs: the program, its reader config and the fields."""
+
+    program: Callable[..., Any]
+    reader_config: Any
+    feeds: list[str]
+    keep: list[str]
+    use_fp16: bool
+
+
+def _teacher_job(f: F) -> F:
+    """The options every teacher command takes, turned into one ``job: _Job`` argument."""
+
+    @click.option(
+        "--program",
+        required=True,
+        metavar="MODULE:NAME",
+        help="Callable: dict of feed arrays -> dict of output arrays.",
+    )
+    @click.option(
+        "--reader",
+        "reader_spec",
+        required=True,
+        metavar="MODULE:NAME",
+        help="Generator function (of samples with --batch-size, else of batches), "
+        "a Pantheon reader_config dict, or an iterable of batches.",
+    )
+    @click.option(
+        "--feed", "feeds", multiple=True, required=True, help="Feed name, in reader order (repeat)."
+    )
+    @click.option(
+        "--keep",
+        "keep",
+        multiple=True,
+        required=True,
+        help="Field to keep: a program output or a feed (repeat).",
+    )
+    @_count("--batch-size", None, "Batch the reader's samples.")
+    @click.option("--drop-last", is_flag=True, help="Drop a last batch smaller than --batch-size.")
+    @click.option("--fp16", "use_fp16", is_flag=True, help="Keep float fields as float16.")
+    @functools.wraps(f)
+    def wrapper(
+        program: str,
+        reader_spec: str,
+        feeds: tuple[str, ...],
+        keep: tuple[str, ...],
+        batch_size: int | None,
+        drop_last: bool,
+        use_fp16: bool,
+        **rest: Any,
+    ) -> Any:
+        fn = _load(program, "--program")
+        if not callable(fn):
+            raise click.BadParameter(f"{program!r} is not callable", param_hint="--program")
+        reader = _load(reader_spec, "--reader")
+        if isinstance(reader, dict):
+            config: Any = reader
+        elif batch_size is not None:
+            config = {"sample_generator": reader, "batch_size": batch_size, "drop_last": drop_last}
+        elif callable(reader):
+            config = {"batch_generator": reader}
+        else:
+            config = reader
+        return f(job=_Job(fn, config, list(feeds), list(keep), use_fp16), **rest)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @cli.command()
-@click.option(
-    "--program",
-    required=True,
-    metavar="MODULE:NAME",
-    help="Callable: dict of feed arrays -> dict of output arrays.",
-)
-@click.option(
-    "--reader",
-    "reader_spec",
-    required=True,
-    metavar="MODULE:NAME",
-    help="Generator function (of samples with --batch-size, else of batches), "
-    "a Pantheon reader_config dict, or an iterable of batches.",
-)
-@click.option(
-    "--feed", "feeds", multiple=True, required=True, help="Feed name, in reader order (repeat)."
-)
-@click.option(
-    "--keep",
-    "keep",
-    multiple=True,
-    required=True,
-    help="Field to store: a program output or a feed (repeat).",
-)
+@_teacher_job
 @click.option(
     "--out", "out_path", required=True, type=click.Path(file_okay=False), help="Store directory."
 )
-@_count("--batch-size", None, "Batch the reader's samples.")
-@click.option("--drop-last", is_flag=True, help="Drop a last batch smaller than --batch-size.")
-@click.option("--fp16", "use_fp16", is_flag=True, help="Store float fields as float16.")
 @_count("--shard-mb", 256, "Shard size bound in MB.")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming it.")
-def dump(
-    program: str,
-    reader_spec: str,
-    feeds: tuple[str, ...],
-    keep: tuple[str, ...],
-    out_path: str,
-    batch_size: int | None,
-    drop_last: bool,
-    use_fp16: bool,
-    shard_mb: int,
-    overwrite: bool,
-) -> None:
+def dump(job: _Job, out_path: str, shard_mb: int, overwrite: bool) -> None:
     """Run a teacher over a reader once and write its knowledge to a store (resumable)."""
-    fn = _load(program, "--program")
-    reader = _load(reader_spec, "--reader")
-    if not callable(fn):
-        raise click.BadParameter(f"{program!r} is not callable", param_hint="--program")
-    if isinstance(reader, dict):
-        config: Any = reader
-    elif batch_size is not None:
-        config = {"sample_generator": reader, "batch_size": batch_size, "drop_last": drop_last}
-    elif callable(reader):
-        config = {"batch_generator": reader}
-    else:
-        config = reader
     with kdserve.Teacher(out_path, shard_bytes=shard_mb * 1024 * 1024, overwrite=overwrite) as t:
-        written = t.start_knowledge_service(list(feeds), list(keep), fn, config, use_fp16=use_fp16)
+        written = t.start_knowledge_service(
+            job.feeds, job.keep, job.program, job.reader_config, use_fp16=job.use_fp16
+        )
         total = t.rows_stored
     click.echo(f"wrote {written} samples; {out_path} holds {total} samples")
+
+
+@cli.command()
+@_teacher_job
+@click.option("--port", required=True, type=click.IntRange(0, 65535), help="Port to serve on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; anything but loopback needs a token.",
+)
+@_count("--times", 1, "Passes to serve (each student generator call takes one).")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(file_okay=False),
+    help="Also write the first pass to this store.",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="PEM certificate.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="PEM private key.")
+def serve(
+    job: _Job,
+    port: int,
+    host: str,
+    times: int,
+    out_path: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
+    """Serve a teacher's knowledge to students over the network (token: KDSERVE_TOKEN)."""
+    teacher = kdserve.Teacher(out_path, port, host=host, tls_cert=tls_cert, tls_key=tls_key)
+    with teacher:
+        served = teacher.start_knowledge_service(
+            job.feeds,
+            job.keep,
+            job.program,
+            job.reader_config,
+            use_fp16=job.use_fp16,
+            times=times,
+        )
+    click.echo(f"served {served} samples over {times} pass(es)")
 
 
 @cli.command()

@@ -365,7 +365,8 @@ class Teacher:
                         count += 1
                         n = _batch_length(feed)
                         position = self._position
-                        store_skip = self._skip(n) if p == 0 and self.out_path else n
+                        skip = self._skip(n)  # advances the position: sample ids need it
+                        store_skip = skip if p == 0 and self.out_path else n
                         ids = feed.get(SAMPLE_ID)
                         ids = np.arange(position, position + n) if ids is None else np.asarray(ids)
                         if self.schema is None:
