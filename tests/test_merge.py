@@ -578,3 +578,34 @@ def test_teachers_read_back_from_arrow_with_different_codecs_merge():
     bound = (np.abs(logits["a"]) + np.abs(logits["b"][::-1])) * 2.0**-9 + 1e-7
     assert out["logits"].dtype == np.float32
     assert np.all(np.abs(out["logits"] - expected) <= bound)
+
+
+def test_integer_means_round_to_nearest_not_toward_zero():
+    schema = kd.Schema([kd.Field("votes", "int32")])
+    merger = kd.Merger({"a": schema, "b": schema}, {"votes": "mean"})
+    ids = np.arange(3)
+    merged = merger.merge(
+        {
+            "a": {"sample_id": ids, "votes": np.array([3, 1, -3], np.int32)},
+            "b": {"sample_id": ids, "votes": np.array([4, 4, -4], np.int32)},
+        }
+    )
+    np.testing.assert_array_equal(merged["votes"], [4, 2, -4])  # 3.5, 2.5, -3.5: halves to even
+    assert merged["votes"].dtype == np.int32
+
+
+def test_ragged_rows_are_realigned_by_id_in_bulk():
+    schema = kd.Schema([kd.Field("seq", "float32", (None, 2))])
+    rng = np.random.default_rng(0)
+    seqs = [rng.normal(size=(int(n), 2)).astype(np.float32) for n in rng.integers(0, 5, 200)]
+    ids = np.arange(200)
+    perm = rng.permutation(200)
+    merger = kd.Merger({"a": kd.Schema([kd.Field("x", "int64")]), "b": schema})
+    merged = merger.merge(
+        {
+            "a": {"sample_id": ids, "x": ids},
+            "b": {"sample_id": ids[perm], "seq": kd.Ragged.from_list([seqs[i] for i in perm])},
+        }
+    )
+    for i, got in enumerate(merged["seq"]):
+        np.testing.assert_array_equal(got, seqs[i])

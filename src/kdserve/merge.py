@@ -49,7 +49,7 @@ class MergeStrategy(ABC):
         """Merge per-teacher arrays (or Ragged, which must agree on sequence lengths)."""
         first = next(iter(values.values()))
         if not isinstance(first, Ragged):
-            return self.combine(values).astype(field.dtype, copy=False)
+            return _as_dtype(self.combine(values), field.dtype)
         for teacher, value in values.items():
             if not np.array_equal(value.offsets, first.offsets):
                 raise MergeError(
@@ -59,7 +59,7 @@ class MergeStrategy(ABC):
                     field=field.name,
                 )
         merged = self.combine({t: v.values for t, v in values.items()})
-        return Ragged(merged.astype(field.dtype, copy=False), first.offsets)
+        return Ragged(_as_dtype(merged, field.dtype), first.offsets)
 
     @abstractmethod
     def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -360,5 +360,18 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 def _take_rows(value: Any, rows: np.ndarray) -> Any:
     if isinstance(value, Ragged):
-        return Ragged.from_list([value[i] for i in rows]) if len(rows) else value
+        lengths = value.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Step j of output sequence k comes from value.offsets[rows[k]] + (j - offsets[k]).
+        shift = np.repeat(value.offsets[:-1][rows] - offsets[:-1], lengths)
+        return Ragged(value.values[shift + np.arange(offsets[-1])], offsets)
     return np.asarray(value)[rows]
+
+
+def _as_dtype(result: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """The merged values in the field's dtype; integer fields round to nearest, halves to
+    even (the mean of 3 and 4 is 4, not the 3 a plain cast would give)."""
+    if dtype.kind in "iu" and result.dtype.kind == "f":
+        result = np.rint(result)
+    return result.astype(dtype, copy=False)
