@@ -9,6 +9,7 @@ not fully received: with the teacher's replay window, no sample is lost or repea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -38,6 +39,11 @@ _TRANSIENT = (
     flight.FlightCancelledError,
 )
 TOKEN_ENV = "KDSERVE_TOKEN"
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def parse_address(address: str, tls: bool) -> str:
@@ -74,7 +80,9 @@ class TeacherClient:
             )
         location = parse_address(address, tls_root_certs is not None)
         kwargs = {"tls_root_certs": tls_root_certs} if tls_root_certs else {}
-        self._client = flight.FlightClient(location, **kwargs)
+        # gRPC's own reconnect backoff grows to 120 s: a teacher back after a long outage
+        # would go unnoticed for longer than connect_timeout. Cap it like call()'s backoff.
+        self._client = flight.FlightClient(location, generic_options=_GRPC_OPTIONS, **kwargs)
         self._headers = [(b"authorization", f"Bearer {token}".encode())]
 
     def close(self) -> None:
@@ -193,36 +201,15 @@ class TeacherClient:
         writer, reader = self.call(
             lambda: self._client.do_exchange(descriptor, self._options()), "query"
         )
-        slots = threading.Semaphore(max_in_flight)
-        sent = [0]
-        failure: list[BaseException] = []
-        finished = threading.Event()
-
-        def write() -> None:
-            try:
-                begun = False
-                for batch in batches:
-                    while not slots.acquire(timeout=0.1):
-                        if finished.is_set():
-                            return
-                    if not begun:
-                        writer.begin(batch.schema)
-                        begun = True
-                    writer.write_batch(batch)
-                    sent[0] += 1
-                writer.done_writing()
-            except BaseException as exc:  # handed to the reading side
-                failure.append(exc)
-            finally:
-                finished.set()
-
-        thread = threading.Thread(target=write, name="kdserve-query", daemon=True)
+        state = _QueryWrite(writer, batches, max_in_flight)
+        thread = threading.Thread(target=state.run, name="kdserve-query", daemon=True)
         thread.start()
         received = 0
+        error: BaseException | None = None
         try:
-            while not (finished.is_set() and received >= sent[0]) or failure:
-                if failure:
-                    raise failure[0]
+            while not (state.finished.is_set() and received >= state.sent) or state.failure:
+                if state.failure:
+                    raise self._failed(state.failure[0])
                 try:
                     chunk = reader.read_chunk()
                 except StopIteration:
@@ -230,9 +217,55 @@ class TeacherClient:
                 except flight.FlightError as exc:
                     raise self._fail(exc) from None
                 received += 1
-                slots.release()
+                state.slots.release()
                 yield chunk.data
-        finally:
-            finished.set()
             thread.join(timeout=30)
-            writer.close()
+            if state.failure:  # the inputs failed after the last result came back
+                raise self._failed(state.failure[0])
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            state.finished.set()
+            thread.join(timeout=30)
+            try:
+                writer.close()  # raises the call's error again, if it failed
+            except flight.FlightError as exc:
+                if error is None:  # never mask the error already on its way
+                    raise self._fail(exc) from None
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        return self._fail(exc) if isinstance(exc, flight.FlightError) else exc
+
+
+class _QueryWrite:
+    """The sending side of a query exchange, run on its own thread."""
+
+    def __init__(self, writer: Any, batches: Iterable[pa.RecordBatch], max_in_flight: int) -> None:
+        self.writer = writer
+        self.batches = batches
+        self.slots = threading.Semaphore(max_in_flight)
+        self.sent = 0
+        self.failure: list[BaseException] = []
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            begun = False
+            for batch in self.batches:
+                while not self.slots.acquire(timeout=0.1):
+                    if self.finished.is_set():
+                        return
+                if not begun:
+                    self.writer.begin(batch.schema)
+                    begun = True
+                self.writer.write_batch(batch)
+                self.sent += 1
+            self.writer.done_writing()
+        except BaseException as exc:  # handed to the reading side
+            self.failure.append(exc)
+            # End the exchange, so a read waiting for results that will not come returns.
+            with contextlib.suppress(pa.ArrowException, OSError):
+                self.writer.done_writing()
+        finally:
+            self.finished.set()

@@ -29,7 +29,7 @@ def _to_json(value: Any) -> Any:
         return {
             _ARRAY: {
                 "dtype": data.dtype.str,
-                "shape": list(data.shape),
+                "shape": list(value.shape),  # ascontiguousarray makes 0-d arrays 1-d
                 "data": base64.b64encode(data.tobytes()).decode("ascii"),
             }
         }

@@ -24,6 +24,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,7 +116,19 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
 
     # -- knowledge stream -----------------------------------------------------------
 
+    def _check_ready(self) -> None:
+        """Until the service has started (and a stream's schema is known), calls are refused
+        as unavailable, which clients retry: a student may connect before its teacher
+        runs start_knowledge_service without taking it for a query-only teacher."""
+        if (self.window is None and self.query is None) or (
+            self.window is not None and self.schema is None
+        ):
+            raise flight.FlightUnavailableError(
+                f"kdserve: teacher {self.name!r} has not started its knowledge service yet"
+            )
+
     def get_schema(self, context: Any, descriptor: Any) -> flight.SchemaResult:
+        self._check_ready()
         if self.schema is None:
             raise flight.FlightServerError(
                 f"kdserve: teacher {self.name!r} serves queries only; it has no knowledge stream"
@@ -123,6 +136,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         return flight.SchemaResult(self.schema)
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
+        self._check_ready()
         if self.window is None or self.schema is None:
             raise flight.FlightServerError(f"kdserve: teacher {self.name!r} serves queries only")
         spec = _json(ticket.ticket, "ticket")
@@ -166,6 +180,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
     def do_action(self, context: Any, action: flight.Action) -> Iterator[flight.Result]:
         kind, body = action.type, action.body.to_pybytes()
         if kind == "info":
+            self._check_ready()
             info = {
                 "name": self.name,
                 "times": self.window.times if self.window else 0,
@@ -232,6 +247,12 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
                 result = self.query(chunk.data)
             except KdserveError as exc:
                 raise flight.FlightServerError(f"kdserve: query refused: {exc}") from None
+            except Exception as exc:  # the program's own error: logged here, named there
+                traceback.print_exc(file=sys.stderr)
+                raise flight.FlightServerError(
+                    f"kdserve: teacher {self.name!r}'s program failed on a query: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
             if not started:
                 writer.begin(result.schema)
                 started = True

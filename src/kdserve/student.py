@@ -163,7 +163,8 @@ class Student:
         self.id = uuid.uuid4().hex
         self._registered: list[tuple[str, Callable[[], _OfflineTeacher | _OnlineTeacher]]] = []
         self._teachers: list[_OfflineTeacher | _OnlineTeacher] = []
-        self._merger: Merger | None = None
+        self._merger: Merger | None = None  # None after start(): query-only teachers
+        self._ready = False  # start() has run
         self._epoch = 0
         self._prefetcher: Prefetcher[Knowledge] | None = None
         self._received: dict[int, int] = {}  # teacher id -> messages received
@@ -182,7 +183,7 @@ class Student:
     ) -> int:
         """Register a store (``in_path``) or a served teacher (``in_address="host:port"``);
         returns its teacher id (0, 1, ... in registration order)."""
-        if self._merger is not None:
+        if self._ready:
             raise KdserveError("register every teacher before start()")
         if (in_path is None) == (in_address is None):
             raise KdserveError(
@@ -213,7 +214,7 @@ class Student:
 
     def start(self) -> None:
         """Connect to every teacher; check their knowledge fits together and aligns."""
-        if self._merger is not None:
+        if self._ready:
             return
         if not self._registered:
             raise KdserveError("register at least one teacher before start()")
@@ -229,12 +230,22 @@ class Student:
             for t in offline[1:]:
                 t.align_to(offline[0])
         merged = [t for t in teachers if t in offline or t in online]
-        self._merger = Merger({t.name: t.schema for t in merged}, self.merge_strategy)
+        if merged:  # else only query-only teachers: nothing to merge
+            self._merger = Merger({t.name: t.schema for t in merged}, self.merge_strategy)
         self._teachers = teachers
+        self._ready = True
+
+    def _check_ready(self) -> None:
+        if not self._ready:
+            raise KdserveError("call start() first")
 
     def _started(self) -> Merger:
+        self._check_ready()
         if self._merger is None:
-            raise KdserveError("call start() before reading knowledge")
+            raise KdserveError(
+                "the registered teachers only answer queries (reader_config=None): there is no "
+                "knowledge stream to read; use query() or query_stream()"
+            )
         return self._merger
 
     # -- knowledge ------------------------------------------------------------------
@@ -328,7 +339,7 @@ class Student:
     # -- messages and queries -------------------------------------------------------
 
     def _client(self, teacher_id: int) -> TeacherClient:
-        self._started()
+        self._check_ready()
         if not 0 <= teacher_id < len(self._teachers):
             raise KdserveError(f"no teacher {teacher_id}; ids run 0..{len(self._teachers) - 1}")
         teacher = self._teachers[teacher_id]
@@ -338,7 +349,7 @@ class Student:
 
     def send(self, data: Any, teacher_ids: Iterable[int] | None = None) -> None:
         """Send a message (JSON values and numpy arrays) to online teachers (default: all)."""
-        self._started()
+        self._check_ready()
         ids = (
             [i for i, t in enumerate(self._teachers) if isinstance(t, _OnlineTeacher)]
             if teacher_ids is None

@@ -321,17 +321,19 @@ class Teacher:
             # Resuming: check this run against the store now, even if it skips every sample.
             self._publish_schema(self._stored_schema(names, use_fp16))
         encode = _Encoder(program, names, use_fp16, lambda: self.schema, self._publish_schema)
-        if self._server is not None:
-            self._server.query = encode.query
-        if reader_config is None:
-            if not online:
-                raise ValueError("reader_config=None (queries only) needs out_port=")
-            self._closed.wait()
-            return encode.samples
-        if online:
+        encode.feeds = [f for f in feed_list if f != SAMPLE_ID]
+        if reader_config is None and not online:
+            raise ValueError("reader_config=None (queries only) needs out_port=")
+        if online and reader_config is not None:
+            # The window first: a student must never see this teacher as query-only.
             self._window = ReplayWindow(times, buf_size)
             assert self._server is not None
             self._server.window = self._window
+        if self._server is not None:
+            self._server.query = encode.query
+        if reader_config is None:
+            self._closed.wait()
+            return encode.samples
         work = self._produce(feed_list, reader_config, encode, times, num_postprocess_threads)
         delivered = 0
         try:
@@ -459,11 +461,14 @@ class _Encoder:
         self.names = names
         self.use_fp16 = use_fp16
         self.samples = 0
-        self._pending: tuple[int, dict[str, Any]] | None = None  # the first batch, computed early
+        self.feeds: list[str] = []  # what a query must hold
+        # The first batch, computed early, with its feed: held (not its id(), which a later
+        # feed may reuse once the first is freed, e.g. when a restart skips batch 0).
+        self._pending: tuple[FeedBatch, dict[str, Any]] | None = None
 
     def infer(self, feed: FeedBatch) -> dict[str, Any]:
         """Run the program on one feed batch and pick the fields to keep."""
-        if self._pending is not None and self._pending[0] == id(feed):
+        if self._pending is not None and self._pending[0] is feed:
             knowledge = self._pending[1]
             self._pending = None
             return knowledge
@@ -490,7 +495,7 @@ class _Encoder:
     def first(self, feed: FeedBatch, ids: np.ndarray) -> None:
         """Infer the schema from the first batch (kept, so it is not computed twice)."""
         knowledge = self.infer(feed)
-        self._pending = (id(feed), knowledge)
+        self._pending = (feed, knowledge)
         self.publish(_infer_schema(knowledge, self.use_fp16))
 
     def batch(self, knowledge: dict[str, Any], ids: np.ndarray) -> pa.RecordBatch:
@@ -502,6 +507,13 @@ class _Encoder:
         """Query mode: a batch of a student's feeds -> the knowledge for it."""
         feed = from_record_batch(inputs)
         ids = feed.pop(SAMPLE_ID)
+        missing = [f for f in self.feeds if f not in feed]
+        if missing:
+            raise SchemaError(
+                f"the query lacks feed(s) {missing}: it has {sorted(feed)}, the teacher reads "
+                f"{self.feeds}",
+                field=missing[0],
+            )
         knowledge = self.infer(feed)
         if self.schema() is None:
             self.publish(_infer_schema(knowledge, self.use_fp16))
