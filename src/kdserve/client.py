@@ -115,7 +115,8 @@ class TeacherClient:
                 if time.monotonic() + delay > deadline:
                     raise TeacherUnavailableError(
                         f"teacher {self.name!r} at {self.address} did not answer ({what}) for "
-                        f"{self.connect_timeout:g} s: is it running, with the right port? "
+                        f"{self.connect_timeout:g} s: is it running, on that port, with TLS on "
+                        f"both sides (tls_root_certs=) or on neither? "
                         f"({str(exc).split('. Detail:')[0]})",
                         teacher=self.name,
                     ) from None
@@ -138,9 +139,8 @@ class TeacherClient:
         return result
 
     def schema(self) -> Schema:
-        descriptor = flight.FlightDescriptor.for_command(b"knowledge")
-        result = self.call(lambda: self._client.get_schema(descriptor, self._options()), "schema")
-        return Schema.from_arrow(result.schema)
+        (data,) = self.action("schema")
+        return Schema.from_arrow(pa.ipc.read_schema(pa.py_buffer(data)))
 
     def send(self, student: str, message: Any) -> None:
         self.action("send", encode_message({"student": student, "message": message}))

@@ -1,6 +1,7 @@
 """The teacher's Arrow Flight server: knowledge streams, acknowledgements, messages, queries.
 
-    get_schema            the knowledge schema (Arrow, with kdserve metadata)
+    get_schema            the knowledge schema (Arrow, with kdserve metadata); also as
+                          do_action("schema"), whose errors reach clients intact
     do_get(ticket)        one rank's batches of a pass, from a sequence number on; a batch
                           travels as row slices of at most ``chunk_bytes`` (gRPC slows
                           on large messages), each with app metadata
@@ -162,8 +163,11 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
                     for i, part in enumerate(parts):
                         meta = {"pass": pass_, "seq": s, "part": i, "parts": len(parts)}
                         yield part, pa.py_buffer(json.dumps(meta).encode())
-            except WindowStoppedError:
-                return  # the teacher is closing; the student sees the stream end early
+            except WindowStoppedError as exc:
+                # Not a normal end: the student must not take it for the end of the pass.
+                raise flight.FlightUnavailableError(
+                    f"kdserve: teacher {self.name!r}: {exc}"
+                ) from None
 
         return flight.GeneratorStream(self.schema, stream())
 
@@ -173,6 +177,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         return [
             ("ack", "a rank has its batches before a position"),
             ("info", "the teacher's name, passes and services"),
+            ("schema", "the knowledge schema, Arrow IPC serialized"),
             ("send", "a student's message to the teacher"),
             ("recv", "the teacher's messages after an index"),
         ]
@@ -189,6 +194,14 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
                 "query": self.query is not None,
             }
             return iter([flight.Result(json.dumps(info).encode())])
+        if kind == "schema":  # an action, not get_schema: its errors reach clients intact
+            self._check_ready()
+            if self.schema is None:
+                raise flight.FlightServerError(
+                    f"kdserve: teacher {self.name!r} serves queries only; it has no knowledge "
+                    f"stream"
+                )
+            return iter([flight.Result(self.schema.serialize())])
         if kind == "ack":
             if self.window is None:
                 return iter([])

@@ -165,6 +165,7 @@ class Student:
         self._teachers: list[_OfflineTeacher | _OnlineTeacher] = []
         self._merger: Merger | None = None  # None after start(): query-only teachers
         self._ready = False  # start() has run
+        self._closed = False
         self._epoch = 0
         self._prefetcher: Prefetcher[Knowledge] | None = None
         self._received: dict[int, int] = {}  # teacher id -> messages received
@@ -236,6 +237,8 @@ class Student:
         self._ready = True
 
     def _check_ready(self) -> None:
+        if self._closed:
+            raise KdserveError("this student is closed; create a new Student")
         if not self._ready:
             raise KdserveError("call start() first")
 
@@ -247,6 +250,21 @@ class Student:
                 "knowledge stream to read; use query() or query_stream()"
             )
         return self._merger
+
+    def close(self) -> None:
+        """Stop the pass being prefetched and close the connections to online teachers."""
+        self._closed = True
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        for t in self._teachers:
+            if isinstance(t, _OnlineTeacher):
+                t.client.close()
+
+    def __enter__(self) -> Student:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- knowledge ------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ __all__ = ["Teacher"]
 
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 _POLL = 0.1
+_SHUTDOWN_WAIT = 5.0  # seconds close() waits for open calls to finish
 
 
 @dataclass
@@ -175,7 +176,17 @@ class Teacher:
         if self._window is not None:
             self._window.stop()
         if self._server is not None:
-            self._server.shutdown()
+            # Flight's shutdown waits for open calls (a student's idle query exchange, say)
+            # without a deadline: give it a few seconds, then let the process go on.
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(timeout=_SHUTDOWN_WAIT)
+            if stopper.is_alive():
+                print(
+                    f"[kdserve] teacher {self.name}: calls still open after "
+                    f"{_SHUTDOWN_WAIT:g} s; closing without waiting for them",
+                    file=sys.stderr,
+                )
             self._server = None
         if self._writer is not None:
             self._writer.close()
@@ -343,6 +354,10 @@ class Teacher:
                     pass
         except WindowStoppedError:
             pass  # close() was called while serving
+        except BaseException as exc:
+            if self._window is not None:  # students waiting for batches hear of it now
+                self._window.stop(f"its knowledge service failed: {type(exc).__name__}: {exc}")
+            raise
         return delivered
 
     def _produce(
