@@ -22,6 +22,7 @@ do not hold the same samples are refused with an :class:`~kdserve.errors.Alignme
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import uuid
@@ -330,14 +331,33 @@ class Student:
                     f"would be pass {epoch + 1}"
                 )
         rank, world = self._sampler.rank, self._sampler.world_size
+        # Each teacher is read by its own thread, buf_size batches ahead: network reads of
+        # several teachers overlap, and a slow student still slows them all down.
         streams = [
-            rebatch(
-                t.client.stream_pass(epoch, rank, world, max(1, t.info["buf_size"] // 2)),
-                batch_size,
-                drop_last,
+            Prefetcher(
+                functools.partial(
+                    rebatch,
+                    t.client.stream_pass(epoch, rank, world, max(1, t.info["buf_size"] // 2)),
+                    batch_size,
+                    drop_last,
+                ),
+                self.buf_size,
+                f"kdserve-{t.name}",
             )
             for t in online
         ]
+        try:
+            yield from self._merge_online(online, streams, epoch)
+        finally:
+            for stream in streams:
+                stream.close()
+
+    def _merge_online(
+        self,
+        online: list[_OnlineTeacher],
+        streams: list[Prefetcher[pa.RecordBatch]],
+        epoch: int,
+    ) -> Iterator[Knowledge]:
         driver = online[0]
         for batches in itertools.zip_longest(*streams):
             if any(b is None for b in batches):
