@@ -5,7 +5,8 @@ Batches are numbered ``(pass, seq)``; with ``world_size`` data-parallel students
 get every batch exactly once. A batch stays in the window until its rank acknowledges
 a position past it (a request for ``(pass, seq)`` acknowledges everything before it),
 so a student that loses its connection asks again from where it stopped and gets the
-same batches. The producer blocks while ``buf_size * world_size`` batches wait: a slow
+same batches. The producer blocks while ``buf_size * world_size`` batches *and* at least
+``min_bytes`` wait (small batches would otherwise leave the producer idle): a slow
 student slows its teacher instead of growing its memory.
 
 A teacher that was restarted starts with an empty window: the first requests tell it
@@ -28,6 +29,7 @@ Position = tuple[int, int]
 """``(pass, seq)``: a batch, or for a rank the next batch it needs."""
 
 _POLL = 0.1  # seconds between checks of the stop flag while waiting
+MIN_WINDOW_BYTES = 64 << 20  # the window holds at least this much, however small the batches
 
 
 class WindowStoppedError(Exception):
@@ -37,11 +39,13 @@ class WindowStoppedError(Exception):
 class ReplayWindow:
     """Batches of ``times`` passes between one producer and the ranks of a student group."""
 
-    def __init__(self, times: int, buf_size: int) -> None:
+    def __init__(self, times: int, buf_size: int, min_bytes: int = MIN_WINDOW_BYTES) -> None:
         self.times = times
         self.buf_size = buf_size
+        self.min_bytes = min_bytes
         self._cond = threading.Condition()
         self._batches: dict[Position, pa.RecordBatch] = {}
+        self._bytes = 0  # held by the batches in the window
         self._ends: dict[int, int] = {}  # pass -> number of batches, once the pass is over
         self._resume: dict[int, Position] = {}  # rank -> next position it needs
         self._world: int | None = None
@@ -74,7 +78,7 @@ class ReplayWindow:
     def _drop_acknowledged(self, rank: int) -> None:
         before = self._resume[rank]
         for key in [k for k in self._batches if self._owner(k[1]) == rank and k < before]:
-            del self._batches[key]
+            self._bytes -= self._batches.pop(key).nbytes
 
     # -- producer -------------------------------------------------------------------
 
@@ -103,9 +107,10 @@ class ReplayWindow:
         """Add a batch; blocks while the window is full."""
         with self._cond:
             limit = self.buf_size * (self._world or 1)
-            self._wait(lambda: len(self._batches) < limit)
+            self._wait(lambda: len(self._batches) < limit or self._bytes < self.min_bytes)
             if position >= self._resume.get(self._owner(position[1]), (0, 0)):
                 self._batches[position] = batch
+                self._bytes += batch.nbytes
                 self._cond.notify_all()
 
     def end_pass(self, pass_: int, batches: int) -> None:

@@ -47,7 +47,7 @@ from kdserve.codecs import Fp16
 from kdserve.errors import KdserveError, SchemaError, StoreError
 from kdserve.prefetch import Prefetcher
 from kdserve.reader import FeedBatch, iter_feed_batches
-from kdserve.replay import ReplayWindow, WindowStoppedError
+from kdserve.replay import MIN_WINDOW_BYTES, ReplayWindow, WindowStoppedError
 from kdserve.schema import SAMPLE_ID, Schema
 from kdserve.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.store import DEFAULT_SHARD_BYTES, StoreReader, StoreWriter, stored_rows
@@ -81,7 +81,9 @@ class Teacher:
     Online, every call needs ``token`` (or ``KDSERVE_TOKEN``); without one the teacher
     makes one and prints it. It binds ``host`` (127.0.0.1 by default) and refuses any
     other address without an explicit token. ``tls_cert``/``tls_key`` (PEM bytes or
-    paths) turn on TLS.
+    paths) turn on TLS. The teacher runs up to ``buf_size`` batches ahead of its
+    students, or ``window_bytes`` (64 MiB) when its batches are smaller than that in
+    all; each batch travels in slices of ``chunk_bytes`` (16 MiB).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Teacher:
         overwrite: bool = False,
         progress: bool | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        window_bytes: int = MIN_WINDOW_BYTES,
         student_grace: float = 2.0,
     ) -> None:
         if out_path is None and out_port is None:
@@ -113,6 +116,7 @@ class Teacher:
         self.overwrite = overwrite
         self.progress = progress
         self.chunk_bytes = chunk_bytes
+        self.window_bytes = window_bytes
         self.student_grace = student_grace
         self.token = token or os.environ.get(TOKEN_ENV)
         self._token_given = self.token is not None
@@ -337,7 +341,7 @@ class Teacher:
             raise ValueError("reader_config=None (queries only) needs out_port=")
         if online and reader_config is not None:
             # The window first: a student must never see this teacher as query-only.
-            self._window = ReplayWindow(times, buf_size)
+            self._window = ReplayWindow(times, buf_size, self.window_bytes)
             assert self._server is not None
             self._server.window = self._window
         if self._server is not None:
