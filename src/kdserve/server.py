@@ -36,7 +36,7 @@ from kdserve.errors import KdserveError, ProtocolError
 from kdserve.messages import decode_message, encode_message
 from kdserve.replay import ReplayWindow, WindowStoppedError
 
-__all__ = ["TeacherServer"]
+__all__ = ["TeacherServer", "slice_rows"]
 
 QueryFn = Callable[[pa.RecordBatch], pa.RecordBatch]
 MAX_MESSAGE_WAIT = 1.0  # seconds one "recv" call may wait for a message
@@ -159,7 +159,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             items = batches if first is None else _chain(first, batches)
             try:
                 for s, batch in items:
-                    parts = _slices(batch, self.chunk_bytes)
+                    parts = slice_rows(batch, self.chunk_bytes)
                     for i, part in enumerate(parts):
                         meta = {"pass": pass_, "seq": s, "part": i, "parts": len(parts)}
                         yield part, pa.py_buffer(json.dumps(meta).encode())
@@ -272,7 +272,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             writer.write_batch(result)
 
 
-def _slices(batch: pa.RecordBatch, chunk_bytes: int) -> list[pa.RecordBatch]:
+def slice_rows(batch: pa.RecordBatch, chunk_bytes: int) -> list[pa.RecordBatch]:
     """``batch`` as zero-copy row slices of about ``chunk_bytes`` each (at least one row)."""
     rows = batch.num_rows
     if rows <= 1 or batch.nbytes <= chunk_bytes:
