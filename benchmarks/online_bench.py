@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from pyarrow import flight
+from report import fmt
 
 import kdserve as kd
 from kdserve.client import TeacherClient
@@ -589,17 +590,6 @@ def chunk_label(chunk: int) -> str:
 
 def size_label(rows: int) -> str:
     return f"{rows * ROW_BYTES / MB:.0f}MB"
-
-
-def fmt(value: float) -> str:
-    """A number with three significant figures or so."""
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    if value >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
 
 
 def rotate(items: list[Job], k: int) -> list[Job]:

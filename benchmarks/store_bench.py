@@ -49,6 +49,7 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 import pyarrow as pa
+from report import fmt
 
 import kdserve
 from kdserve.store import DEFAULT_SHARD_BYTES
@@ -545,17 +546,6 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> list[Group]
     finally:
         for p in (files.store, files.npy, files.npy_nosync, files.pkl, files.scratch):
             files.remove(p)
-
-
-def fmt(value: float) -> str:
-    """A number with three significant figures or so, aligned by the caller."""
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    if value >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
 
 
 def table(results: dict[str, list[Group]]) -> list[str]:

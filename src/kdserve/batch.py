@@ -41,8 +41,7 @@ def to_record_batch(
                 field=SAMPLE_ID,
             )
         sample_ids = data[SAMPLE_ID]
-    names = [k for k in data if k != SAMPLE_ID]
-    unknown = [k for k in names if k not in schema]
+    unknown = sorted(set(data) - {SAMPLE_ID} - set(schema.names))
     if unknown:
         raise SchemaError(
             f"unknown field(s) {unknown}; the schema has {schema.names}. Add them to the "
