@@ -44,20 +44,25 @@ def _count(flag: str, default: int | None, help_text: str) -> Callable[[F], F]:
 
 
 @cli.command()
-@_count("--samples", 20000, "Samples in the dataset.")
-@_count("--batch-size", 256, "The student's batch size.")
 @click.option(
     "--out",
     default="demo-output",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Where the demo writes its stores (replaced on each run).",
+    help="Where the demo writes its store and plot (replaced on each run).",
 )
-def demo(samples: int, batch_size: int, out: str) -> None:
-    """Run the demo: two teachers dump knowledge, a student merges and reads it."""
+@click.option(
+    "--port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the online teacher (0: any free port).",
+)
+def demo(out: str, port: int) -> None:
+    """Run the demo: distil a student from an online and an offline teacher on digits."""
     from kdserve.demo import run_demo
 
-    run_demo(samples=samples, batch_size=batch_size, out=Path(out))
+    run_demo(out=Path(out), port=port)
 
 
 def _load(spec: str, what: str) -> Any:
