@@ -292,12 +292,21 @@ class Student:
         return [t for t in self._teachers if isinstance(t, _OfflineTeacher)]
 
     def get_knowledge_generator(
-        self, batch_size: int, drop_last: bool = False
+        self, batch_size: int, drop_last: bool = False, *, epoch: int | None = None
     ) -> Callable[[], Iterator[Knowledge]]:
-        """A callable; each call yields one more pass of merged batches of ``batch_size``."""
+        """A callable; each call yields one more pass of merged batches of ``batch_size``.
+
+        Passes are numbered from 0 per student; ``epoch`` makes the next call read pass
+        ``epoch`` instead (its shuffle order, or that pass of online teachers), e.g. for a
+        fresh student that resumes training at a later epoch.
+        """
         self._started()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if epoch is not None:
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+                raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+            self._epoch = epoch
 
         def one_pass() -> Iterator[Knowledge]:
             epoch = self._epoch

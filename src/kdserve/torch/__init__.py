@@ -13,6 +13,15 @@ except ImportError:  # pragma: no cover - exercised in an environment without to
         "install a CPU build of torch first, e.g. pip install torch==2.13.0)"
     ) from None
 
+from kdserve.torch.dataset import KnowledgeDataset
 from kdserve.torch.losses import FeatureProjector, feature_loss, kd_loss, topk_kd_loss
+from kdserve.torch.program import teacher_program
 
-__all__ = ["FeatureProjector", "feature_loss", "kd_loss", "topk_kd_loss"]
+__all__ = [
+    "FeatureProjector",
+    "KnowledgeDataset",
+    "feature_loss",
+    "kd_loss",
+    "teacher_program",
+    "topk_kd_loss",
+]

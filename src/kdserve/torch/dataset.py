@@ -1,0 +1,254 @@
+"""A PyTorch ``IterableDataset`` over kdserve teachers, for ``DataLoader`` workers and DDP.
+
+::
+
+    dataset = KnowledgeDataset(["knowledge/teacher_a", "127.0.0.1:8470"], batch_size=32,
+                               merge_strategy={"logits": "mean"})
+    loader = DataLoader(dataset, batch_size=None, num_workers=2)   # batches come ready-made
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for batch in loader:          # dict[str, Tensor], incl. "sample_id"
+            ...
+
+Every iteration reads one pass (the dataset's epoch) with a fresh
+:class:`~kdserve.student.Student`. The pass is split over ``world_size`` ranks times the
+loader's ``num_workers``: worker ``w`` of rank ``r`` reads part ``r * num_workers + w``
+of ``world_size * num_workers``, so the ranks' workers together read every sample once.
+
+Fixed-shape fields become tensors that share memory with kdserve's (read-only) Arrow
+buffers -- no copy. **Do not modify these tensors in place**; ``.clone()`` one first, or
+move it to a device (which copies). A sequence field ``name`` becomes a zero-padded
+``(batch, max_len, ...)`` tensor ``name`` and an int64 tensor ``name_lengths``.
+
+``state_dict()``/``load_state_dict()`` let torchdata's ``StatefulDataLoader`` resume in
+the middle of a pass of offline teachers (stores are read deterministically).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdserve.batch import Knowledge
+from kdserve.merge import StrategySpec
+from kdserve.ragged import Ragged
+from kdserve.sampler import Sampler
+from kdserve.student import Student
+
+__all__ = ["KnowledgeDataset", "to_tensors"]
+
+# torch.from_numpy warns about every read-only array; kdserve's arrays are read-only views
+# of Arrow memory by design, and the tensors are documented as not to be modified.
+_READ_ONLY_WARNING = r"The given NumPy array is not writable"
+_STATE_KEYS = ("epoch", "batches")
+
+
+def to_tensors(batch: Knowledge, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """A kdserve batch as tensors: arrays are wrapped without copying (where torch can:
+    native byte order, non-negative strides), a :class:`Ragged` field ``name`` becomes a
+    zero-padded tensor ``name`` plus an int64 ``name_lengths``. The wrapped tensors share
+    read-only memory: do not modify them in place."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in batch.items():
+        if isinstance(value, Ragged):
+            lengths_name = f"{name}_lengths"
+            if lengths_name in batch:
+                raise ValueError(
+                    f"field {name!r} is a sequence field, whose lengths go to "
+                    f"{lengths_name!r}, but the batch already has a field of that name"
+                )
+            out[name] = torch.from_numpy(value.to_padded())  # a fresh, writable copy
+            out[lengths_name] = torch.from_numpy(value.lengths.astype(np.int64, copy=False))
+        elif isinstance(value, np.ndarray):
+            out[name] = _wrap(value)
+        else:
+            raise TypeError(
+                f"field {name!r} holds a {type(value).__name__}; expected an ndarray or a Ragged"
+            )
+    if pin_memory:
+        out = {name: t.pin_memory() for name, t in out.items()}
+    return out
+
+
+def _wrap(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_READ_ONLY_WARNING, category=UserWarning)
+        try:
+            return torch.from_numpy(array)
+        except (TypeError, ValueError):  # negative strides, non-native byte order
+            return torch.from_numpy(
+                np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+            )
+
+
+def _is_address(teacher: str) -> bool:
+    host, sep, port = teacher.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
+    """Batches of merged knowledge from ``teachers`` (store directories and/or online
+    teachers' ``"host:port"`` addresses), as dicts of tensors.
+
+    Use it with ``DataLoader(dataset, batch_size=None, ...)``: the dataset already
+    batches (``batch_size``, ``drop_last``). ``merge_strategy``, ``shuffle``, ``seed``,
+    ``block_rows``, ``token`` and ``connect_timeout`` are the :class:`Student`'s;
+    ``rank``/``world_size`` default to torchrun's RANK/WORLD_SIZE. The shuffle order of
+    a pass derives from ``(seed, epoch)`` only, so every rank and worker agrees on it;
+    call :meth:`set_epoch` before each epoch, like ``DistributedSampler``.
+    ``pin_memory`` pins the tensors (which copies them).
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[str | os.PathLike[str]],
+        *,
+        batch_size: int,
+        merge_strategy: Mapping[str, StrategySpec] | None = None,
+        drop_last: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        block_rows: int = 4096,
+        pin_memory: bool = False,
+        token: str | None = None,
+        connect_timeout: float = 60.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(teachers, (str, os.PathLike)):
+            teachers = [teachers]
+        if not teachers:
+            raise ValueError("KnowledgeDataset needs at least one teacher")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self._stores: list[str | None] = []  # per teacher: its store path, or None: online
+        self._addresses: list[str | None] = []
+        for t in teachers:
+            where = os.fspath(t)
+            if os.path.isdir(where):
+                self._stores.append(where)
+                self._addresses.append(None)
+            elif _is_address(where):
+                self._stores.append(None)
+                self._addresses.append(where)
+            else:
+                raise ValueError(
+                    f"teacher {where!r} is neither an existing store directory nor an online "
+                    f"teacher's address 'host:port'"
+                )
+        env_rank, env_world = Sampler.world_from_env()
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        self.batch_size = batch_size
+        self.merge_strategy = dict(merge_strategy or {})
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.seed = seed
+        self.block_rows = block_rows
+        self.pin_memory = pin_memory
+        self.token = token
+        self.connect_timeout = connect_timeout
+        self._epoch = 0
+        self._batches = 0  # batches yielded in this epoch by this instance
+        self._resume = 0  # batches the next iteration skips (set by load_state_dict)
+
+    @property
+    def epoch(self) -> int:
+        """The pass the next iteration reads."""
+        return self._epoch
+
+    @property
+    def online(self) -> bool:
+        """Whether any teacher is an online teacher."""
+        return any(a is not None for a in self._addresses)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read pass ``epoch`` from now on (a new epoch starts from its first batch)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = 0
+            self._resume = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": ..., "batches": ...}``: the pass, and the batches this instance
+        (in a loader worker: this worker) has yielded of it."""
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration reads pass ``epoch`` and
+        skips its first ``batches`` batches. Mid-pass resume needs offline teachers only."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        unknown = sorted(set(state) - set(_STATE_KEYS), key=str)
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if unknown or missing:
+            raise ValueError(
+                f"not a KnowledgeDataset state: unknown key(s) {unknown}, missing key(s) "
+                f"{missing}; expected exactly {list(_STATE_KEYS)}"
+            )
+        for key in _STATE_KEYS:
+            value = state[key]
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches and self.online:
+            raise ValueError(
+                f"cannot resume in the middle of pass {epoch} ({batches} batches read): online "
+                f"teachers have already served them and cannot replay a pass in part. Resume "
+                f"at the start of an epoch instead"
+            )
+        self._epoch = epoch
+        self._batches = batches
+        self._resume = batches
+
+    def _student(self, rank: int, world_size: int) -> Student:
+        student = Student(
+            self.merge_strategy,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            block_rows=self.block_rows,
+            rank=rank,
+            world_size=world_size,
+            token=self.token,
+            connect_timeout=self.connect_timeout,
+        )
+        try:
+            for store, address in zip(self._stores, self._addresses, strict=True):
+                if store is not None:
+                    student.register_teacher(in_path=store)
+                else:
+                    student.register_teacher(in_address=address)
+            student.start()
+        except BaseException:
+            student.close()
+            raise
+        return student
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        skip, self._resume = self._resume, 0
+        self._batches = skip
+        epoch = self._epoch
+        student = self._student(self.rank * workers + worker, self.world_size * workers)
+        try:
+            reader = student.get_knowledge_generator(self.batch_size, self.drop_last, epoch=epoch)
+            for i, batch in enumerate(reader()):
+                if i < skip:  # read before a resume: offline teachers repeat them exactly
+                    continue
+                tensors = to_tensors(batch, self.pin_memory)
+                self._batches += 1  # before yielding: a state taken now counts this batch
+                yield tensors
+        finally:
+            student.close()

@@ -1,0 +1,262 @@
+"""Run a PyTorch module as a kdserve teacher ``program``.
+
+:func:`teacher_program` wraps an ``nn.Module`` into the callable that
+:meth:`kdserve.Teacher.start_knowledge_service` expects -- a dict of feed arrays in, a
+dict of numpy output arrays out -- in eval mode, under ``torch.inference_mode()``, on
+one or several devices (one replica per device, calls spread over them), optionally
+under ``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kdserve.schema import SAMPLE_ID
+
+__all__ = ["TeacherProgram", "teacher_program"]
+
+# How long a call waits for a busy replica before looking again; the wait loop has no
+# overall deadline (a call simply queues behind the running ones), but each wait is bounded
+# so that a missed notification can never hang a caller.
+_WAIT_S = 0.05
+
+
+def teacher_program(
+    module: nn.Module,
+    *,
+    inputs: Sequence[str] | None = None,
+    outputs: str | Sequence[str] = "logits",
+    devices: Sequence[str | torch.device] | None = None,
+    autocast: torch.dtype | None = None,
+) -> TeacherProgram:
+    """Wrap ``module`` as a teacher ``program``: ``program(feed) -> {name: np.ndarray}``.
+
+    **Inputs.** Each feed array is turned into a tensor on the replica's device
+    (``torch.as_tensor``) and the module is called with them *positionally*: the feeds named
+    by ``inputs``, in that order, or -- with ``inputs=None`` -- every feed in the feed dict's
+    order (the teacher's ``feed_list`` order) except kdserve's ``sample_id``. Feeds not
+    named in ``inputs`` (labels, ids) are not passed. A module that takes keyword arguments
+    or needs feed preprocessing can be wrapped in a small ``nn.Module`` that does it.
+
+    **Outputs.** What the module returns is named by ``outputs``:
+
+    * a ``Tensor``: it is named ``outputs`` (a str);
+    * a tuple or list: ``outputs`` (a sequence of str) names its items, in order;
+    * a dict (e.g. a Hugging Face ``ModelOutput``): its keys name the values, and
+      ``outputs`` (a str or a sequence of str) selects the ones to keep -- each must be a key.
+
+    Outputs come back as numpy arrays on the CPU. A mismatch between what the module
+    returns and ``outputs`` raises a ``ValueError``/``TypeError`` saying how to fix it.
+
+    **Devices.** ``devices`` defaults to ``["cuda"]`` when CUDA is available, else
+    ``["cpu"]``. The module itself runs on the first device (it is moved there); each further
+    device gets a ``copy.deepcopy`` of it. Calls go round-robin over the replicas, and calls
+    from several threads run concurrently on different replicas: each replica runs one call
+    at a time, and a call that finds every replica busy waits for the first one freed.
+
+    **Autocast.** With ``autocast`` (e.g. ``torch.bfloat16``) the forward pass runs under
+    ``torch.autocast(device_type, dtype=autocast)`` and floating outputs are returned as
+    float32 arrays. (bfloat16 outputs, which numpy cannot hold, always become float32.)
+
+    The module is put in eval mode. The returned :class:`TeacherProgram` exposes
+    ``.module`` (the module given), ``.replicas`` (one module per device, ``replicas[0]`` is
+    ``module``), ``.devices``, ``.inputs`` and ``.outputs``, for inspection.
+    """
+    return TeacherProgram(
+        module, inputs=inputs, outputs=outputs, devices=devices, autocast=autocast
+    )
+
+
+class TeacherProgram:
+    """The callable returned by :func:`teacher_program`; see there."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        inputs: Sequence[str] | None = None,
+        outputs: str | Sequence[str] = "logits",
+        devices: Sequence[str | torch.device] | None = None,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"teacher_program needs a torch.nn.Module, got {type(module).__name__}; "
+                f"wrap a plain function in an nn.Module (or pass it as the program directly)"
+            )
+        self.inputs: list[str] | None = None if inputs is None else _names("inputs", inputs)
+        self.outputs: str | list[str] = (
+            outputs if isinstance(outputs, str) else _names("outputs", outputs)
+        )
+        if autocast is not None and not (
+            isinstance(autocast, torch.dtype) and autocast.is_floating_point
+        ):
+            raise TypeError(
+                f"autocast must be a floating torch.dtype such as torch.bfloat16, got {autocast!r}"
+            )
+        self.autocast = autocast
+        if devices is None:
+            devices = ["cuda" if torch.cuda.is_available() else "cpu"]
+        elif isinstance(devices, (str, torch.device)):
+            devices = [devices]
+        self.devices: list[torch.device] = [torch.device(d) for d in devices]
+        if not self.devices:
+            raise ValueError("devices must name at least one device, e.g. ['cuda:0', 'cuda:1']")
+        self.module = module
+        module.eval()
+        replicas = [module.to(self.devices[0])]
+        replicas += [copy.deepcopy(module).to(d).eval() for d in self.devices[1:]]
+        self.replicas: list[nn.Module] = replicas
+        self._locks = [threading.Lock() for _ in replicas]
+        self._freed = threading.Condition()
+        self._turn = itertools.count()
+
+    def __repr__(self) -> str:
+        return (
+            f"TeacherProgram({type(self.module).__name__}, inputs={self.inputs!r}, "
+            f"outputs={self.outputs!r}, devices={[str(d) for d in self.devices]})"
+        )
+
+    def __call__(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        args_np = self._select(feed)
+        with self._replica() as index:
+            device = self.devices[index]
+            with torch.inference_mode(), self._autocast(device):
+                args = [_to_tensor(name, value, device) for name, value in args_np]
+                result = self.replicas[index](*args)
+                named = self._name(result)
+                return {name: self._to_numpy(name, value) for name, value in named.items()}
+
+    # -- feeds ------------------------------------------------------------------------
+
+    def _select(self, feed: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        if self.inputs is None:
+            return [(n, v) for n, v in feed.items() if n != SAMPLE_ID]
+        missing = [n for n in self.inputs if n not in feed]
+        if missing:
+            raise ValueError(
+                f"teacher_program inputs {missing} are not in the feed, which has "
+                f"{sorted(feed)}; add them to the teacher's feed_list or fix inputs="
+            )
+        return [(n, feed[n]) for n in self.inputs]
+
+    # -- replicas ---------------------------------------------------------------------
+
+    @contextmanager
+    def _replica(self) -> Iterator[int]:
+        """Hold a free replica: round-robin first, else any free one, else wait."""
+        n = len(self.replicas)
+        start = next(self._turn) % n
+        while True:
+            for k in range(n):
+                index = (start + k) % n
+                if self._locks[index].acquire(blocking=False):
+                    break
+            else:
+                with self._freed:
+                    self._freed.wait(_WAIT_S)
+                continue
+            break
+        try:
+            yield index
+        finally:
+            self._locks[index].release()
+            with self._freed:
+                self._freed.notify()
+
+    def _autocast(self, device: torch.device) -> AbstractContextManager[Any]:
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast)
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def _name(self, result: Any) -> dict[str, Any]:
+        wanted = self.outputs
+        if isinstance(result, Tensor):
+            if isinstance(wanted, str):
+                return {wanted: result}
+            if len(wanted) == 1:
+                return {wanted[0]: result}
+            raise ValueError(
+                f"the module returned one tensor but outputs={wanted!r} names {len(wanted)}; "
+                f"pass outputs='name' for a single tensor"
+            )
+        if isinstance(result, Mapping):
+            keys = [wanted] if isinstance(wanted, str) else wanted
+            missing = [k for k in keys if k not in result]
+            if missing:
+                raise ValueError(
+                    f"the module returned a dict with keys {list(result)}, which lacks "
+                    f"outputs {missing}; pass outputs= naming some of {list(result)}"
+                )
+            return {k: result[k] for k in keys}
+        if isinstance(result, (tuple, list)):
+            if isinstance(wanted, str):
+                raise ValueError(
+                    f"the module returned a {type(result).__name__} of {len(result)} items "
+                    f"but outputs={wanted!r} names one; pass outputs=[...] with "
+                    f"{len(result)} names, one per item in order"
+                )
+            if len(wanted) != len(result):
+                raise ValueError(
+                    f"the module returned a {type(result).__name__} of {len(result)} items "
+                    f"but outputs={wanted!r} names {len(wanted)}; pass outputs= with "
+                    f"{len(result)} names, one per item in order"
+                )
+            return dict(zip(wanted, result, strict=True))
+        raise TypeError(
+            f"the module returned a {type(result).__name__}; teacher_program needs a Tensor, "
+            f"a tuple/list of Tensors or a dict of Tensors"
+        )
+
+    def _to_numpy(self, name: str, value: Any) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"module output {name!r} is a {type(value).__name__}, not a Tensor; return "
+                f"tensors, or leave {name!r} out of outputs="
+            )
+        value = value.detach()
+        if value.is_floating_point() and (
+            self.autocast is not None or value.dtype == torch.bfloat16
+        ):
+            value = value.float()
+        array: np.ndarray = value.cpu().numpy()
+        return array
+
+
+def _names(what: str, names: Sequence[str]) -> list[str]:
+    out = list(names)
+    if not out or not all(isinstance(n, str) for n in out):
+        raise TypeError(f"{what} must be a non-empty sequence of feed/output names, got {names!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} names {out} repeat a name; each must appear once")
+    return out
+
+
+def _to_tensor(name: str, value: Any, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    try:
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except ValueError:  # numpy refuses inhomogeneous (ragged) nested lists
+        array = np.empty(0, dtype=object)
+    if array.dtype == object:
+        raise TypeError(
+            f"feed {name!r} is ragged (an object array) and cannot become one tensor; pad it "
+            f"in the reader, or leave it out of inputs="
+        )
+    if not array.flags.writeable:
+        array = array.copy()  # torch warns about (and cannot safely share) read-only memory
+    return torch.as_tensor(array, device=device)

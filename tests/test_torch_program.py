@@ -1,0 +1,247 @@
+"""kdserve.torch.teacher_program: an nn.Module as a teacher program."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import kdserve as kd  # noqa: E402
+from kdserve.torch import teacher_program  # noqa: E402
+
+X = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, 5))
+
+
+def _direct(model, *arrays):
+    model.eval()
+    with torch.no_grad():
+        return model(*(torch.from_numpy(a) for a in arrays)).numpy()
+
+
+class _Tuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h, h.argmax(-1)
+
+
+class _Dict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x, y):
+        return {"logits": self.lin(x) + y, "hidden": x * 2, "extra": None}
+
+
+def test_tensor_output_equals_the_module_in_eval_mode():
+    model = _mlp()
+    model.train()
+    program = teacher_program(model, inputs=["x"], devices=["cpu"])
+    assert not model.training and program.module is model and program.replicas == [model]
+    feed = {"x": X, "label": np.arange(16)}
+    first = program(feed)
+    assert set(first) == {"logits"} and isinstance(first["logits"], np.ndarray)
+    assert first["logits"].dtype == np.float32 and first["logits"].shape == (16, 5)
+    np.testing.assert_array_equal(first["logits"], program(feed)["logits"])  # dropout is off
+    np.testing.assert_allclose(first["logits"], _direct(model, X), rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm_uses_running_stats_and_no_grad_is_tracked():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    bn = model[1]
+    bn.running_mean.fill_(3.0)
+    bn.running_var.fill_(4.0)
+    seen = []
+    model.register_forward_hook(
+        lambda m, i, o: seen.append((o.requires_grad, torch.is_grad_enabled()))
+    )
+    out = teacher_program(model, devices=["cpu"])({"x": X[:1]})["logits"]  # batch of 1: ok
+    lin = model[0]
+    expected = (X[:1] @ lin.weight.detach().numpy().T + lin.bias.detach().numpy() - 3.0) / np.sqrt(
+        4.0 + bn.eps
+    ) * bn.weight.detach().numpy() + bn.bias.detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert bn.running_mean.eq(3.0).all()  # not updated
+    assert seen == [(False, False)]
+
+
+def test_default_inputs_are_all_feeds_in_order_except_sample_id():
+    calls = []
+
+    class Two(nn.Module):
+        def forward(self, a, b):
+            calls.append((a.shape, b.shape))
+            return a.sum(-1) + b
+
+    program = teacher_program(Two(), outputs="s", devices=["cpu"])
+    out = program({"a": X, "b": np.ones(16, np.float32), "sample_id": np.arange(16)})
+    np.testing.assert_allclose(out["s"], X.sum(-1) + 1, rtol=1e-6)
+    assert calls == [(torch.Size([16, 6]), torch.Size([16]))]
+    # explicit inputs pick and order the feeds; read-only feed arrays are fine
+    ro = X.copy()
+    ro.flags.writeable = False
+    out = teacher_program(Two(), inputs=["b", "a"], outputs=["s"], devices=["cpu"])(
+        {"a": np.ones((16,), np.float32), "b": ro, "c": "ignored"}
+    )
+    np.testing.assert_allclose(out["s"], X.sum(-1) + 1, rtol=1e-6)
+
+
+def test_tuple_and_dict_outputs():
+    model = _Tuple()
+    out = teacher_program(model, outputs=["logits", "pred"], devices=["cpu"])({"x": X})
+    direct = _direct(model.lin, X)
+    np.testing.assert_allclose(out["logits"], direct, rtol=1e-6)
+    np.testing.assert_array_equal(out["pred"], direct.argmax(-1))
+    assert out["pred"].dtype == np.int64
+
+    d = _Dict()
+    y = np.full((16, 3), 0.5, np.float32)
+    out = teacher_program(d, devices=["cpu"])({"x": X, "y": y})  # default: "logits" selected
+    assert list(out) == ["logits"]
+    np.testing.assert_allclose(out["logits"], _direct(d.lin, X) + 0.5, rtol=1e-6)
+    out = teacher_program(d, outputs=["hidden", "logits"], devices=["cpu"])({"x": X, "y": y})
+    assert list(out) == ["hidden", "logits"]
+    np.testing.assert_array_equal(out["hidden"], X * 2)
+
+
+def test_mismatched_outputs_and_inputs_raise_clear_errors():
+    feed = {"x": X}
+    with pytest.raises(ValueError, match=r"tuple of 2 items.*outputs=\[\.\.\.\] with 2 names"):
+        teacher_program(_Tuple(), devices=["cpu"])(feed)
+    with pytest.raises(ValueError, match=r"tuple of 2 items but outputs=\['a'\] names 1"):
+        teacher_program(_Tuple(), outputs=["a"], devices=["cpu"])(feed)
+    with pytest.raises(ValueError, match=r"lacks outputs \['probs'\].*'logits', 'hidden'"):
+        teacher_program(_Dict(), outputs=["probs"], devices=["cpu"])({"x": X, "y": X[:, :3]})
+    with pytest.raises(TypeError, match=r"output 'extra' is a NoneType, not a Tensor"):
+        teacher_program(_Dict(), outputs=["extra"], devices=["cpu"])({"x": X, "y": X[:, :3]})
+    with pytest.raises(ValueError, match=r"one tensor but outputs=\['a', 'b'\] names 2"):
+        teacher_program(_mlp(), outputs=["a", "b"], devices=["cpu"])(feed)
+    with pytest.raises(ValueError, match=r"inputs \['z'\] are not in the feed.*\['x'\]"):
+        teacher_program(_mlp(), inputs=["z"], devices=["cpu"])(feed)
+
+    class Scalar(nn.Module):
+        def forward(self, x):
+            return 3
+
+    with pytest.raises(TypeError, match=r"returned a int; .*Tensor"):
+        teacher_program(Scalar(), devices=["cpu"])(feed)
+    with pytest.raises(TypeError, match=r"ragged"):
+        teacher_program(_mlp(), devices=["cpu"])({"x": [np.ones(2), np.ones(3)]})
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        teacher_program(lambda f: f)
+    with pytest.raises(TypeError, match=r"floating torch\.dtype"):
+        teacher_program(_mlp(), autocast=torch.int8)
+    with pytest.raises(ValueError, match="at least one device"):
+        teacher_program(_mlp(), devices=[])
+    with pytest.raises(ValueError, match="repeat a name"):
+        teacher_program(_mlp(), outputs=["a", "a"])
+
+
+def test_autocast_bf16_is_close_to_fp32():
+    model = _mlp()
+    fp32 = teacher_program(model, devices=["cpu"])({"x": X})["logits"]
+    bf16 = teacher_program(model, devices=["cpu"], autocast=torch.bfloat16)({"x": X})["logits"]
+    assert bf16.dtype == np.float32
+    assert not np.array_equal(bf16, fp32)  # autocast really ran the linears in bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=3e-2, atol=3e-2)
+
+
+class _Sleepy(nn.Module):
+    def __init__(self, log):
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+        self.log = log
+        self.meet = None  # a Barrier: calls must be inside forward at the same time
+
+    def forward(self, x):
+        self.log.append((id(self), threading.get_ident()))
+        if self.meet is not None:
+            self.meet.wait(timeout=10)  # BrokenBarrierError if the calls were serialised
+        else:
+            time.sleep(0.3)
+        return self.lin(x)
+
+
+def test_replicas_run_concurrent_calls_in_parallel():
+    log = []
+    model = _Sleepy(log)
+    program = teacher_program(model, devices=["cpu", "cpu"])
+    assert len(program.replicas) == 2 and program.replicas[0] is model
+    assert program.replicas[1] is not model and not program.replicas[1].training
+    torch.testing.assert_close(program.replicas[1].lin.weight, model.lin.weight)
+    program.replicas[1].log = log  # deepcopy copied the list too; share it to observe
+    meet = threading.Barrier(2)
+    for replica in program.replicas:
+        replica.meet = meet
+    results = [None, None]
+
+    def call(i):
+        results[i] = program({"x": X})["logits"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not meet.broken and results[0] is not None and results[1] is not None
+    for replica in program.replicas:
+        replica.meet = None
+    assert {r for r, _ in log} == {id(program.replicas[0]), id(program.replicas[1])}
+    assert len({t for _, t in log}) == 2
+    np.testing.assert_array_equal(results[0], results[1])
+
+    # Sequential calls go round-robin.
+    log.clear()
+    for _ in range(4):
+        program({"x": X})
+    ids = [r for r, _ in log]
+    assert ids[0] != ids[1] and ids[0] == ids[2] and ids[1] == ids[3]
+
+    # Three concurrent calls on two replicas: one waits for a free replica.
+    log.clear()
+    threads = [threading.Thread(target=program, args=({"x": X},)) for _ in range(3)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    assert len(log) == 3 and elapsed > 0.55  # two rounds of 0.3 s: one call had to wait
+
+
+def test_teacher_stores_the_models_logits(tmp_path):
+    model = _mlp(3)
+    n = 50
+    xs = np.random.default_rng(1).normal(size=(n, 6)).astype(np.float32)
+
+    def samples():
+        for i in range(n):
+            yield xs[i], i % 5, i
+
+    with kd.Teacher(tmp_path / "store", progress=False) as teacher:
+        written = teacher.start_knowledge_service(
+            feed_list=["x", "label", "sample_id"],
+            schema=["logits", "label"],
+            program=teacher_program(model, inputs=["x"], devices=["cpu"]),
+            reader_config={"sample_generator": samples, "batch_size": 8},
+        )
+    assert written == n
+    reader = kd.StoreReader(tmp_path / "store")
+    assert len(reader) == n
+    stored = kd.from_record_batch(reader.read(0, n))
+    np.testing.assert_array_equal(stored["sample_id"], np.arange(n))
+    np.testing.assert_allclose(stored["logits"], _direct(model, xs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stored["label"], np.arange(n) % 5)
