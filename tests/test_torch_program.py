@@ -245,3 +245,29 @@ def test_teacher_stores_the_models_logits(tmp_path):
     np.testing.assert_array_equal(stored["sample_id"], np.arange(n))
     np.testing.assert_allclose(stored["logits"], _direct(model, xs), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(stored["label"], np.arange(n) % 5)
+
+
+def test_teacher_runs_replicas_concurrently_with_inference_threads(tmp_path):
+    log = []
+    model = _Sleepy(log)
+    program = teacher_program(model, devices=["cpu", "cpu"])
+    meet = threading.Barrier(2)
+    for replica in program.replicas:
+        replica.log, replica.meet = log, meet  # every forward waits for a partner call
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    # A declared schema: an inferred one would run the first batch alone, to learn it.
+    schema = kd.Schema([kd.Field("logits", "float32", (2,))])
+    with kd.Teacher(tmp_path / "store", progress=False) as teacher:
+        teacher.start_knowledge_service(
+            ["x"],
+            schema,
+            program,
+            [(x[i : i + 10],) for i in range(0, 40, 10)],
+            num_inference_threads=2,
+        )
+    assert not meet.broken  # the calls met in pairs: two replicas ran at the same time
+    assert {r for r, _ in log} == {id(r) for r in program.replicas}
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "store").read(0, 40))
+    with torch.inference_mode():
+        expected = model.lin(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(stored["logits"], expected, rtol=1e-6)

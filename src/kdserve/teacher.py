@@ -163,6 +163,8 @@ class Teacher:
             tls=self._tls,
             chunk_bytes=self.chunk_bytes,
         )
+        if self.name == f"teacher:{self.out_port}":  # the default name: use the real port
+            self.name = self._server.name = f"teacher:{self._server.port}"
         self.out_port = self._server.port  # the real port when 0 asked for any
         token_note = "" if self._token_given else f"; token {self.token}"
         print(
@@ -306,6 +308,7 @@ class Teacher:
         use_fp16: bool = False,
         times: int = 1,
         num_postprocess_threads: int = 2,
+        num_inference_threads: int = 1,
     ) -> int:
         """Run ``program`` over the reader; store and/or serve the knowledge.
 
@@ -316,6 +319,12 @@ class Teacher:
         last one; a store is written in the first pass. Online with ``reader_config=None``,
         the teacher only answers queries, until :meth:`close`. Returns the samples this
         call delivered (written to the store, or served over all passes).
+
+        ``num_postprocess_threads`` encode batches (codecs, Arrow) in parallel. With
+        ``num_inference_threads`` > 1 the program itself is called from that many threads
+        at once (order is kept): use it with a program that is safe to call concurrently,
+        such as :func:`kdserve.torch.teacher_program` with one replica per device. (Without
+        a declared :class:`Schema`, the first batch runs alone, to learn the schema.)
         """
         self._check_started()
         online = self._server is not None
@@ -324,8 +333,10 @@ class Teacher:
                 f"times={times}: a store is written once and students read it as often as "
                 f"they like; times > 1 is for online service (out_port=)"
             )
-        if buf_size < 1 or num_postprocess_threads < 1:
-            raise ValueError("buf_size and num_postprocess_threads must be >= 1")
+        if min(buf_size, num_postprocess_threads, num_inference_threads) < 1:
+            raise ValueError(
+                "buf_size, num_postprocess_threads and num_inference_threads must be >= 1"
+            )
         names = schema.names if isinstance(schema, Schema) else list(schema)
         if not names:
             raise SchemaError("schema must name at least one field to keep")
@@ -349,7 +360,10 @@ class Teacher:
         if reader_config is None:
             self._closed.wait()
             return encode.samples
-        work = self._produce(feed_list, reader_config, encode, times, num_postprocess_threads)
+        threads = max(num_postprocess_threads, num_inference_threads)
+        work = self._produce(
+            feed_list, reader_config, encode, times, threads, num_inference_threads > 1
+        )
         delivered = 0
         try:
             delivered = self._consume(Prefetcher(work, buf_size, name="kdserve-infer"))
@@ -371,8 +385,10 @@ class Teacher:
         encode: _Encoder,
         times: int,
         threads: int,
+        concurrent: bool,
     ) -> Callable[[], Iterator[_Work]]:
-        """Reading and inference, as a generator factory for the background thread."""
+        """Reading and inference, as a generator factory for the background thread.
+        ``concurrent``: inference runs on the pool's threads too, several at once."""
 
         def work() -> Iterator[_Work]:
             window = self._window
@@ -390,14 +406,19 @@ class Teacher:
                         store_skip = skip if p == 0 and self.out_path else n
                         ids = feed.get(SAMPLE_ID)
                         ids = np.arange(position, position + n) if ids is None else np.asarray(ids)
+                        early = None  # the first batch's knowledge: students need the schema
                         if self.schema is None:
-                            encode.first(feed, ids)  # students need the schema to start
+                            early = encode.first(feed)
                         if window is not None and seq == 0 and p == 0:
                             window.wait_for_students(self.student_grace)
                         needed = window is not None and window.needed((p, seq))
                         if store_skip < n or needed:
-                            knowledge = encode.infer(feed)
-                            future = pool.submit(encode.batch, knowledge, ids)
+                            if early is not None:
+                                future = pool.submit(encode.batch, early, ids)
+                            elif concurrent:  # several model replicas run at once
+                                future = pool.submit(encode.infer_batch, feed, ids)
+                            else:
+                                future = pool.submit(encode.batch, encode.infer(feed), ids)
                             yield _Work(p, seq, future, store_skip, needed)
                     if count == 0 and p == 0:
                         raise SchemaError("the reader yielded no batches; check reader_config")
@@ -480,17 +501,11 @@ class _Encoder:
         self.names = names
         self.use_fp16 = use_fp16
         self.samples = 0
+        self._counting = threading.Lock()  # infer() may run on several threads
         self.feeds: list[str] = []  # what a query must hold
-        # The first batch, computed early, with its feed: held (not its id(), which a later
-        # feed may reuse once the first is freed, e.g. when a restart skips batch 0).
-        self._pending: tuple[FeedBatch, dict[str, Any]] | None = None
 
     def infer(self, feed: FeedBatch) -> dict[str, Any]:
         """Run the program on one feed batch and pick the fields to keep."""
-        if self._pending is not None and self._pending[0] is feed:
-            knowledge = self._pending[1]
-            self._pending = None
-            return knowledge
         outputs = self.program(feed)
         if not isinstance(outputs, Mapping):
             raise SchemaError(
@@ -508,14 +523,20 @@ class _Encoder:
                     f"nor a feed {sorted(feed)}",
                     field=n,
                 )
-        self.samples += _batch_length(feed)
+        with self._counting:
+            self.samples += _batch_length(feed)
         return knowledge
 
-    def first(self, feed: FeedBatch, ids: np.ndarray) -> None:
-        """Infer the schema from the first batch (kept, so it is not computed twice)."""
+    def first(self, feed: FeedBatch) -> dict[str, Any]:
+        """Infer and publish the schema from the first batch; return its knowledge, so
+        that it is not computed twice."""
         knowledge = self.infer(feed)
-        self._pending = (feed, knowledge)
         self.publish(_infer_schema(knowledge, self.use_fp16))
+        return knowledge
+
+    def infer_batch(self, feed: FeedBatch, ids: np.ndarray) -> pa.RecordBatch:
+        """Inference and encoding in one step (for concurrent inference)."""
+        return self.batch(self.infer(feed), ids)
 
     def batch(self, knowledge: dict[str, Any], ids: np.ndarray) -> pa.RecordBatch:
         schema = self.schema()
