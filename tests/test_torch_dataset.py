@@ -300,3 +300,13 @@ def test_online_teacher_two_epochs() -> None:
         closing.join(JOIN)
         service.join(JOIN)
     assert not closing.is_alive() and not service.is_alive()
+
+
+def test_pin_memory_pins_with_an_accelerator_and_warns_without(stores: Path) -> None:
+    if torch.accelerator.is_available():
+        dataset = KnowledgeDataset([stores / "a"], batch_size=50, pin_memory=True)
+        assert next(iter(dataset))["logits"].is_pinned()
+    else:
+        with pytest.warns(UserWarning, match="no accelerator is available"):
+            dataset = KnowledgeDataset([stores / "a"], batch_size=50, pin_memory=True)
+        assert not next(iter(dataset))["logits"].is_pinned()

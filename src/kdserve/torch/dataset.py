@@ -154,6 +154,13 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.shuffle = shuffle
         self.seed = seed
         self.block_rows = block_rows
+        if pin_memory and not torch.accelerator.is_available():
+            warnings.warn(
+                "KnowledgeDataset(pin_memory=True): no accelerator is available, so tensors "
+                "are not pinned (as torch's DataLoader does)",
+                stacklevel=2,
+            )
+            pin_memory = False
         self.pin_memory = pin_memory
         self.token = token
         self.connect_timeout = connect_timeout
