@@ -1,5 +1,6 @@
 """The console script, run as a real subprocess."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -56,3 +57,20 @@ def test_demo_on_a_busy_port_says_so(tmp_path):
         out = _run("demo", "--out", str(tmp_path / "d"), "--port", str(port))
     assert out.returncode == 1
     assert f"127.0.0.1:{port}" in out.stderr and "port may be taken" in out.stderr
+
+
+def test_demo_without_its_extra_names_the_install_command(tmp_path):
+    shadow = tmp_path / "shadow" / "sklearn"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('scikit-learn is not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    out = subprocess.run(
+        [KDSERVE, "demo", "--out", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 1
+    assert "kdserve demo needs sklearn" in out.stderr and "kdserve[demo]" in out.stderr
