@@ -30,14 +30,7 @@ __all__ = ["TeacherProgram", "teacher_program"]
 _WAIT_S = 0.05
 
 
-def teacher_program(
-    module: nn.Module,
-    *,
-    inputs: Sequence[str] | None = None,
-    outputs: str | Sequence[str] = "logits",
-    devices: Sequence[str | torch.device] | None = None,
-    autocast: torch.dtype | None = None,
-) -> TeacherProgram:
+class TeacherProgram:
     """Wrap ``module`` as a teacher ``program``: ``program(feed) -> {name: np.ndarray}``.
 
     **Inputs.** Each feed array is turned into a tensor on the replica's device
@@ -67,17 +60,10 @@ def teacher_program(
     ``torch.autocast(device_type, dtype=autocast)`` and floating outputs are returned as
     float32 arrays. (bfloat16 outputs, which numpy cannot hold, always become float32.)
 
-    The module is put in eval mode. The returned :class:`TeacherProgram` exposes
+    The module is put in eval mode. It exposes
     ``.module`` (the module given), ``.replicas`` (one module per device, ``replicas[0]`` is
     ``module``), ``.devices``, ``.inputs`` and ``.outputs``, for inspection.
     """
-    return TeacherProgram(
-        module, inputs=inputs, outputs=outputs, devices=devices, autocast=autocast
-    )
-
-
-class TeacherProgram:
-    """The callable returned by :func:`teacher_program`; see there."""
 
     def __init__(
         self,
@@ -260,3 +246,8 @@ def _to_tensor(name: str, value: Any, device: torch.device) -> Tensor:
     if not array.flags.writeable:
         array = array.copy()  # torch warns about (and cannot safely share) read-only memory
     return torch.as_tensor(array, device=device)
+
+
+teacher_program = TeacherProgram
+"""``teacher_program(module, inputs=..., outputs=..., devices=..., autocast=...)``: the
+name to call it by, as a function (see :class:`TeacherProgram`)."""
