@@ -955,3 +955,33 @@ def test_student_closes_as_a_context_manager(serve):
     with pytest.raises(kd.KdserveError, match="student is closed"):
         s.get_knowledge_generator(batch_size=8)
     service.wait()
+
+
+def test_small_ready_batches_travel_coalesced_and_arrive_whole(serve):
+    produced = threading.Event()
+    calls: list[int] = []
+
+    def counted(feed: dict[str, Any]) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == -(-N // TB):
+            produced.set()
+        return program_a(feed)
+
+    service = serve(counted, A["schema"], reader(), buf_size=64)
+    s = student([("a", service)])
+    client = s._teachers[0].client
+    ticket = flight.Ticket(b'{"pass": 0, "seq": 0, "rank": 0, "world_size": 1}')
+    # The first request starts production; wait until every batch is in the window.
+    reader_ = client._client.do_get(ticket, client._options())
+    first = reader_.read_chunk()
+    assert produced.wait(JOIN)
+    chunks = [first, *reader_]
+    assert len(chunks) < -(-N // TB)  # fewer messages than batches: small ones were joined
+    ids = np.concatenate([c.data.column(0).to_numpy() for c in chunks])
+    np.testing.assert_array_equal(ids, np.arange(N))  # ... and nothing lost or repeated
+    # The student cuts them back into the teacher's batches (every one, in order).
+    batches = list(client.stream_pass(0, 0, 1, ack_every=4))
+    assert [b.num_rows for b in batches] == [TB] * (N // TB) + [N % TB]
+    np.testing.assert_array_equal(np.concatenate([b.column(0) for b in batches]), np.arange(N))
+    s.close()
+    service.teacher.close()

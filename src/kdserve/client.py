@@ -10,6 +10,7 @@ not fully received: with the teacher's replay window, no sample is lost or repea
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import threading
@@ -179,13 +180,23 @@ class TeacherClient:
                     parts.append(chunk.data)
                     if len(parts) < meta["parts"]:
                         continue
-                    yield from parts  # a batch goes on only once all its parts are here
+                    # A batch goes on only once all its parts are here; a message of several
+                    # small batches ("rows") is cut back into them, without copying.
+                    batches = [parts]  # the parts of one batch
+                    if "rows" in meta:
+                        rows = meta["rows"]
+                        starts = list(itertools.accumulate(rows, initial=0))[:-1]
+                        batches = [
+                            [chunk.data.slice(o, r)] for o, r in zip(starts, rows, strict=True)
+                        ]
+                    for pieces in batches:
+                        yield from pieces
+                        seq += world_size
+                        since_ack += 1
+                        if since_ack >= ack_every:
+                            self._ack(pass_, seq, rank, world_size)
+                            since_ack = 0
                     parts = []
-                    seq += world_size
-                    since_ack += 1
-                    if since_ack >= ack_every:
-                        self._ack(pass_, seq, rank, world_size)
-                        since_ack = 0
             except _TRANSIENT:
                 continue  # reconnect: call() waits for the teacher, up to connect_timeout
             except flight.FlightError as exc:

@@ -180,6 +180,11 @@ class ReplayWindow:
             yield seq, batch
             seq += world_size
 
+    def ready(self, pass_: int, seq: int) -> bool:
+        """Whether batch ``(pass_, seq)`` is in the window now (reading it would not wait)."""
+        with self._cond:
+            return (pass_, seq) in self._batches
+
     def _next_batch(self, pass_: int, seq: int) -> pa.RecordBatch | None:
         """Batch ``(pass_, seq)`` once produced, or None if the pass ends before it."""
         with self._cond:

@@ -5,7 +5,11 @@
     do_get(ticket)        one rank's batches of a pass, from a sequence number on; a batch
                           travels as row slices of at most ``chunk_bytes`` (gRPC slows
                           on large messages), each with app metadata
-                          {"pass": p, "seq": s, "part": i, "parts": n}
+                          {"pass": p, "seq": s, "part": i, "parts": n}; consecutive small
+                          batches that are ready go as one message of up to
+                          ``chunk_bytes`` (gRPC's cost is per message), with
+                          {"pass": p, "seq": s, "part": 0, "parts": 1, "rows": [r, ...]}
+                          giving the rows of batches s, s + world_size, ...
     do_action("ack")      a rank has its batches before a position (frees the window)
     do_action("info")     name, times, what the teacher serves
     do_action("send")     a student's message to the teacher
@@ -32,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 from pyarrow import flight
 
+from kdserve.batch import concat_batches
 from kdserve.errors import KdserveError, ProtocolError
 from kdserve.messages import decode_message, encode_message
 from kdserve.replay import ReplayWindow, WindowStoppedError
@@ -155,14 +160,27 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         except WindowStoppedError as exc:
             raise flight.FlightUnavailableError(f"kdserve: teacher {self.name!r}: {exc}") from None
 
+        window = self.window
+
         def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
             items = batches if first is None else _chain(first, batches)
+            group: list[tuple[int, pa.RecordBatch]] = []  # small batches sent as one message
             try:
                 for s, batch in items:
-                    parts = slice_rows(batch, self.chunk_bytes)
-                    for i, part in enumerate(parts):
-                        meta = {"pass": pass_, "seq": s, "part": i, "parts": len(parts)}
-                        yield part, pa.py_buffer(json.dumps(meta).encode())
+                    if batch.nbytes >= self.chunk_bytes:
+                        yield from _message(pass_, group)
+                        group = []
+                        parts = slice_rows(batch, self.chunk_bytes)
+                        for i, part in enumerate(parts):
+                            meta = {"pass": pass_, "seq": s, "part": i, "parts": len(parts)}
+                            yield part, pa.py_buffer(json.dumps(meta).encode())
+                        continue
+                    group.append((s, batch))
+                    full = sum(b.nbytes for _, b in group) >= self.chunk_bytes
+                    if full or not window.ready(pass_, s + world):
+                        yield from _message(pass_, group)  # never wait with batches held
+                        group = []
+                yield from _message(pass_, group)
             except WindowStoppedError as exc:
                 # Not a normal end: the student must not take it for the end of the pass.
                 raise flight.FlightUnavailableError(
@@ -279,6 +297,18 @@ def slice_rows(batch: pa.RecordBatch, chunk_bytes: int) -> list[pa.RecordBatch]:
         return [batch]
     step = max(1, rows * chunk_bytes // batch.nbytes)
     return [batch.slice(start, step) for start in range(0, rows, step)]
+
+
+def _message(
+    pass_: int, group: list[tuple[int, pa.RecordBatch]]
+) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+    """``group`` (consecutive batches of one rank) as one Flight message, if not empty."""
+    if not group:
+        return
+    meta: dict[str, Any] = {"pass": pass_, "seq": group[0][0], "part": 0, "parts": 1}
+    if len(group) > 1:
+        meta["rows"] = [b.num_rows for _, b in group]
+    yield concat_batches([b for _, b in group]), pa.py_buffer(json.dumps(meta).encode())
 
 
 def _chain(
