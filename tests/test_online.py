@@ -985,3 +985,11 @@ def test_small_ready_batches_travel_coalesced_and_arrive_whole(serve):
     np.testing.assert_array_equal(np.concatenate([b.column(0) for b in batches]), np.arange(N))
     s.close()
     service.teacher.close()
+
+
+def test_a_user_dict_shaped_like_an_encoded_array_is_refused_at_send():
+    with pytest.raises(TypeError, match="reserved for numpy arrays"):
+        encode_message({"batch": [{"__ndarray__": {"dtype": "<f4"}}]})
+    # Another key beside it makes it an ordinary dict, which round-trips.
+    ordinary = {"__ndarray__": 1, "other": 2}
+    assert decode_message(encode_message(ordinary)) == ordinary

@@ -52,8 +52,24 @@ def _from_json(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def _refuse_reserved(value: Any) -> None:
+    """A user dict shaped like an encoded array would be decoded as one: refuse it here."""
+    if isinstance(value, dict):
+        if len(value) == 1 and _ARRAY in value:
+            raise TypeError(
+                f"message cannot be sent: a dict whose only key is {_ARRAY!r} is reserved for "
+                f"numpy arrays; rename the key"
+            )
+        for item in value.values():
+            _refuse_reserved(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _refuse_reserved(item)
+
+
 def encode_message(message: Any) -> bytes:
     """Encode a JSON-compatible value (numpy arrays allowed anywhere inside) to bytes."""
+    _refuse_reserved(message)
     try:
         return json.dumps(message, default=_to_json, allow_nan=True).encode("utf-8")
     except (TypeError, ValueError) as exc:

@@ -200,11 +200,6 @@ class StoreWriter:
         """Rows in complete shards plus rows written to the shard in progress."""
         return sum(s.rows for s in self._shards) + sum(self._batch_rows)
 
-    @property
-    def durable_rows(self) -> int:
-        """Rows that survive a crash now: those in complete shards."""
-        return sum(s.rows for s in self._shards)
-
     def _start_over(self, overwrite: bool) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a directory", path=str(self.path))
