@@ -52,13 +52,17 @@ def samples():
 
 
 started = False
+calls = 0
 
 
 def program(feed):
-    global started
+    global started, calls
     if not started:
         print("started", flush=True)
         started = True
+    calls += 1
+    if cfg.get("fail_after") is not None and calls > cfg["fail_after"]:
+        raise RuntimeError("the teacher program failed")
     time.sleep(cfg["sleep"])
     return {"logits": feed["x"] * np.float32(0.5) - np.float32(3)}
 
@@ -80,6 +84,9 @@ try:
 except kdserve.StoreError as exc:
     print("StoreError:", exc, flush=True)
     sys.exit(3)
+except RuntimeError as exc:
+    print("RuntimeError:", exc, flush=True)
+    sys.exit(4)
 if cfg["close"]:
     teacher.close()
 print("rows", rows, flush=True)
@@ -156,8 +163,9 @@ def check_store(store: Path, *, complete: bool | None = None) -> kd.StoreReader:
     if complete is not None:
         assert reader.complete is complete
     # Files the manifest does not list can only be the shard that was being written
-    # (before or after its rename) and the manifest being replaced.
-    listed = {s.file for s in reader.shards} | {kd.store.MANIFEST}
+    # (before or after its rename), the manifest being replaced, and the lock file a
+    # killed writer left (its lock died with it).
+    listed = {s.file for s in reader.shards} | {kd.store.MANIFEST, kd.store.LOCK}
     next_shard = f"shard-{len(reader.shards):05d}.arrow"
     for p in store.iterdir():
         if p.name not in listed:
@@ -231,38 +239,12 @@ def test_writer_killed_at_random_moments_leaves_a_valid_store_and_resumes(tmp_pa
     )
 
 
-def test_exit_without_close_leaves_complete_shards_and_the_student_needs_allow_incomplete(
-    tmp_path,
-):
+def test_exit_without_close_after_the_service_returned_loses_nothing(tmp_path):
+    # Pantheon has no close(): when start_knowledge_service returns, the store is complete.
     store = tmp_path / "store"
     n = 600
     code, output = run(tmp_path, _config(store, n=n, close=False))
     assert code == 0, output
-    reader = check_store(store, complete=False)
-    held = len(reader)
-    # Complete shards survive; the shard in progress at exit is not listed.
-    assert 0 < held < n
-    assert held % BATCH == 0  # shards end at batch boundaries
-
-    student = kd.Student()
-    student.register_teacher(in_path=store)
-    with pytest.raises(kd.StoreError, match="allow_incomplete") as info:
-        student.start()
-    assert str(store) in str(info.value)
-
-    student = kd.Student()
-    student.register_teacher(in_path=store, allow_incomplete=True)
-    student.start()
-    assert len(student) == held
-    got = list(student.get_knowledge_generator(batch_size=64)())
-    np.testing.assert_array_equal(np.concatenate([b["sample_id"] for b in got]), np.arange(held))
-    np.testing.assert_array_equal(
-        np.concatenate([b["logits"] for b in got]), expected_logits(np.arange(held))
-    )
-
-    code, output = run(tmp_path, _config(store, n=n))
-    assert code == 0, output
-    assert "resuming" in output
     reader = check_store(store, complete=True)
     assert len(reader) == n
     assert not list(store.glob("*.tmp"))
@@ -271,6 +253,11 @@ def test_exit_without_close_leaves_complete_shards_and_the_student_needs_allow_i
     student.register_teacher(in_path=store)
     student.start()
     assert len(student) == n
+    got = list(student.get_knowledge_generator(batch_size=64)())
+    np.testing.assert_array_equal(np.concatenate([b["sample_id"] for b in got]), np.arange(n))
+    np.testing.assert_array_equal(
+        np.concatenate([b["logits"] for b in got]), expected_logits(np.arange(n))
+    )
 
 
 def test_rerunning_a_complete_dump_writes_nothing(tmp_path):
@@ -294,8 +281,8 @@ def test_rerunning_a_complete_dump_writes_nothing(tmp_path):
 def test_resuming_with_another_schema_is_refused_unless_overwrite(tmp_path):
     store = tmp_path / "store"
     n = 300
-    code, output = run(tmp_path, _config(store, n=n, close=False))
-    assert code == 0, output
+    code, output = run(tmp_path, _config(store, n=n, fail_after=n // BATCH // 2))
+    assert code == 4, output
     held = len(check_store(store, complete=False))
     assert 0 < held < n
 
@@ -353,9 +340,12 @@ def test_resuming_a_store_that_holds_every_sample_marks_it_complete(tmp_path):
     # store complete: re-running the dump skips every sample and must still complete it.
     store = tmp_path / "store"
     n = 60
-    # shard_bytes=1: every batch completes a shard, so every sample is durable at exit.
-    code, output = run(tmp_path, _config(store, n=n, shard_bytes=1, close=False))
+    code, output = run(tmp_path, _config(store, n=n, shard_bytes=1))
     assert code == 0, output
+    # A writer killed between its last shard and marking the store complete leaves this:
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["complete"] = False
+    (store / "manifest.json").write_text(json.dumps(manifest))
     assert len(check_store(store, complete=False)) == n
     code, output = run(tmp_path, _config(store, n=n, shard_bytes=1))
     assert code == 0, output
@@ -366,8 +356,8 @@ def test_a_resumed_dump_reports_the_rows_it_wrote(tmp_path):
     # start_knowledge_service() returns the rows this call wrote, not those it found.
     store = tmp_path / "store"
     n = 300
-    code, output = run(tmp_path, _config(store, n=n, close=False))
-    assert code == 0, output
+    code, output = run(tmp_path, _config(store, n=n, fail_after=n // BATCH // 2))
+    assert code == 4, output
     held = len(check_store(store, complete=False))
     assert 0 < held < n
     code, output = run(tmp_path, _config(store, n=n))

@@ -270,4 +270,4 @@ def test_teacher_runs_replicas_concurrently_with_inference_threads(tmp_path):
     stored = kd.from_record_batch(kd.StoreReader(tmp_path / "store").read(0, 40))
     with torch.inference_mode():
         expected = model.lin(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(stored["logits"], expected, rtol=1e-6)
+    np.testing.assert_allclose(stored["logits"], expected, rtol=1e-5, atol=1e-7)

@@ -17,21 +17,28 @@ thread pool, writing and serving on the calling thread; the stages overlap, boun
 ``buf_size`` batches. Sample ids are reader positions unless the reader yields a
 ``sample_id`` feed.
 
-Offline, a store that already holds rows is resumed: the teacher skips the samples it
-holds, so re-running an interrupted dump completes it. Online, the teacher serves
-``times`` passes; after a restart it regenerates, from its (deterministic) reader, only
-the batches its students still need.
+Offline, when ``start_knowledge_service`` returns, everything it produced is durable and
+the store is complete: Pantheon code needs no ``close()``. Later ``dump()`` calls or
+services on the same teacher append to the store (sample ids count on) and complete it
+again when the teacher closes, when the next service returns, or when the process exits.
+A dump that fails leaves the store incomplete, and says so. A store that already holds
+rows is resumed: the teacher skips the samples it holds, so re-running an interrupted
+dump completes it. Online, the teacher serves ``times`` passes; after a restart it
+regenerates, from its (deterministic) reader, only the batches its students still need.
 """
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
+import logging
 import os
 import queue
 import secrets
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +64,16 @@ __all__ = ["Teacher"]
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 _POLL = 0.1
 _SHUTDOWN_WAIT = 5.0  # seconds close() waits for open calls to finish
+_SERVICE_WAIT = 30.0  # seconds close() waits for a running service to wind down
+_log = logging.getLogger("kdserve")
+_live: weakref.WeakSet[Teacher] = weakref.WeakSet()  # closed at interpreter exit
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A process that exits without close() keeps what its teachers wrote (Pantheon style)."""
+    for teacher in list(_live):
+        teacher.close()
 
 
 @dataclass
@@ -122,7 +139,10 @@ class Teacher:
         self._token_given = self.token is not None
         self._tls = _read_tls(tls_cert, tls_key)
         self.schema: Schema | None = None
-        self._writer: StoreWriter | None = None
+        self._writer: StoreWriter | None = None  # open while a dump is in progress
+        self._writer_lock = threading.RLock()  # one thread writes, completes or closes
+        self._overwrite = overwrite  # until the store is first opened
+        self._failed: str | None = None  # why the store must stay incomplete
         self._server: TeacherServer | None = None
         self._window: ReplayWindow | None = None
         self._schema_lock = threading.Lock()
@@ -130,6 +150,8 @@ class Teacher:
         self._resume_rows = 0 if overwrite or not self.out_path else stored_rows(self.out_path)
         self._started = False
         self._closed = threading.Event()
+        self._services: set[int] = set()  # threads running start_knowledge_service
+        self._idle = threading.Condition()  # notified when a service ends
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -142,6 +164,7 @@ class Teacher:
         if self.out_port is not None:
             self._start_server()
         self._started = True
+        _live.add(self)
 
     def _start_server(self) -> None:
         assert self.out_port is not None
@@ -177,8 +200,14 @@ class Teacher:
         return f"{self.host}:{self.out_port}"
 
     def close(self) -> None:
-        """Complete the store and stop serving. Safe from another thread; idempotent."""
+        """Stop serving and complete the store. Safe from any thread; idempotent.
+
+        A service still running in another thread is stopped between two batches and
+        waited for (up to 30 s); its store is left valid and incomplete, so a re-run
+        resumes it. A store whose dump failed is never marked complete.
+        """
         self._closed.set()
+        _live.discard(self)
         if self._window is not None:
             self._window.stop()
         if self._server is not None:
@@ -188,20 +217,51 @@ class Teacher:
             stopper.start()
             stopper.join(timeout=_SHUTDOWN_WAIT)
             if stopper.is_alive():
-                print(
-                    f"[kdserve] teacher {self.name}: calls still open after "
-                    f"{_SHUTDOWN_WAIT:g} s; closing without waiting for them",
-                    file=sys.stderr,
+                _log.warning(
+                    "teacher %s: calls still open after %g s; closing without waiting for them",
+                    self.name,
+                    _SHUTDOWN_WAIT,
                 )
             self._server = None
-        if self._writer is not None:
-            self._writer.close()
+        with self._idle:
+            others = lambda: not (self._services - {threading.get_ident()})  # noqa: E731
+            if not self._idle.wait_for(others, timeout=_SERVICE_WAIT):
+                _log.warning(
+                    "teacher %s: its knowledge service did not stop within %g s of close(); "
+                    "it completes its store when it stops",
+                    self.name,
+                    _SERVICE_WAIT,
+                )
+                return
+        self._finish_store()
+
+    def _finish_store(self) -> None:
+        """Make every written row durable and close the writer; mark the store complete
+        unless a dump failed or was interrupted (then a re-run resumes it)."""
+        with self._writer_lock:
+            if self._writer is None:
+                return
+            writer, self._writer = self._writer, None
+            if self._failed is None:
+                writer.close()
+                return
+            writer.close(complete=False)
+            _log.warning(
+                "teacher %s: store %s left incomplete (%d samples durable) because %s; "
+                "re-run the dump to complete it",
+                self.name,
+                self.out_path,
+                writer.rows,
+                self._failed,
+            )
 
     def __enter__(self) -> Teacher:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self._failed is None:
+            self._failed = f"the `with` block raised {exc_type.__name__}"
         self.close()
 
     def _check_started(self) -> None:
@@ -216,36 +276,47 @@ class Teacher:
         """Fix the knowledge schema: open the store for it and tell the server."""
         with self._schema_lock:
             if self.schema is None:
+                self.schema = schema.with_metadata(teacher=self.name)
                 if self.out_path is not None:
-                    self._open_writer(schema)
-                else:
-                    self.schema = schema.with_metadata(teacher=self.name)
+                    try:
+                        self._store()
+                    except BaseException:
+                        self.schema = None
+                        raise
                 if self._server is not None:
-                    self._server.schema = self.schema.to_arrow() if self.schema else None
+                    self._server.schema = self.schema.to_arrow()
             elif schema.with_metadata(teacher=self.name) != self.schema:
                 raise SchemaError(
                     f"teacher {self.name!r} produces {self.schema.describe()}; a batch with "
                     f"{schema.describe()} does not fit"
                 )
 
-    def _open_writer(self, schema: Schema) -> StoreWriter:
-        assert self.out_path is not None
-        if self._writer is None:
-            self.schema = schema.with_metadata(teacher=self.name)
-            self._writer = StoreWriter(
-                self.out_path,
-                self.schema,
-                shard_bytes=self.shard_bytes,
-                overwrite=self.overwrite,
-                teacher={"name": self.name, **({"model": self.model} if self.model else {})},
-            )
-            if self._resume_rows:
-                print(
-                    f"[kdserve] resuming store {self.out_path}: the {self._resume_rows} samples "
-                    f"it holds are skipped",
-                    file=sys.stderr,
+    def _store(self) -> StoreWriter:
+        """The store's writer, opened on first use and opened again (resuming the store)
+        for a dump that continues after the store was completed."""
+        assert self.out_path is not None and self.schema is not None
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = StoreWriter(
+                    self.out_path,
+                    self.schema,
+                    shard_bytes=self.shard_bytes,
+                    overwrite=self._overwrite,
+                    teacher={"name": self.name, **({"model": self.model} if self.model else {})},
                 )
-        return self._writer
+                if self._resume_rows and self._position == 0:
+                    print(
+                        f"[kdserve] resuming store {self.out_path}: the {self._resume_rows} "
+                        f"samples it holds are skipped",
+                        file=sys.stderr,
+                    )
+                self._overwrite = False
+            return self._writer
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        """Append rows to the store (opened again if a finished service completed it)."""
+        with self._writer_lock:
+            self._store().write(batch)
 
     def _stored_schema(self, names: list[str], use_fp16: bool) -> Schema:
         """The schema of the store being resumed, if it is what ``names``/``use_fp16`` ask for."""
@@ -264,7 +335,10 @@ class Teacher:
     @property
     def rows_stored(self) -> int:
         """Rows in the store so far (including those found when resuming)."""
-        return self._writer.rows if self._writer else 0
+        with self._writer_lock:
+            if self._writer is not None:
+                return self._writer.rows
+        return stored_rows(self.out_path) if self.out_path else 0
 
     def _skip(self, n: int) -> int:
         """Advance the reader position by a batch of ``n``; return how many of it are stored."""
@@ -290,20 +364,21 @@ class Teacher:
         if ids is None:
             ids = np.arange(self._position, self._position + n, dtype=np.int64)
         self._publish_schema(self.schema or Schema.from_arrays(data))
-        assert self.schema is not None and self._writer is not None
+        assert self.schema is not None
         batch = to_record_batch(data, self.schema, ids)
         skip = self._skip(n)
         if skip < n:
-            self._writer.write(batch.slice(skip))
+            self._write(batch.slice(skip))
 
     # -- the service ----------------------------------------------------------------
 
     def start_knowledge_service(
         self,
         feed_list: Sequence[str],
-        schema: Sequence[str] | Schema,
+        schema: Sequence[str] | Mapping[str, Any] | Schema,
         program: Program,
         reader_config: Any,
+        exe: Any = None,
         buf_size: int = 10,
         use_fp16: bool = False,
         times: int = 1,
@@ -313,12 +388,16 @@ class Teacher:
         """Run ``program`` over the reader; store and/or serve the knowledge.
 
         ``schema`` names the fields to keep -- program outputs, or feeds passed through --
-        or is a :class:`Schema` that declares them (with codecs). ``use_fp16`` stores float
-        fields as float16. Online, ``times`` passes are served (each student call of its
-        generator takes the next) and this returns when every student has received the
-        last one; a store is written in the first pass. Online with ``reader_config=None``,
-        the teacher only answers queries, until :meth:`close`. Returns the samples this
-        call delivered (written to the store, or served over all passes).
+        or maps each knowledge name to the output or feed it is taken from (Pantheon's
+        ``{"name": variable}``), or is a :class:`Schema` that declares them (with codecs).
+        ``exe`` is accepted for Pantheon's call shape and unused (the program runs
+        itself). ``use_fp16`` stores float fields as float16. Online, ``times`` passes
+        are served (each student call of its generator takes the next) and this returns
+        when every student has received the last one; a store is written in the first
+        pass. Online with ``reader_config=None``, the teacher only answers queries, until
+        :meth:`close`. Returns the samples this call delivered (written to the store, or
+        served over all passes). Offline, the store is complete and durable when this
+        returns; if it raises, the store is left incomplete and a re-run resumes it.
 
         ``num_postprocess_threads`` encode batches (codecs, Arrow) in parallel. With
         ``num_inference_threads`` > 1 the program itself is called from that many threads
@@ -337,16 +416,16 @@ class Teacher:
             raise ValueError(
                 "buf_size, num_postprocess_threads and num_inference_threads must be >= 1"
             )
-        names = schema.names if isinstance(schema, Schema) else list(schema)
-        if not names:
-            raise SchemaError("schema must name at least one field to keep")
+        names, sources = _knowledge_names(schema)
         declared = schema if isinstance(schema, Schema) else None
         if declared is not None:
             self._publish_schema(declared)
-        elif self.out_path is not None and self._resume_rows:
+        elif self.out_path is not None and self._resume_rows and self.schema is None:
             # Resuming: check this run against the store now, even if it skips every sample.
             self._publish_schema(self._stored_schema(names, use_fp16))
-        encode = _Encoder(program, names, use_fp16, lambda: self.schema, self._publish_schema)
+        encode = _Encoder(
+            program, names, sources, use_fp16, lambda: self.schema, self._publish_schema
+        )
         encode.feeds = [f for f in feed_list if f != SAMPLE_ID]
         if reader_config is None and not online:
             raise ValueError("reader_config=None (queries only) needs out_port=")
@@ -360,22 +439,55 @@ class Teacher:
         if reader_config is None:
             self._closed.wait()
             return encode.samples
-        threads = max(num_postprocess_threads, num_inference_threads)
-        work = self._produce(
-            feed_list, reader_config, encode, times, threads, num_inference_threads > 1
-        )
+        with self._idle:
+            self._services.add(threading.get_ident())
+        try:
+            return self._serve(
+                feed_list,
+                reader_config,
+                encode,
+                times,
+                buf_size,
+                max(num_postprocess_threads, num_inference_threads),
+                num_inference_threads > 1,
+            )
+        finally:
+            with self._idle:
+                self._services.discard(threading.get_ident())
+                self._idle.notify_all()
+            if self._closed.is_set() or self._failed is not None:
+                self._finish_store()
+
+    def _serve(
+        self,
+        feed_list: Sequence[str],
+        reader_config: Any,
+        encode: _Encoder,
+        times: int,
+        buf_size: int,
+        threads: int,
+        concurrent: bool,
+    ) -> int:
+        """The pipeline of one service call; completes the store when it succeeds."""
+        work = self._produce(feed_list, reader_config, encode, times, threads, concurrent)
         delivered = 0
         try:
             delivered = self._consume(Prefetcher(work, buf_size, name="kdserve-infer"))
-            if self._window is not None:
+            if self._window is not None and not self._closed.is_set():
                 while not self._window.wait_drained(timeout=_POLL):
                     pass
-        except WindowStoppedError:
-            pass  # close() was called while serving
         except BaseException as exc:
-            if self._window is not None:  # students waiting for batches hear of it now
-                self._window.stop(f"its knowledge service failed: {type(exc).__name__}: {exc}")
-            raise
+            if not (isinstance(exc, WindowStoppedError) and self._closed.is_set()):
+                self._failed = self._failed or f"its dump failed ({type(exc).__name__}: {exc})"
+                if self._window is not None:  # students waiting for batches hear of it now
+                    self._window.stop(f"its knowledge service failed: {type(exc).__name__}: {exc}")
+                raise
+        if self._closed.is_set():  # close() was called while serving
+            self._failed = self._failed or "close() stopped its dump"
+            _log.warning("teacher %s: close() stopped its knowledge service", self.name)
+            return delivered
+        if self.out_path is not None:
+            self._finish_store()  # durable and complete now: no close() needed (Pantheon)
         return delivered
 
     def _produce(
@@ -390,6 +502,8 @@ class Teacher:
         """Reading and inference, as a generator factory for the background thread.
         ``concurrent``: inference runs on the pool's threads too, several at once."""
 
+        base = self._position  # a later service on this teacher counts sample ids on
+
         def work() -> Iterator[_Work]:
             window = self._window
             with ThreadPoolExecutor(threads, thread_name_prefix="kdserve-encode") as pool:
@@ -397,7 +511,7 @@ class Teacher:
                     if p and window is not None and not window.pass_needed(p):
                         continue  # every student is past this pass (a restarted teacher)
                     count = 0
-                    self._position = 0
+                    self._position = base
                     for seq, feed in enumerate(iter_feed_batches(reader_config, feed_list)):
                         count += 1
                         n = _batch_length(feed)
@@ -440,14 +554,15 @@ class Teacher:
         quiet = self.progress is False or (self.progress is None and not sys.stderr.isatty())
         with tqdm(desc=f"teacher {self.name}", unit=" samples", disable=quiet) as bar:
             for item in work:
+                if self._closed.is_set():
+                    break  # close() from another thread: stop between two batches
                 if item.future is None:
                     assert self._window is not None
                     self._window.end_pass(item.pass_, item.seq)
                     continue
                 batch = item.future.result()
                 if item.store_skip < batch.num_rows:
-                    assert self._writer is not None
-                    self._writer.write(batch.slice(item.store_skip))
+                    self._write(batch.slice(item.store_skip))
                 if item.online:
                     assert self._window is not None
                     self._window.put((item.pass_, item.seq), batch)
@@ -491,6 +606,7 @@ class _Encoder:
         self,
         program: Program,
         names: list[str],
+        sources: list[str],
         use_fp16: bool,
         schema: Callable[[], Schema | None],
         publish: Callable[[Schema], None],
@@ -499,6 +615,7 @@ class _Encoder:
         self.publish = publish
         self.program = program
         self.names = names
+        self.sources = sources  # the output or feed each knowledge field is taken from
         self.use_fp16 = use_fp16
         self.samples = 0
         self._counting = threading.Lock()  # infer() may run on several threads
@@ -512,11 +629,11 @@ class _Encoder:
                 f"program must return a dict of output arrays, got {type(outputs).__name__}"
             )
         knowledge = {}
-        for n in self.names:
-            if n in outputs:
-                knowledge[n] = _to_numpy(outputs[n])
-            elif n in feed:
-                knowledge[n] = feed[n]
+        for n, source in zip(self.names, self.sources, strict=True):
+            if source in outputs:
+                knowledge[n] = _to_numpy(outputs[source])
+            elif source in feed:
+                knowledge[n] = feed[source]
             else:
                 raise SchemaError(
                     f"schema field {n!r} is neither a program output {sorted(outputs)} "
@@ -558,6 +675,34 @@ class _Encoder:
         if self.schema() is None:
             self.publish(_infer_schema(knowledge, self.use_fp16))
         return self.batch(knowledge, ids)
+
+
+def _knowledge_names(
+    schema: Sequence[str] | Mapping[str, Any] | Schema,
+) -> tuple[list[str], list[str]]:
+    """The knowledge fields a service keeps, and the output or feed each is taken from:
+    a Pantheon-style mapping ``{name: source}`` names its sources (a non-string source,
+    such as a framework variable, means the field's own name)."""
+    if isinstance(schema, Schema):
+        names = list(schema.names)
+        sources = names
+    elif isinstance(schema, Mapping):
+        names = list(schema)
+        sources = [v if isinstance(v, str) else n for n, v in schema.items()]
+    elif isinstance(schema, str) or not isinstance(schema, Iterable):
+        raise SchemaError(
+            f"schema must be a list of field names, a dict {{name: output}} or a Schema, "
+            f"got {type(schema).__name__}"
+        )
+    else:
+        names = list(schema)
+        sources = names
+    if not names:
+        raise SchemaError("schema must name at least one field to keep")
+    bad = [n for n in [*names, *sources] if not isinstance(n, str) or not n]
+    if bad:
+        raise SchemaError(f"schema field names must be non-empty strings, got {bad[0]!r}")
+    return names, sources
 
 
 def _batch_length(data: Mapping[str, Any]) -> int:
