@@ -16,6 +16,7 @@ from kdserve.errors import (
     ProtocolError,
     SchemaError,
     StoreError,
+    StoreLockedError,
     TeacherUnavailableError,
 )
 from kdserve.merge import (
@@ -66,6 +67,7 @@ __all__ = [
     "Schema",
     "SchemaError",
     "StoreError",
+    "StoreLockedError",
     "StoreReader",
     "StoreWriter",
     "Student",

@@ -248,8 +248,29 @@ def inspect(store: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("store", type=click.Path(file_okay=False))
-def verify(store: str) -> None:
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Set damaged shards aside (renamed *.damaged, dropped from the manifest) so the "
+    "store reads again; re-running the dump then regenerates their samples.",
+)
+def verify(store: str, repair: bool) -> None:
     """Check every shard of a store: size, crc32 and Arrow structure."""
+    if repair:
+        from kdserve.store import repair as repair_store
+
+        lost = repair_store(store)
+        for file, rows in lost:
+            click.echo(f"set aside {file} (now {file}.damaged): {rows} samples lost")
+        if lost:
+            total = sum(rows for _, rows in lost)
+            click.echo(
+                f"{store}: {len(lost)} damaged shard(s) set aside and the store marked "
+                f"incomplete. Re-run the dump to regenerate those {total} samples (it "
+                f"resumes and writes only the missing ones)"
+            )
+        else:
+            click.echo(f"{store}: no damaged shard, nothing to repair")
     reader = kdserve.StoreReader(store)
     reader.verify()
     state = "complete" if reader.complete else "incomplete"

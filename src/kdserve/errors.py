@@ -7,8 +7,10 @@ or file at fault and what to do about it; the same facts are attributes too.
     ├── SchemaError              a field's name, dtype or shape does not fit the schema
     │   └── CodecError           a codec cannot encode or decode a field's values
     ├── MergeError               merge strategies that cannot apply to the registered teachers
-    │   └── AlignmentError       teachers' batches hold different sample ids
+    │   └── AlignmentError       teachers' batches hold different sample ids, or a
+    │                            teacher writes a sample id its store already holds
     ├── StoreError               a knowledge store that is missing, truncated or corrupted
+    │   └── StoreLockedError     another writer is writing the store
     ├── TeacherUnavailableError  a teacher cannot be reached or stopped answering
     ├── AuthenticationError      a wrong or missing token
     └── ProtocolError            a peer sent something kdserve does not understand
@@ -27,6 +29,7 @@ __all__ = [
     "ProtocolError",
     "SchemaError",
     "StoreError",
+    "StoreLockedError",
     "TeacherUnavailableError",
 ]
 
@@ -65,17 +68,32 @@ class MergeError(KdserveError, ValueError):
 class AlignmentError(MergeError):
     """Teachers whose batches hold different sample ids: merging them would be wrong.
 
-    ``teachers`` names the two teachers, ``sample_ids`` their first differing ids.
+    ``teachers`` names the two teachers, ``sample_ids`` their first differing ids. A
+    teacher that writes a sample id its store already holds (or twice in one batch) gets
+    one too: then ``teacher`` names it, ``teachers`` is it twice and ``sample_ids`` are
+    the first repeated ids.
     """
 
     teachers: tuple[str, str]
-    sample_ids: tuple[int | None, int | None]
+    sample_ids: tuple[int | None, ...]
+    teacher: str | None = None
 
 
 class StoreError(KdserveError):
     """A knowledge store that is missing, truncated, corrupted or incompatible."""
 
     path: str | None = None
+
+
+class StoreLockedError(StoreError):
+    """A store another writer holds: two writers would interleave and corrupt its shards.
+
+    ``pid`` and ``host`` name the writer holding the lock (None if it had not yet
+    recorded itself). The lock dies with its process, so it never outlives a crash.
+    """
+
+    pid: int | None = None
+    host: str | None = None
 
 
 class TeacherUnavailableError(KdserveError):
