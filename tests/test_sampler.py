@@ -76,3 +76,45 @@ def test_block_rows_are_a_permutation_inside_their_block():
     for b in kd.Sampler(shuffle=True, seed=1, block_rows=8).plan(50, 2):
         assert sorted(b.rows.tolist()) == list(range(b.start, b.stop))
         assert isinstance(b.rows, np.ndarray)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    num_rows=st.integers(1, 300),
+    block_rows=st.integers(1, 64),
+    world_size=st.integers(2, 4),
+    num_workers=st.integers(1, 3),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**31),
+    even=st.sampled_from(["pad", "drop"]),
+)
+def test_even_parts_have_equal_sizes_for_data_parallel_ranks(
+    num_rows, block_rows, world_size, num_workers, shuffle, seed, even
+):
+    parts = []
+    for rank in range(world_size):
+        for worker in range(num_workers):
+            sampler = kd.Sampler(
+                shuffle, seed, block_rows, rank, world_size, worker, num_workers, even=even
+            )
+            parts.append(_rows(sampler.plan(num_rows, 3)))
+    n = world_size * num_workers
+    size = num_rows // n if even == "drop" else -(-num_rows // n)
+    assert [len(p) for p in parts] == [size] * n  # no rank waits for another in a collective
+    rows = [r for p in parts for r in p]
+    if even == "drop":  # each row at most once, fewer than n left out
+        assert len(set(rows)) == len(rows) and num_rows - len(rows) < n
+    else:  # every row at least once; padding repeats rows from the start of the sequence
+        assert set(rows) == set(range(num_rows))
+        unpadded = kd.Sampler(shuffle, seed, block_rows, 0, 1).plan(num_rows, 3)
+        sequence = _rows(unpadded)
+        assert rows == [sequence[i % num_rows] for i in range(len(rows))]
+
+
+def test_1001_rows_on_2_ranks_give_each_rank_the_same_batches():
+    # 1001 rows, 2 ranks, batch 500: uneven parts would give 1 and 2 batches.
+    for even, size in (("pad", 501), ("drop", 500)):
+        sizes = [len(_rows(kd.Sampler(rank=r, world_size=2, even=even).plan(1001))) for r in (0, 1)]
+        assert sizes == [size, size]
+    with pytest.raises(ValueError, match="even must be one of"):
+        kd.Sampler(even="sometimes")

@@ -85,6 +85,7 @@ def test_ranks_and_workers_read_every_sample_once(
             merge_strategy={"logits": "mean"},
             rank=rank,
             world_size=world_size,
+            even_ranks="none",  # exactly once; the default pads ranks to equal length
         )
         mine = _read(dataset, num_workers)
         assert mine and all(len(b["sample_id"]) <= 8 for b in mine)
@@ -96,6 +97,27 @@ def test_ranks_and_workers_read_every_sample_once(
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
     assert all(b["sample_id"].dtype == torch.int64 for b in batches)
     assert all(b["logits"].dtype == torch.float32 for b in batches)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("even", ["pad", "drop"])
+def test_ranks_get_the_same_number_of_batches(stores: Path, num_workers: int, even: str) -> None:
+    # 90 samples over 2 ranks (x 2 workers) in batches of 20: uneven shares would give the
+    # ranks different batch counts and deadlock a DDP job in its next collective.
+    counts, ids = [], []
+    for rank in (0, 1):
+        dataset = KnowledgeDataset(
+            [stores / "b"], batch_size=20, rank=rank, world_size=2, even_ranks=even
+        )
+        mine = _read(dataset, num_workers)
+        counts.append(len(mine))
+        ids += _ids(mine)
+    assert counts[0] == counts[1]
+    parts = 2 * max(num_workers, 1)
+    if even == "pad":
+        assert set(ids) == set(range(N)) and len(ids) == parts * -(-N // parts)
+    else:
+        assert len(set(ids)) == len(ids) == parts * (N // parts)
 
 
 def test_values_equal_the_stored_knowledge(stores: Path) -> None:

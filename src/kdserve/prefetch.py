@@ -8,6 +8,7 @@ stop flag while they wait.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +18,8 @@ __all__ = ["Prefetcher"]
 
 T = TypeVar("T")
 _POLL = 0.1  # seconds between checks of the other side while waiting
+_JOIN_WAIT = 30.0  # seconds close() waits for the producer's thread
+_log = logging.getLogger("kdserve")
 _DONE = object()
 
 
@@ -46,13 +49,18 @@ class Prefetcher(Generic[T]):
         return False
 
     def _run(self) -> None:
+        items = iter(self._produce())
         try:
-            for item in self._produce():
+            for item in items:
                 if not self._put(item):
                     return
             self._put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(exc)
+        finally:
+            close = getattr(items, "close", None)  # a generator's cleanup runs now, here
+            if close is not None:
+                close()
 
     def __iter__(self) -> Iterator[T]:
         try:
@@ -75,4 +83,11 @@ class Prefetcher(Generic[T]):
         """Stop the producer and wait for its thread (it checks the flag every 0.1 s)."""
         self._stop.set()
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=_JOIN_WAIT)
+            if self._thread.is_alive():
+                _log.warning(
+                    "thread %s did not stop within %g s (its producer is busy); it stops at "
+                    "its next item",
+                    self._thread.name,
+                    _JOIN_WAIT,
+                )

@@ -26,6 +26,7 @@ import functools
 import itertools
 import os
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -35,10 +36,11 @@ import pyarrow as pa
 from kdserve.batch import Knowledge, from_record_batch, to_record_batch
 from kdserve.client import TeacherClient
 from kdserve.errors import AlignmentError, KdserveError, StoreError
+from kdserve.idset import IdSet
 from kdserve.merge import Merger, StrategySpec
 from kdserve.prefetch import Prefetcher
 from kdserve.rebatch import rebatch
-from kdserve.sampler import Block, Sampler
+from kdserve.sampler import Block, Even, Sampler
 from kdserve.schema import SAMPLE_ID, Schema
 from kdserve.store import StoreReader
 
@@ -61,6 +63,7 @@ class _OfflineTeacher:
             )
         self.rows_of: np.ndarray | None = None  # reference row -> this store's row; None: same
         self._ids = self.reader.sample_ids()
+        _refuse_repeats(self._ids, f"store {path} (teacher {name!r})", name)
         self._order: np.ndarray | None = None
 
     def align_to(self, reference: _OfflineTeacher) -> None:
@@ -72,12 +75,6 @@ class _OfflineTeacher:
     def rows_for(self, ids: np.ndarray, reference: str) -> np.ndarray:
         """This store's rows holding ``ids``; AlignmentError naming the first missing id."""
         if self._order is None:
-            if len(np.unique(self._ids)) != len(self._ids):
-                raise AlignmentError(
-                    f"store of teacher {self.name!r} holds a sample id more than once",
-                    teachers=(reference, self.name),
-                    sample_ids=(None, None),
-                )
             self._order = np.argsort(self._ids, kind="stable")
         pos = np.searchsorted(self._ids, ids, sorter=self._order)
         rows = self._order[np.clip(pos, 0, max(len(self._ids) - 1, 0))] if len(self._ids) else pos
@@ -130,6 +127,11 @@ class Student:
     callable. ``shuffle``/``seed`` give each pass a deterministic block-shuffled order (a
     new one per pass; offline teachers only). ``rank``/``world_size`` (default:
     torchrun's RANK/WORLD_SIZE) give this process a disjoint share of every pass.
+    ``even_ranks`` keeps data-parallel ranks in step: ``"pad"`` (the default, like torch's
+    ``DistributedSampler``) repeats a few samples so that every rank reads as many as the
+    largest share, ``"drop"`` leaves out the few samples past the smallest share, and
+    ``"none"`` gives uneven shares (which deadlocks a DDP job whose ranks end a pass
+    with different batch counts).
     ``token`` (or ``KDSERVE_TOKEN``), ``tls_root_certs`` and ``connect_timeout`` apply
     to online teachers; ``buf_size`` batches are prefetched in the background.
     """
@@ -143,6 +145,7 @@ class Student:
         block_rows: int = 4096,
         rank: int | None = None,
         world_size: int | None = None,
+        even_ranks: Even = "pad",
         buf_size: int = 8,
         token: str | None = None,
         tls_root_certs: bytes | None = None,
@@ -155,6 +158,7 @@ class Student:
             block_rows=block_rows,
             rank=env_rank if rank is None else rank,
             world_size=env_world if world_size is None else world_size,
+            even=even_ranks,
         )
         self.merge_strategy = dict(merge_strategy or {})
         self.buf_size = buf_size
@@ -168,7 +172,8 @@ class Student:
         self._ready = False  # start() has run
         self._closed = False
         self._epoch = 0
-        self._prefetcher: Prefetcher[Knowledge] | None = None
+        self._prefetcher: Prefetcher[Knowledge] | None = None  # the latest pass
+        self._passes: weakref.WeakSet[Prefetcher[Knowledge]] = weakref.WeakSet()
         self._received: dict[int, int] = {}  # teacher id -> messages received
 
     # -- registration ---------------------------------------------------------------
@@ -253,10 +258,11 @@ class Student:
         return self._merger
 
     def close(self) -> None:
-        """Stop the pass being prefetched and close the connections to online teachers."""
+        """Stop every pass still running (abandoned ones too) and close the connections to
+        online teachers."""
         self._closed = True
-        if self._prefetcher is not None:
-            self._prefetcher.close()
+        for running in list(self._passes):
+            running.close()
         for t in self._teachers:
             if isinstance(t, _OnlineTeacher):
                 t.client.close()
@@ -315,6 +321,7 @@ class Student:
             self._prefetcher = Prefetcher(
                 lambda: produce(epoch, batch_size, drop_last), self.buf_size, "kdserve-student"
             )
+            self._passes.add(self._prefetcher)
             yield from self._prefetcher
 
         return one_pass
@@ -368,6 +375,7 @@ class Student:
         epoch: int,
     ) -> Iterator[Knowledge]:
         driver = online[0]
+        seen = IdSet()  # the driver's ids so far in this pass
         for batches in itertools.zip_longest(*streams):
             if any(b is None for b in batches):
                 short = [t.name for t, b in zip(online, batches, strict=True) if b is None]
@@ -379,6 +387,17 @@ class Student:
                 )
             by_name = {t.name: b for t, b in zip(online, batches, strict=True)}
             ids = by_name[driver.name].column(0).to_numpy()
+            _refuse_repeats(ids, f"a batch of online teacher {driver.name!r}", driver.name)
+            again = ids[seen.contains(ids)]
+            if len(again):
+                raise AlignmentError(
+                    f"online teacher {driver.name!r} sent sample id(s) {again[:5].tolist()} "
+                    f"twice in pass {epoch}: each sample must appear once per pass; fix the "
+                    f"teacher's reader or its sample_id feed",
+                    teachers=(driver.name, driver.name),
+                    sample_ids=(int(again[0]), int(again[0])),
+                )
+            seen.add(ids)
             for store in self._offline():
                 by_name[store.name] = store.reader.take(store.rows_for(ids, driver.name))
             yield self._merge(by_name)
@@ -442,3 +461,19 @@ class Student:
 
         for result in client.query(arrow(), max_in_flight):
             yield from_record_batch(result)
+
+
+def _refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
+    """AlignmentError naming the first ids that ``where`` holds more than once."""
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):  # increasing: the usual case
+        return
+    ordered = np.sort(ids)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if len(repeated):
+        raise AlignmentError(
+            f"{where} holds sample id(s) {repeated[:5].tolist()} more than once "
+            f"({len(repeated)} repeated id(s)): each sample must appear once per pass; fix "
+            f"the teacher's reader or its sample_id feed",
+            teachers=(teacher, teacher),
+            sample_ids=(int(repeated[0]), int(repeated[0])),
+        )

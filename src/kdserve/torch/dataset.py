@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kdserve.batch import Knowledge
 from kdserve.merge import StrategySpec
 from kdserve.ragged import Ragged
-from kdserve.sampler import Sampler
+from kdserve.sampler import Even, Sampler
 from kdserve.student import Student
 
 __all__ = ["KnowledgeDataset", "to_tensors"]
@@ -99,7 +99,9 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
     Use it with ``DataLoader(dataset, batch_size=None, ...)``: the dataset already
     batches (``batch_size``, ``drop_last``). ``merge_strategy``, ``shuffle``, ``seed``,
     ``block_rows``, ``token`` and ``connect_timeout`` are the :class:`Student`'s;
-    ``rank``/``world_size`` default to torchrun's RANK/WORLD_SIZE. The shuffle order of
+    ``rank``/``world_size`` default to torchrun's RANK/WORLD_SIZE; ``even_ranks`` (the
+    :class:`Student`'s, ``"pad"`` by default) gives every rank the same number of
+    batches per pass, whatever its loader's workers. The shuffle order of
     a pass derives from ``(seed, epoch)`` only, so every rank and worker agrees on it;
     call :meth:`set_epoch` before each epoch, like ``DistributedSampler``.
     ``pin_memory`` pins the tensors (which copies them).
@@ -120,6 +122,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         connect_timeout: float = 60.0,
         rank: int | None = None,
         world_size: int | None = None,
+        even_ranks: Even = "pad",
     ) -> None:
         super().__init__()
         if isinstance(teachers, (str, os.PathLike)):
@@ -148,6 +151,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.world_size = env_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        self.even_ranks = even_ranks
         self.batch_size = batch_size
         self.merge_strategy = dict(merge_strategy or {})
         self.drop_last = drop_last
@@ -227,6 +231,8 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             block_rows=self.block_rows,
             rank=rank,
             world_size=world_size,
+            # Loader workers of one process need no padding: only ranks run collectives.
+            even_ranks=self.even_ranks if self.world_size > 1 else "none",
             token=self.token,
             connect_timeout=self.connect_timeout,
         )

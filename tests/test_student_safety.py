@@ -1,0 +1,168 @@
+"""What a student refuses and how it ends: repeated sample ids (offline and online),
+data-parallel ranks kept in step, and close() stopping every pass's thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import kdserve as kd
+
+TOKEN = "student-safety-token"
+JOIN = 20.0
+
+
+def make_store(path: Path, n: int, batch: int = 100) -> Path:
+    x = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    with kd.Teacher(path, progress=False) as teacher:
+        teacher.start_knowledge_service(
+            ["x"],
+            ["y"],
+            lambda f: {"y": f["x"] * 2},
+            [(x[i : i + batch],) for i in range(0, n, batch)],
+        )
+    return path
+
+
+def student_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kdserve-")]
+
+
+def test_close_stops_the_threads_of_abandoned_passes(tmp_path):
+    store = make_store(tmp_path / "store", 5000)
+    before = set(student_threads())
+    student = kd.Student(buf_size=2)
+    student.register_teacher(in_path=store)
+    student.start()
+    reader = student.get_knowledge_generator(batch_size=10)
+    first, second = reader(), reader()  # two passes, each abandoned after one batch
+    next(first)
+    next(second)
+    time.sleep(0.2)
+    assert len(set(student_threads()) - before) >= 2
+    student.close()
+    deadline = time.monotonic() + JOIN
+    while set(student_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(student_threads()) - before
+
+
+@pytest.mark.parametrize("even", ["pad", "drop"])
+def test_uneven_rows_give_every_rank_the_same_batches_offline(tmp_path, even):
+    # 1001 rows, 2 ranks, batch 500: without evening, rank 0 reads 1 batch and rank 1 two,
+    # and a DDP job deadlocks in its next collective.
+    store = make_store(tmp_path / "store", 1001)
+    ids = []
+    counts = []
+    for rank in (0, 1):
+        student = kd.Student(rank=rank, world_size=2, even_ranks=even)
+        student.register_teacher(in_path=store)
+        student.start()
+        batches = list(student.get_knowledge_generator(batch_size=500)())
+        counts.append(len(batches))
+        ids.append(np.concatenate([b["sample_id"] for b in batches]))
+        for b in batches:
+            np.testing.assert_array_equal(b["y"][:, 0], b["sample_id"] * 2)
+    assert counts[0] == counts[1]
+    both = np.concatenate(ids)
+    if even == "pad":
+        assert counts == [2, 2] and set(both.tolist()) == set(range(1001)) and len(both) == 1002
+    else:
+        assert counts == [1, 1] and len(set(both.tolist())) == len(both) == 1000
+
+
+def test_uneven_ranks_stay_uneven_only_when_asked(tmp_path):
+    store = make_store(tmp_path / "store", 1001)
+    counts = []
+    for rank in (0, 1):
+        student = kd.Student(rank=rank, world_size=2, even_ranks="none")
+        student.register_teacher(in_path=store)
+        student.start()
+        counts.append(len(list(student.get_knowledge_generator(batch_size=500)())))
+    assert counts == [2, 2] or sorted(counts) == [1, 2]  # 500 and 501 rows
+    with pytest.raises(ValueError, match="even must be one of"):
+        kd.Student(even_ranks="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_store_holding_an_id_twice_is_refused(tmp_path):
+    # A store written by another tool (or an older kdserve) that repeats sample id 8.
+    store = make_store(tmp_path / "store", 10, batch=10)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (shard,) = manifest["shards"]
+    reader = kd.StoreReader(store)
+    data = kd.from_record_batch(reader.read(0, 10), reader.schema)
+    ids = data.pop("sample_id").copy()
+    ids[9] = 8
+    batch = kd.to_record_batch(data, reader.schema, ids)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    raw = sink.getvalue().to_pybytes()
+    (store / shard["file"]).write_bytes(raw)
+    shard.update(bytes=len(raw), crc32=f"{zlib.crc32(raw):08x}", sample_ids=[0, 8])
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+    student = kd.Student()
+    student.register_teacher(in_path=store)
+    with pytest.raises(kd.AlignmentError, match=r"sample id\(s\) \[8\] more than once"):
+        student.start()
+
+
+@pytest.fixture
+def online_teacher():
+    """``start(reader, times=1)`` serves ``y = 2x`` on a free port; closed at teardown."""
+    started: list[tuple[kd.Teacher, threading.Thread]] = []
+
+    def start(reader: object, feeds: list[str], times: int = 1) -> kd.Teacher:
+        teacher = kd.Teacher(out_port=0, token=TOKEN, progress=False)
+        teacher.start()
+
+        def run() -> None:
+            try:
+                teacher.start_knowledge_service(
+                    feeds, ["y"], lambda f: {"y": f["x"] * 2}, reader, times=times
+                )
+            except kd.KdserveError:
+                pass  # a student refused the stream and left: the test checks the student
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        started.append((teacher, thread))
+        return teacher
+
+    yield start
+    for teacher, thread in started:
+        teacher.close()
+        thread.join(JOIN)
+        assert not thread.is_alive()
+
+
+def test_an_online_teacher_repeating_ids_is_refused(online_teacher):
+    x = np.arange(40, dtype=np.float32)[:, None]
+    ids = np.r_[np.arange(20), np.arange(15, 35)]  # 15..19 come twice, in another batch
+    teacher = online_teacher([(x[:20], ids[:20]), (x[20:], ids[20:])], ["x", "sample_id"])
+    student = kd.Student(token=TOKEN, connect_timeout=20)
+    student.register_teacher(in_address=teacher.address)
+    student.start()
+    with pytest.raises(kd.AlignmentError, match=r"\[15, 16, 17, 18, 19\] twice in pass 0"):
+        list(student.get_knowledge_generator(batch_size=10)())
+    student.close()
+
+
+def test_an_online_batch_repeating_an_id_is_refused(online_teacher):
+    x = np.arange(10, dtype=np.float32)[:, None]
+    ids = np.array([0, 1, 2, 3, 3, 5, 6, 7, 8, 9])
+    teacher = online_teacher([(x, ids)], ["x", "sample_id"])
+    student = kd.Student(token=TOKEN, connect_timeout=20)
+    student.register_teacher(in_address=teacher.address)
+    student.start()
+    with pytest.raises(kd.AlignmentError, match=r"\[3\] more than once"):
+        list(student.get_knowledge_generator(batch_size=10)())
+    student.close()
