@@ -36,5 +36,10 @@ def test_errors_carry_their_context():
     err = kdserve.AlignmentError("x", teachers=("a", "b"), sample_ids=(1, 2))
     assert err.teachers == ("a", "b") and err.sample_ids == (1, 2)
     assert kdserve.StoreError("x", path="/s").path == "/s"
+    locked = kdserve.StoreLockedError("x", path="/s", pid=7, host="h")
+    assert isinstance(locked, kdserve.StoreError)
+    assert (locked.path, locked.pid, locked.host) == ("/s", 7, "h")
+    repeated = kdserve.AlignmentError("x", teacher="t", teachers=("t", "t"), sample_ids=(4, 5, 9))
+    assert repeated.teacher == "t" and repeated.sample_ids == (4, 5, 9)
     assert kdserve.CodecError("x", field="f", codec="fp16").field == "f"
     assert isinstance(kdserve.SchemaError("x"), ValueError)
