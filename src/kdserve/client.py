@@ -1,5 +1,8 @@
 """A student's connection to one online teacher (an Arrow Flight client).
 
+The token is ``token=``, else ``KDSERVE_TOKEN``, else (for a loopback address only) the
+token that a teacher of this user on this host published (:mod:`kdserve.tokens`).
+
 Calls retry with exponential backoff while the teacher cannot be reached, for up to
 ``connect_timeout`` seconds, then raise :class:`~kdserve.errors.TeacherUnavailableError`;
 so teacher and student may start in either order, and a teacher that restarts is
@@ -27,8 +30,15 @@ from kdserve.errors import (
     ProtocolError,
     TeacherUnavailableError,
 )
-from kdserve.messages import decode_message, encode_message
+from kdserve.messages import (
+    MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_DEPTH,
+    decode_message,
+    encode_envelope,
+    load_json,
+)
 from kdserve.schema import Schema
+from kdserve.tokens import find_token, is_loopback, split_address, token_path
 
 __all__ = ["TeacherClient", "parse_address"]
 
@@ -40,6 +50,7 @@ _TRANSIENT = (
     flight.FlightCancelledError,
 )
 TOKEN_ENV = "KDSERVE_TOKEN"
+_MAX_META_BYTES = 64 << 10  # a stream chunk's metadata: a few numbers (and row counts)
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -67,20 +78,21 @@ class TeacherClient:
         name: str,
         token: str | None = None,
         tls_root_certs: bytes | None = None,
+        tls_client_cert: tuple[bytes, bytes] | None = None,
         connect_timeout: float = 60.0,
     ) -> None:
         self.name = name
         self.address = address
         self.connect_timeout = connect_timeout
-        token = token or os.environ.get(TOKEN_ENV)
-        if not token:
-            raise AuthenticationError(
-                f"no token for teacher {name!r} at {address}: pass token= or set "
-                f"{TOKEN_ENV} (the teacher prints its token when it starts)",
-                teacher=name,
-            )
+        self.max_message_bytes = MAX_MESSAGE_BYTES  # until info() tells the teacher's
+        self._dropped: list[int] = []  # indices of the teacher's messages found undecodable
         location = parse_address(address, tls_root_certs is not None)
-        kwargs = {"tls_root_certs": tls_root_certs} if tls_root_certs else {}
+        token = token or os.environ.get(TOKEN_ENV) or find_token(address)
+        if not token:
+            raise AuthenticationError(_no_token(name, address), teacher=name)
+        kwargs: dict[str, Any] = {"tls_root_certs": tls_root_certs} if tls_root_certs else {}
+        if tls_client_cert is not None:  # mutual TLS: (cert chain, key) PEM
+            kwargs |= {"cert_chain": tls_client_cert[0], "private_key": tls_client_cert[1]}
         # gRPC's own reconnect backoff grows to 120 s: a teacher back after a long outage
         # would go unnoticed for longer than connect_timeout. Cap it like call()'s backoff.
         self._client = flight.FlightClient(location, generic_options=_GRPC_OPTIONS, **kwargs)
@@ -100,7 +112,10 @@ class TeacherClient:
                 f"the teacher was started with (token= or {TOKEN_ENV})",
                 teacher=self.name,
             )
-        text = str(exc).split(". Detail:")[0]
+        text = " ".join(str(exc).split(". Detail:")[0].split())
+        if "kdserve internal:" in text:
+            detail = text.split("kdserve internal:", 1)[1].strip()
+            return KdserveError(f"teacher {self.name!r}: {detail}", teacher=self.name)
         if "kdserve:" in text:
             return ProtocolError(f"teacher {self.name!r}: {text.split('kdserve:', 1)[1].strip()}")
         return ProtocolError(f"teacher {self.name!r} at {self.address} failed: {text}")
@@ -136,19 +151,61 @@ class TeacherClient:
         return self.call(run, kind)
 
     def info(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.action("info")[0])
-        return result
+        """The teacher's name, passes, services and message size limit."""
+        (data,) = self.action("info")
+        info = load_json(
+            data, f"teacher {self.name!r}'s info", max_bytes=_MAX_META_BYTES, max_depth=4
+        )
+        if not isinstance(info, dict):
+            raise ProtocolError(f"teacher {self.name!r} sent info that is not a JSON object")
+        limit = info.get("max_message_bytes", MAX_MESSAGE_BYTES)
+        if type(limit) is int and limit > 0:
+            self.max_message_bytes = limit
+        return info
 
     def schema(self) -> Schema:
         (data,) = self.action("schema")
         return Schema.from_arrow(pa.ipc.read_schema(pa.py_buffer(data)))
 
     def send(self, student: str, message: Any) -> None:
-        self.action("send", encode_message({"student": student, "message": message}))
+        """Send ``message`` from ``student``; TypeError/ValueError (nothing sent) for a
+        message that cannot be sent, ProtocolError when the teacher refuses it."""
+        body = encode_envelope(student, message, max_bytes=self.max_message_bytes)
+        self.action("send", body)
+
+    def _physical(self, after: int) -> int:
+        """The teacher's index of the message that follows ``after`` decodable ones."""
+        index = after
+        for dropped in self._dropped:  # sorted
+            if dropped <= index:
+                index += 1
+        return index
 
     def recv(self, after: int, wait: float) -> list[Any]:
-        body = json.dumps({"after": after, "wait": wait}).encode()
-        return [decode_message(m) for m in self.action("recv", body)]
+        """The teacher's messages after the first ``after`` (not counting dropped ones),
+        waiting up to ``wait`` s for one. A message that cannot be decoded raises
+        ProtocolError once, naming the teacher, and is dropped: the next call goes on
+        with the messages after it."""
+        start = self._physical(after)
+        body = json.dumps({"after": start, "wait": wait}).encode()
+        messages: list[Any] = []
+        for offset, data in enumerate(self.action("recv", body)):
+            try:
+                messages.append(
+                    decode_message(
+                        data, max_bytes=self.max_message_bytes, max_depth=MAX_MESSAGE_DEPTH
+                    )
+                )
+            except ProtocolError as exc:
+                if messages:
+                    break  # deliver those before it; it is reported on the next call
+                self._dropped.append(start + offset)
+                self._dropped.sort()
+                raise ProtocolError(
+                    f"teacher {self.name!r} sent message #{start + offset} that cannot be "
+                    f"decoded; it was dropped: {exc}"
+                ) from None
+        return messages
 
     def _ack(self, pass_: int, seq: int, rank: int, world_size: int) -> None:
         spec = {"pass": pass_, "seq": seq, "rank": rank, "world_size": world_size}
@@ -171,7 +228,7 @@ class TeacherClient:
                     "knowledge",
                 )
                 for chunk in reader:
-                    meta = json.loads(chunk.app_metadata.to_pybytes())
+                    meta = self._chunk_meta(chunk.app_metadata)
                     if (meta["pass"], meta["seq"], meta["part"]) != (pass_, seq, len(parts)):
                         raise ProtocolError(
                             f"teacher {self.name!r} sent batch {meta} while pass {pass_}, "
@@ -185,6 +242,11 @@ class TeacherClient:
                     batches = [parts]  # the parts of one batch
                     if "rows" in meta:
                         rows = meta["rows"]
+                        if sum(rows) != chunk.data.num_rows:
+                            raise ProtocolError(
+                                f"teacher {self.name!r} sent {chunk.data.num_rows} rows as "
+                                f"batches of {rows[:10]} rows"
+                            )
                         starts = list(itertools.accumulate(rows, initial=0))[:-1]
                         batches = [
                             [chunk.data.slice(o, r)] for o, r in zip(starts, rows, strict=True)
@@ -203,6 +265,28 @@ class TeacherClient:
                 raise self._fail(exc) from None
             self._ack(pass_ + 1, rank, rank, world_size)  # the pass is over for this rank
             return
+
+    def _chunk_meta(self, data: pa.Buffer | None) -> dict[str, Any]:
+        """A stream chunk's metadata, checked: ProtocolError for anything malformed."""
+        raw = data.to_pybytes() if data is not None else b""
+        what = f"teacher {self.name!r}'s batch metadata"
+        meta = load_json(raw, what, max_bytes=_MAX_META_BYTES, max_depth=2)
+        keys = {"pass", "seq", "part", "parts"}
+        if (
+            not isinstance(meta, dict)
+            or not keys <= set(meta) <= keys | {"rows"}
+            or not all(type(meta[k]) is int and meta[k] >= 0 for k in keys)
+            or meta["parts"] < 1
+            or (
+                "rows" in meta
+                and not (
+                    isinstance(meta["rows"], list)
+                    and all(type(r) is int and r >= 0 for r in meta["rows"])
+                )
+            )
+        ):
+            raise ProtocolError(f"{what} is malformed: {raw[:100]!r}")
+        return meta
 
     def query(
         self, batches: Iterable[pa.RecordBatch], max_in_flight: int
@@ -247,6 +331,25 @@ class TeacherClient:
 
     def _failed(self, exc: BaseException) -> BaseException:
         return self._fail(exc) if isinstance(exc, flight.FlightError) else exc
+
+
+def _no_token(name: str, address: str) -> str:
+    """Why a client has no token for ``address``, and where one comes from."""
+    text = (
+        f"no token for teacher {name!r} at {address}: pass token= or set {TOKEN_ENV} (the "
+        f"teacher prints its token when it starts)"
+    )
+    parts = split_address(address)
+    if parts is not None and is_loopback(parts[0]):
+        try:
+            where = str(token_path(parts[1]))
+        except ValueError:
+            where = "its token file"
+        text += (
+            f"; a teacher of this user on this host started without a token publishes it "
+            f"in {where}, which is missing or not private"
+        )
+    return text
 
 
 class _QueryWrite:

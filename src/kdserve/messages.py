@@ -4,21 +4,102 @@ A message is encoded as UTF-8 JSON. A numpy array becomes
 ``{"__ndarray__": {"dtype": "<f4", "shape": [2, 3], "data": "<base64>"}}``; anything
 else that JSON cannot hold is refused when sending, and nothing but JSON is ever
 decoded, so a peer cannot make the receiver run code.
+
+Limits, on both sides: a message is at most ``MAX_MESSAGE_BYTES`` encoded (a teacher may
+be configured with another limit, which its students learn from its ``info``) and nests
+at most ``MAX_MESSAGE_DEPTH`` lists, dicts or arrays deep (an array counts 3 levels: its
+encoding). The sender refuses a message over them (``ValueError``); the receiver checks
+size and depth of the bytes *before* parsing, without recursion (:func:`json_depth`), so
+no message can make either side raise ``RecursionError`` or parse megabytes of JSON.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from kdserve.errors import ProtocolError
 
-__all__ = ["decode_message", "encode_message"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MAX_MESSAGE_DEPTH",
+    "decode_envelope",
+    "decode_message",
+    "encode_envelope",
+    "encode_message",
+    "json_depth",
+    "load_json",
+]
+
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC's customary message size; arrays of ~3 MB raw fit
+MAX_MESSAGE_DEPTH = 64  # far beyond real messages, far below Python's recursion limit
+MAX_SENDER_CHARS = 256  # a student id in an envelope (ours are 32 hex digits)
 
 _ARRAY = "__ndarray__"
+_ARRAY_DEPTH = 3  # {"__ndarray__": {"shape": [...]}}
+_ARRAY_KEYS = {"dtype", "shape", "data"}
+_MAX_DIMS = 32  # numpy's own limit is 64
+_ENVELOPE_BYTES = MAX_SENDER_CHARS * 6 + 64  # what an envelope adds to its message at most
+_ESCAPE = re.compile(rb"\\[\s\S]")  # a backslash and the byte it escapes
+_STRING = re.compile(rb'"[^"]*(?:"|\Z)')  # a string (escapes removed), or its unterminated rest
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENING = np.zeros(256, np.int8)
+_OPENING[list(b"[{")] = 1
+
+
+# -- bounded JSON --------------------------------------------------------------------------
+
+
+def json_depth(data: bytes) -> int:
+    """How deep lists and objects nest in UTF-8 JSON ``data``: a linear scan, no recursion.
+
+    Brackets inside strings do not count. For malformed JSON the answer is an upper bound
+    on how deep a parser could get before failing (an unterminated string hides nothing).
+    """
+    bare = _STRING.sub(b"", _ESCAPE.sub(b"__", data))
+    brackets = bare.translate(None, _NOT_BRACKET)
+    if not brackets:
+        return 0
+    steps = _OPENING[np.frombuffer(brackets, np.uint8)].astype(np.int64) * 2 - 1
+    return max(0, int(np.cumsum(steps).max()))
+
+
+def load_json(
+    data: bytes,
+    what: str,
+    *,
+    max_bytes: int,
+    max_depth: int,
+    object_hook: Callable[[dict[str, Any]], Any] | None = None,
+) -> Any:
+    """Parse UTF-8 JSON of at most ``max_bytes`` and ``max_depth`` levels; ProtocolError
+    naming ``what`` for anything else (the size and depth are checked before parsing)."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{what} is {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not kdserve JSON: not UTF-8") from None
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise ProtocolError(f"{what} nests {depth} levels deep, over the limit of {max_depth}")
+    try:
+        return json.loads(text, object_hook=object_hook)
+    except ProtocolError as exc:  # from object_hook: an array that is not one of ours
+        raise ProtocolError(f"{what} is not kdserve JSON: {exc}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ProtocolError(f"{what} is not kdserve JSON: {reason}") from None
+
+
+# -- sending -------------------------------------------------------------------------------
 
 
 def _to_json(value: Any) -> Any:
@@ -41,44 +122,139 @@ def _to_json(value: Any) -> Any:
     )
 
 
-def _from_json(obj: dict[str, Any]) -> Any:
-    if _ARRAY in obj and len(obj) == 1:
-        spec = obj[_ARRAY]
-        dtype = np.dtype(spec["dtype"])
-        if dtype.kind not in "biufc":
-            raise ProtocolError(f"a message holds an array of dtype {dtype}: numbers only")
-        data = base64.b64decode(spec["data"])
-        return np.frombuffer(data, dtype=dtype).reshape(spec["shape"]).copy()
-    return obj
-
-
-def _refuse_reserved(value: Any) -> None:
-    """A user dict shaped like an encoded array would be decoded as one: refuse it here."""
-    if isinstance(value, dict):
-        if len(value) == 1 and _ARRAY in value:
-            raise TypeError(
-                f"message cannot be sent: a dict whose only key is {_ARRAY!r} is reserved for "
-                f"numpy arrays; rename the key"
+def _check_value(message: Any, max_bytes: int, max_depth: int) -> None:
+    """Refuse, before encoding, a message nested too deep (cycles included), one whose
+    arrays alone exceed ``max_bytes``, or a user dict shaped like an encoded array.
+    Iterative: a deep message cannot make this recurse."""
+    stack: list[tuple[Any, int]] = [(message, 0)]
+    array_bytes = 0
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, np.ndarray):
+            depth += _ARRAY_DEPTH
+            array_bytes += value.nbytes * 4 // 3  # base64
+        elif isinstance(value, (dict, list, tuple)):
+            depth += 1
+        if depth > max_depth:
+            raise ValueError(
+                f"message cannot be sent: it nests deeper than {max_depth} levels (lists, "
+                f"dicts, and 3 per array); flatten it, or it holds itself"
             )
-        for item in value.values():
-            _refuse_reserved(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _refuse_reserved(item)
+        if array_bytes > max_bytes:
+            raise ValueError(
+                f"message cannot be sent: its arrays alone take over {max_bytes} bytes "
+                f"encoded (the limit); send smaller pieces"
+            )
+        if isinstance(value, dict):
+            if len(value) == 1 and _ARRAY in value:
+                raise TypeError(
+                    f"message cannot be sent: a dict whose only key is {_ARRAY!r} is reserved "
+                    f"for numpy arrays; rename the key"
+                )
+            stack.extend((item, depth) for item in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth) for item in value)
 
 
-def encode_message(message: Any) -> bytes:
-    """Encode a JSON-compatible value (numpy arrays allowed anywhere inside) to bytes."""
-    _refuse_reserved(message)
+def encode_message(
+    message: Any, *, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_MESSAGE_DEPTH
+) -> bytes:
+    """Encode a JSON-compatible value (numpy arrays allowed anywhere inside) to bytes.
+
+    TypeError for what JSON and numpy cannot hold; ValueError for a message over the size
+    or depth limit.
+    """
+    _check_value(message, max_bytes, max_depth)
     try:
-        return json.dumps(message, default=_to_json, allow_nan=True).encode("utf-8")
+        data = json.dumps(message, default=_to_json, allow_nan=True).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise TypeError(f"message cannot be sent: {exc}") from None
+    if len(data) > max_bytes:
+        raise ValueError(
+            f"message cannot be sent: it is {len(data)} bytes encoded, over the limit of "
+            f"{max_bytes}; send smaller pieces"
+        )
+    return data
 
 
-def decode_message(data: bytes) -> Any:
-    """Decode bytes made by :func:`encode_message`; ProtocolError for anything else."""
+def encode_envelope(
+    sender: str,
+    message: Any,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_depth: int = MAX_MESSAGE_DEPTH,
+) -> bytes:
+    """``message`` from ``sender`` (a student's id), as a student sends it to a teacher."""
+    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_CHARS:
+        raise ValueError(f"a sender id is a string of 1 to {MAX_SENDER_CHARS} characters")
+    body = encode_message(message, max_bytes=max_bytes, max_depth=max_depth)
+    return b'{"student": ' + json.dumps(sender).encode() + b', "message": ' + body + b"}"
+
+
+# -- receiving -----------------------------------------------------------------------------
+
+
+def _from_json(obj: dict[str, Any]) -> Any:
+    if _ARRAY not in obj or len(obj) != 1:
+        return obj
+    spec = obj[_ARRAY]
+    if not isinstance(spec, dict) or set(spec) != _ARRAY_KEYS:
+        raise ProtocolError(f"a message holds an array spec without exactly {sorted(_ARRAY_KEYS)}")
+    kind, shape, text = spec["dtype"], spec["shape"], spec["data"]
+    if not isinstance(kind, str) or len(kind) > 16 or not isinstance(text, str):
+        raise ProtocolError("a message holds an array whose dtype or data is not a short string")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMS
+        or not all(type(n) is int and n >= 0 for n in shape)
+    ):
+        raise ProtocolError("a message holds an array whose shape is not a list of sizes")
     try:
-        return json.loads(data.decode("utf-8"), object_hook=_from_json)
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"received a message that is not kdserve JSON: {exc}") from None
+        dtype = np.dtype(kind)
+    except Exception:  # numpy's parser raises several types for nonsense
+        raise ProtocolError(f"a message holds an array of unknown dtype {kind!r}") from None
+    if dtype.kind not in "biufc":
+        raise ProtocolError(f"a message holds an array of dtype {dtype}: numbers only")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ProtocolError("a message holds an array whose data is not base64") from None
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ProtocolError(
+            f"a message holds an array of shape {shape} and dtype {dtype} with {len(data)} "
+            f"bytes of data"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def decode_message(
+    data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_MESSAGE_DEPTH
+) -> Any:
+    """Decode bytes made by :func:`encode_message`; ProtocolError for anything else."""
+    return load_json(
+        data,
+        "received a message that",
+        max_bytes=max_bytes,
+        max_depth=max_depth,
+        object_hook=_from_json,
+    )
+
+
+def decode_envelope(
+    data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_MESSAGE_DEPTH
+) -> tuple[str, Any]:
+    """``(sender, message)`` from bytes made by :func:`encode_envelope`; ProtocolError
+    for anything else. The limits are the message's: the envelope's own part is allowed for."""
+    value = load_json(
+        data,
+        "received a message that",
+        max_bytes=max_bytes + _ENVELOPE_BYTES,
+        max_depth=max_depth + 1,
+        object_hook=_from_json,
+    )
+    if not isinstance(value, dict) or set(value) != {"student", "message"}:
+        raise ProtocolError("a message envelope holds exactly 'student' and 'message'")
+    sender = value["student"]
+    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_CHARS:
+        raise ProtocolError(f"a message's sender is not a string of 1 to {MAX_SENDER_CHARS}")
+    return sender, value["message"]

@@ -152,6 +152,14 @@ class ReplayWindow:
 
     def ack(self, rank: int, world_size: int, position: Position) -> None:
         """Rank ``rank`` has every one of its batches before ``position``."""
+        pass_, seq = position
+        if not 0 <= pass_ <= self.times or seq < 0:
+            raise ProtocolError(
+                f"an acknowledgement of batch {seq} of pass {pass_}, but this teacher serves "
+                f"{self.times} pass(es)"
+            )
+        if world_size >= 1 and seq % world_size != rank:
+            raise ProtocolError(f"batch {seq} does not belong to rank {rank} of {world_size}")
         with self._cond:
             self._register(rank, world_size, position)
 
@@ -164,7 +172,7 @@ class ReplayWindow:
                 f"pass {pass_} was asked for, but this teacher serves {self.times} pass(es) "
                 f"(times={self.times})"
             )
-        if seq % world_size != rank:
+        if world_size < 1 or seq < 0 or seq % world_size != rank:
             raise ProtocolError(f"batch {seq} does not belong to rank {rank} of {world_size}")
         with self._cond:
             if (pass_, seq) < self._resume.get(rank, (0, 0)):
