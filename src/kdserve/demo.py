@@ -13,12 +13,14 @@ Uses only the public API. Needs the ``demo`` extra (PyTorch, scikit-learn, matpl
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,14 @@ import numpy as np
 
 import kdserve as kd
 
-__all__ = ["run_demo"]
+__all__ = ["await_child", "run_demo"]
 
 _SEED = 0
 _LABELLED = 30  # images the label-only student may learn from (3 per class)
 _EPOCHS = 40
 _BATCH = 64
+_POLL = 0.5  # seconds between checks of a child process
+_STALL = 600.0  # seconds a child process may go without reporting progress
 
 
 @dataclass
@@ -104,10 +108,13 @@ def _accuracy(predict: Any, data: _Data) -> float:
 
 
 def _serve_mlp_teacher(conn: Connection, token: str, port: int, times: int) -> None:
-    """The online teacher's process: train the MLP, then serve its soft labels."""
+    """The online teacher's process: train the MLP, then serve its soft labels. It tells
+    the parent what it is doing, so that a slow machine is told apart from a hang."""
+    conn.send({"status": "importing PyTorch"})
     import torch
 
     torch.set_num_threads(1)
+    conn.send({"status": "training the MLP teacher"})
     data = _load()
     model = _fit(_mlp(128), data.x_train, data.y_train, steps=300)
     model.eval()
@@ -189,6 +196,37 @@ def _distil(data: _Data, address: str, store: Path, token: str) -> tuple[Any, fl
     return student_model, waited, batches
 
 
+def await_child(
+    conn: Connection, process: BaseProcess, what: str, stall: float = _STALL
+) -> dict[str, Any]:
+    """The first message from a child process that is not a ``{"status": ...}`` report.
+
+    Waits as long as the child is alive and reports progress (each status is shown on
+    stderr); fails at once when it dies, or after ``stall`` seconds without a report
+    once it has reported (starting a process only needs it to be alive).
+    """
+    status, since = "starting", float("inf")
+    while True:
+        message: dict[str, Any] | None = None
+        if conn.poll(_POLL):
+            with contextlib.suppress(EOFError):  # the child closed its end: it is exiting
+                message = conn.recv()
+        if message is not None and "status" not in message:
+            return message
+        if message is not None:
+            status, since = message["status"], time.monotonic()
+            click.echo(f"[demo] {what}: {status}", err=True)
+        elif not process.is_alive():
+            raise kd.TeacherUnavailableError(
+                f"{what} exited (code {process.exitcode}) while {status}; its error is above"
+            )
+        elif time.monotonic() - since > stall:
+            raise kd.TeacherUnavailableError(
+                f"{what} is alive but has not progressed for {stall:g} s (still {status}); is "
+                f"the machine overloaded?"
+            )
+
+
 def run_demo(out: Path | None = None, port: int = 0) -> None:
     """Train, serve, dump, distil; print the table and write the plot."""
     _require_extra()
@@ -209,9 +247,7 @@ def run_demo(out: Path | None = None, port: int = 0) -> None:
     server.start()
     try:
         svm_accuracy = _svm_teacher_store(data, out / "svm-teacher")
-        if not parent.poll(120):
-            raise kd.TeacherUnavailableError("the online teacher's process did not start in 120 s")
-        hello = parent.recv()
+        hello = await_child(parent, server, "the online teacher's process")
         if "error" in hello:
             raise kd.KdserveError(hello["error"])
         student, waited, batches = _distil(data, hello["address"], out / "svm-teacher", token)
