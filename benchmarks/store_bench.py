@@ -12,7 +12,10 @@ plus the int64 ``sample_id`` column) it measures:
   file memory-mapped and fully loaded, the pickle stream, and a plain memcpy;
 * random access latency: one random batch-sized row range with ``StoreReader.read`` +
   ``from_record_batch``, against ``.npy`` mmap slicing and pickle (which must read from
-  the front of the stream to reach batch ``i``).
+  the front of the stream to reach batch ``i``);
+* the cost of checked reads: a first pass over a freshly opened store with
+  ``StoreReader(verify=True)`` (each shard's crc32 checked before its first use) against
+  the same pass with ``verify=False``.
 
 Every reader "touches" what it gets: it sums one value per 4 KiB page of the logits and
 one per page of the sample ids (``--touch full`` sums every value), so lazily mapped
@@ -27,6 +30,7 @@ removed at the end.
 
     python benchmarks/store_bench.py            # full run, under a minute on 2 cores
     python benchmarks/store_bench.py --quick    # smoke test, a few seconds
+    python benchmarks/store_bench.py --checked-read   # only the verify=True cost, seconds
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ R_MEMCPY = "memcpy np.copyto (ref)"
 A_STORE = "kdserve read+from_record_batch"
 A_NPY = "npy mmap slice"
 A_PICKLE = "pickle: load from front to batch i"
+R_CHECKED = "kdserve StoreReader(verify=True)"
+R_UNCHECKED = "kdserve StoreReader(verify=False)"
+CHECKED_TITLE = "first pass, crc32 checked vs not"
 O_STORE = "kdserve StoreReader() + first read"
 O_NPY = "npy header scan + mmap + slice"
 
@@ -267,10 +274,10 @@ def iter_pickle(path: Path) -> Iterator[Arrays]:
                 return
 
 
-def read_store(path: Path, schema: kdserve.Schema, full: bool) -> float:
+def read_store(path: Path, schema: kdserve.Schema, full: bool, verify: bool = False) -> float:
     """Seconds to open the store and read (and touch) every batch in order."""
     t0 = time.perf_counter()
-    reader = kdserve.StoreReader(path)
+    reader = kdserve.StoreReader(path, verify=verify)
     for b in reader.iter_range():
         touch(kdserve.from_record_batch(b, schema), full)
     return time.perf_counter() - t0
@@ -428,13 +435,17 @@ def write_store_nosync(path: Path, case: Case, schema: kdserve.Schema, shard_byt
         return write_store(path, case, schema, shard_bytes)
 
 
+def shard_size(args: argparse.Namespace) -> int:
+    """The store's shard size bound: ``--shard-mb``, else the library's default."""
+    return int(args.shard_mb * MB) if args.shard_mb else DEFAULT_SHARD_BYTES
+
+
 def bench_writes(case: Case, args: argparse.Namespace, files: Files) -> list[Group]:
     """Write throughput; the last repeat's store, .npy and pickle files stay for the reads.
 
     One untimed warm-up round comes first: the first writes after a quiet spell are
     often several times slower on this kind of virtual disk.
     """
-    shard_bytes = int(args.shard_mb * MB) if args.shard_mb else DEFAULT_SHARD_BYTES
     schema = case_schema()
     durable = Group("write, durable (fsync)", "MB/s", [W_STORE, W_NPY, W_PICKLE])
     cached = Group(
@@ -444,14 +455,14 @@ def bench_writes(case: Case, args: argparse.Namespace, files: Files) -> list[Gro
         W_STORE: (
             durable,
             files.store,
-            lambda: write_store(files.store, case, schema, shard_bytes),
+            lambda: write_store(files.store, case, schema, shard_size(args)),
         ),
         W_NPY: (durable, files.npy, lambda: write_npy(files.npy, case, sync=True)),
         W_PICKLE: (durable, files.pkl, lambda: write_pickle(files.pkl, case)),
         W_STORE_NOSYNC: (
             cached,
             files.scratch,
-            lambda: write_store_nosync(files.scratch, case, schema, shard_bytes),
+            lambda: write_store_nosync(files.scratch, case, schema, shard_size(args)),
         ),
         W_NPY_NOSYNC: (cached, files.npy_nosync, lambda: write_npy(files.npy_nosync, case, False)),
     }
@@ -481,6 +492,23 @@ def bench_reads(case: Case, args: argparse.Namespace, files: Files) -> Group:
         R_NPY_LOAD: lambda: read_npy_load(files.npy, len(case.batches), full),
         R_PICKLE: lambda: read_pickle(files.pkl, full),
         R_MEMCPY: lambda: read_memcpy(case, dst, full),
+    }
+    for rep in range(args.repeats):
+        for method in rotate(list(readers), rep):
+            if args.cold:
+                evict(files.cached())
+            group.add(method, case.nbytes / MB / readers[method]())
+    return group
+
+
+def bench_checked_reads(case: Case, args: argparse.Namespace, files: Files) -> Group:
+    """First pass over a freshly opened store, each shard's crc32 checked first or not."""
+    schema = case_schema()
+    full = args.touch == "full"
+    group = Group(CHECKED_TITLE, "MB/s", [R_CHECKED, R_UNCHECKED])
+    readers: dict[str, Callable[[], float]] = {
+        R_CHECKED: lambda: read_store(files.store, schema, full, verify=True),
+        R_UNCHECKED: lambda: read_store(files.store, schema, full, verify=False),
     }
     for rep in range(args.repeats):
         for method in rotate(list(readers), rep):
@@ -540,9 +568,13 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> list[Group]
     """All measurements of one case; leaves nothing behind in ``workdir``."""
     files = Files.under(workdir)
     try:
+        if args.checked_read:  # only what the checked-read comparison needs
+            write_store(files.store, case, case_schema(), shard_size(args))
+            return [bench_checked_reads(case, args, files)]
         writes = bench_writes(case, args, files)
         read = bench_reads(case, args, files)
-        return [*writes, read, *bench_random(case, args, files)]
+        checked = bench_checked_reads(case, args, files)
+        return [*writes, read, checked, *bench_random(case, args, files)]
     finally:
         for p in (files.store, files.npy, files.npy_nosync, files.pkl, files.scratch):
             files.remove(p)
@@ -586,6 +618,8 @@ def goals(results: dict[str, list[Group]]) -> list[tuple[str, bool]]:
     out = []
     for label, groups in results.items():
         by_title = {g.title: g for g in groups}
+        if "write, durable (fsync)" not in by_title:
+            continue
         w = by_title["write, durable (fsync)"]
         ratio = w.median(W_STORE) / w.median(W_NPY)
         out.append(
@@ -608,6 +642,21 @@ def goals(results: dict[str, list[Group]]) -> list[tuple[str, bool]]:
     return out
 
 
+def checked_read_costs(results: dict[str, list[Group]]) -> list[str]:
+    """What checking crc32s costs a first pass: verify=True time over verify=False time."""
+    out = []
+    for label, groups in results.items():
+        for g in groups:
+            if g.title == CHECKED_TITLE:
+                # Medians of MB/s: the time ratio is unchecked over checked throughput.
+                cost = g.median(R_UNCHECKED) / g.median(R_CHECKED)
+                out.append(
+                    f"{label}: a verify=True first pass takes {cost:.2f}x the time of a "
+                    f"verify=False one (median of {len(g.values[R_CHECKED])} repeats)"
+                )
+    return out
+
+
 def default_dir() -> Path:
     """A scratch directory next to the repository (same filesystem as the work tree)."""
     parent = Path(__file__).resolve().parents[2]
@@ -627,13 +676,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold", action="store_true", help="evict files from page cache before reads")
     p.add_argument("--dir", type=Path, default=None, help="scratch parent dir (next to the repo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--checked-read",
+        action="store_true",
+        help="only the StoreReader(verify=True) vs verify=False first-pass comparison",
+    )
     args = p.parse_args(argv)
     for name in ("repeats", "random_reads", "pickle_reads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     quick = args.quick
     args.repeats = args.repeats or (2 if quick else 5)
-    args.total_mb = args.total_mb or (64.0 if quick else 512.0)
+    args.total_mb = args.total_mb or (64.0 if quick else 256.0 if args.checked_read else 512.0)
     args.random_reads = args.random_reads or (50 if quick else 200)
     args.pickle_reads = args.pickle_reads or (2 if quick else 5)
     return args
@@ -672,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for text, ok in goals(results):
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    for text in checked_read_costs(results):
+        print(f"COST  {text}")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     return 0
 
