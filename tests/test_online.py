@@ -363,7 +363,8 @@ def test_student_may_connect_before_the_teacher_serves():
 
     def start() -> None:
         try:
-            s.start()
+            s.start()  # returns at once: messages may flow before the service starts
+            s.get_knowledge_desc()  # waits for the service (the schema)
             started.set()
         except BaseException as exc:
             errors.append(exc)
@@ -376,7 +377,7 @@ def test_student_may_connect_before_the_teacher_serves():
         teacher.start()
         started.wait(0.7)
         assert not errors  # e.g. taking the teacher for one with nothing to merge
-        assert not started.is_set(), "the student started against a teacher with no service"
+        assert not started.is_set(), "the student read a schema from a teacher with no service"
         service = Service(teacher, {"feed_list": FEEDS, "reader_config": reader(), **A})
         assert started.wait(JOIN), errors
         assert s.get_knowledge_desc()["logits"] == {
@@ -431,9 +432,12 @@ def test_wrong_or_missing_token_is_refused_and_the_teacher_keeps_serving(serve, 
         r"teacher guarded: refused a \S+ call with a wrong token", capfd.readouterr().err
     )
 
-    nobody = kd.Student(connect_timeout=5.0)
+    # This teacher was given its token, so it published none for same-host students:
+    # a student without one waits for it (the teacher may be starting), then says so.
+    nobody = kd.Student(connect_timeout=1.0)
+    nobody.register_teacher(in_address=a.address, name="A")
     with pytest.raises(kd.AuthenticationError, match="no token for teacher") as info:
-        nobody.register_teacher(in_address=a.address, name="A")
+        nobody.start()
     assert info.value.teacher == "A"
 
     raw = flight.FlightClient(f"grpc://{a.address}")  # a Flight call with no token at all

@@ -42,6 +42,11 @@ from kdserve.tokens import find_token, is_loopback, split_address, token_path
 
 __all__ = ["TeacherClient", "parse_address"]
 
+
+class _NoTokenYetError(Exception):
+    """No explicit token, and no same-host teacher has published one for the address."""
+
+
 T = TypeVar("T")
 _TRANSIENT = (
     flight.FlightUnavailableError,
@@ -50,6 +55,7 @@ _TRANSIENT = (
     flight.FlightCancelledError,
 )
 TOKEN_ENV = "KDSERVE_TOKEN"
+_NO_MESSAGE = (1 << 53) - 1  # a message index past any teacher's messages
 _MAX_META_BYTES = 64 << 10  # a stream chunk's metadata: a few numbers (and row counts)
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -87,8 +93,10 @@ class TeacherClient:
         self.max_message_bytes = MAX_MESSAGE_BYTES  # until info() tells the teacher's
         self._dropped: list[int] = []  # indices of the teacher's messages found undecodable
         location = parse_address(address, tls_root_certs is not None)
-        token = token or os.environ.get(TOKEN_ENV) or find_token(address)
-        if not token:
+        self._given = token or os.environ.get(TOKEN_ENV)  # an explicit token always wins
+        self._found: str | None = None  # else the token a same-host teacher published
+        host_port = split_address(address)
+        if not self._given and not (host_port and is_loopback(host_port[0])):
             raise AuthenticationError(_no_token(name, address), teacher=name)
         kwargs: dict[str, Any] = {"tls_root_certs": tls_root_certs} if tls_root_certs else {}
         if tls_client_cert is not None:  # mutual TLS: (cert chain, key) PEM
@@ -96,13 +104,39 @@ class TeacherClient:
         # gRPC's own reconnect backoff grows to 120 s: a teacher back after a long outage
         # would go unnoticed for longer than connect_timeout. Cap it like call()'s backoff.
         self._client = flight.FlightClient(location, generic_options=_GRPC_OPTIONS, **kwargs)
-        self._headers = [(b"authorization", f"Bearer {token}".encode())]
 
     def close(self) -> None:
         self._client.close()
 
     def _options(self, timeout: float | None = None) -> flight.FlightCallOptions:
-        return flight.FlightCallOptions(headers=self._headers, timeout=timeout)
+        headers = [(b"authorization", f"Bearer {self._token()}".encode())]
+        return flight.FlightCallOptions(headers=headers, timeout=timeout)
+
+    def _token(self) -> str:
+        """The token to send; _NoTokenYetError while a same-host teacher has published none
+        (it may not have started yet: call() waits for it like for an unreachable one)."""
+        if self._given:
+            return self._given
+        if self._found is None:
+            self._found = find_token(self.address)
+        if self._found is None:
+            raise _NoTokenYetError
+        return self._found
+
+    def _token_changed(self) -> bool:
+        """After a refusal: whether the same-host teacher published another token (it was
+        restarted), which the next attempt then sends."""
+        if self._given:
+            return False
+        fresh = find_token(self.address)
+        changed = fresh is not None and fresh != self._found
+        self._found = fresh
+        return changed
+
+    def ping(self) -> None:
+        """Check that the teacher answers and takes the token (its service may not run
+        yet); waits up to ``connect_timeout`` for it, like every call."""
+        self.action("recv", json.dumps({"after": _NO_MESSAGE, "wait": 0}).encode())
 
     def _fail(self, exc: Exception) -> Exception:
         """The kdserve error for a Flight error that retrying will not cure."""
@@ -127,7 +161,11 @@ class TeacherClient:
         while True:
             try:
                 return fn()
-            except _TRANSIENT as exc:
+            except (*_TRANSIENT, _NoTokenYetError) as exc:
+                if isinstance(exc, _NoTokenYetError) and time.monotonic() + delay > deadline:
+                    raise AuthenticationError(
+                        _no_token(self.name, self.address), teacher=self.name
+                    ) from None
                 if time.monotonic() + delay > deadline:
                     raise TeacherUnavailableError(
                         f"teacher {self.name!r} at {self.address} did not answer ({what}) for "
@@ -138,6 +176,9 @@ class TeacherClient:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+            except flight.FlightUnauthenticatedError as exc:
+                if not self._token_changed():
+                    raise self._fail(exc) from None
             except flight.FlightError as exc:
                 raise self._fail(exc) from None
 

@@ -110,13 +110,20 @@ class _OfflineTeacher:
 
 
 class _OnlineTeacher:
-    """A registered served teacher: its connection, schema and what it serves."""
+    """A registered served teacher: its connection, and (asked for on first use, so that
+    messages flow before its knowledge service starts) its schema and what it serves."""
 
     def __init__(self, name: str, client: TeacherClient) -> None:
         self.name = name
         self.client = client
-        self.info = client.info()
-        self.schema = client.schema() if self.info["stream"] else Schema([])
+
+    @functools.cached_property
+    def info(self) -> dict[str, Any]:
+        return self.client.info()
+
+    @functools.cached_property
+    def schema(self) -> Schema:
+        return self.client.schema() if self.info["stream"] else Schema([])
 
 
 class Student:
@@ -170,6 +177,7 @@ class Student:
         self._teachers: list[_OfflineTeacher | _OnlineTeacher] = []
         self._merger: Merger | None = None  # None after start(): query-only teachers
         self._ready = False  # start() has run
+        self._prepared = False  # every teacher's schema is known and checked
         self._closed = False
         self._epoch = 0
         self._prefetcher: Prefetcher[Knowledge] | None = None  # the latest pass
@@ -220,14 +228,29 @@ class Student:
         return len(self._registered) - 1
 
     def start(self) -> None:
-        """Connect to every teacher; check their knowledge fits together and aligns."""
+        """End registration: open every store and check that the stores align.
+
+        Online teachers must answer and take the token (waited for up to
+        ``connect_timeout``); they are asked for their schema when knowledge is first
+        needed (:meth:`get_knowledge_desc`, a pass, ``len``), so messages can be exchanged
+        with them before their knowledge service starts, as in Pantheon.
+        """
         if self._ready:
             return
         if not self._registered:
             raise KdserveError("register at least one teacher before start()")
-        teachers = [make() for _, make in self._registered]
-        offline = [t for t in teachers if isinstance(t, _OfflineTeacher)]
-        online = [t for t in teachers if isinstance(t, _OnlineTeacher) and t.info["stream"]]
+        self._teachers = [make() for _, make in self._registered]
+        for t in self._teachers:
+            if isinstance(t, _OnlineTeacher):
+                t.client.ping()  # reachable, and the token fits: fail early, not mid-pass
+        if not any(isinstance(t, _OnlineTeacher) for t in self._teachers):
+            self._prepare()  # stores only: every check now
+        self._ready = True
+
+    def _prepare(self) -> None:
+        """Learn what every teacher serves; check their knowledge fits together and aligns."""
+        offline = self._offline()
+        online = self._online()
         if online and self._sampler.shuffle:
             raise KdserveError(
                 "shuffle=True needs offline teachers only: online teachers stream in their "
@@ -236,11 +259,10 @@ class Student:
         if not online:
             for t in offline[1:]:
                 t.align_to(offline[0])
-        merged = [t for t in teachers if t in offline or t in online]
+        merged = [t for t in self._teachers if t in offline or t in online]
         if merged:  # else only query-only teachers: nothing to merge
             self._merger = Merger({t.name: t.schema for t in merged}, self.merge_strategy)
-        self._teachers = teachers
-        self._ready = True
+        self._prepared = True
 
     def _check_ready(self) -> None:
         if self._closed:
@@ -250,6 +272,8 @@ class Student:
 
     def _started(self) -> Merger:
         self._check_ready()
+        if not self._prepared:
+            self._prepare()
         if self._merger is None:
             raise KdserveError(
                 "the registered teachers only answer queries (reader_config=None): there is no "

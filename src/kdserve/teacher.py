@@ -30,7 +30,6 @@ regenerates, from its (deterministic) reader, only the batches its students stil
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import logging
 import os
 import queue
@@ -58,6 +57,7 @@ from kdserve.replay import MIN_WINDOW_BYTES, ReplayWindow, WindowStoppedError
 from kdserve.schema import SAMPLE_ID, Schema
 from kdserve.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.store import DEFAULT_SHARD_BYTES, StoreReader, StoreWriter, stored_rows
+from kdserve.tokens import is_loopback, publish_token, remove_token
 
 __all__ = ["Teacher"]
 
@@ -144,6 +144,7 @@ class Teacher:
         self._overwrite = overwrite  # until the store is first opened
         self._failed: str | None = None  # why the store must stay incomplete
         self._server: TeacherServer | None = None
+        self._token_file: Path | None = None  # the generated token, published for this host
         self._window: ReplayWindow | None = None
         self._schema_lock = threading.Lock()
         self._position = 0  # reader position of the next sample given to dump()/the service
@@ -169,7 +170,7 @@ class Teacher:
     def _start_server(self) -> None:
         assert self.out_port is not None
         if self.token is None:
-            if not _is_loopback(self.host):
+            if not is_loopback(self.host):
                 raise KdserveError(
                     f"teacher {self.name!r} would listen on {self.host} without a token: pass "
                     f"token= or set {TOKEN_ENV} (only 127.0.0.1 gets a generated token)"
@@ -189,7 +190,10 @@ class Teacher:
         if self.name == f"teacher:{self.out_port}":  # the default name: use the real port
             self.name = self._server.name = f"teacher:{self._server.port}"
         self.out_port = self._server.port  # the real port when 0 asked for any
-        token_note = "" if self._token_given else f"; token {self.token}"
+        token_note = ""
+        if not self._token_given:  # students of this user on this host find it by itself
+            self._token_file = publish_token(self.out_port, self.token)
+            token_note = f"; token {self.token} (also in {self._token_file})"
         print(
             f"[kdserve] teacher {self.name} serving on {self.address}{token_note}", file=sys.stderr
         )
@@ -223,6 +227,9 @@ class Teacher:
                     _SHUTDOWN_WAIT,
                 )
             self._server = None
+        if self._token_file is not None:
+            remove_token(self._token_file)
+            self._token_file = None
         with self._idle:
             others = lambda: not (self._services - {threading.get_ident()})  # noqa: E731
             if not self._idle.wait_for(others, timeout=_SERVICE_WAIT):
@@ -726,15 +733,6 @@ def _infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
         return schema
     floats = [f.name for f in schema if f.dtype.kind == "f" and f.dtype.itemsize > 2]
     return schema.with_codecs(dict.fromkeys(floats, "fp16"))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_tls(
