@@ -42,7 +42,7 @@ def run(args):
     print("desc", json.dumps(knowledge_desc, sort_keys=True), flush=True)
     data_generator = student.get_knowledge_generator(batch_size=args.batch_size, drop_last=False)
     for batch_data in data_generator():
-        batch_size = list(batch_data.values())[0].shape[0]
+        batch_size = next(iter(batch_data.values())).shape[0]
         for i in range(batch_size):
             data = {key: batch_data[key][i].tolist() for key in batch_data}
             print("sample", json.dumps(data, sort_keys=True))

@@ -30,7 +30,7 @@ def run(args):
         teacher.send("greetings from teacher1")
         teacher.send({"x": 1, "y": 2})
         teacher.send([3, 5])
-        print("recved {}".format(teacher.recv()), flush=True)
+        print(f"recved {teacher.recv()}", flush=True)
 
     teacher.start_knowledge_service(
         feed_list=["x"],

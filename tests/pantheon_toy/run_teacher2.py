@@ -30,7 +30,7 @@ def run(args):
         teacher.send("greetings from teacher2")
         teacher.send([1])
         teacher.send([1, 2, 3])
-        print("recved {}".format(teacher.recv()), flush=True)
+        print(f"recved {teacher.recv()}", flush=True)
 
     teacher.start_knowledge_service(
         feed_list=["x"],
