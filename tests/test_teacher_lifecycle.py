@@ -186,3 +186,35 @@ def test_schema_as_a_pantheon_mapping_names_each_fields_source(tmp_path):
     assert set(got) == {"sample_id", "inputs", "soft"}
     np.testing.assert_array_equal(got["inputs"], inputs(20))
     np.testing.assert_allclose(got["soft"], inputs(20) @ W, rtol=1e-6)
+
+
+def test_a_repaired_middle_shard_is_regenerated_by_rerunning_the_dump(tmp_path):
+    store = tmp_path / "store"
+    with kd.Teacher(store, shard_bytes=1, progress=False) as teacher:  # a shard per batch
+        teacher.start_knowledge_service(["x"], ["logits"], program, batches(100, 10))
+    middle = kd.StoreReader(store).shards[4].file
+    with open(store / middle, "r+b") as f:  # a truncated shard in the middle of the store
+        f.truncate(100)
+    with (  # resuming finds it and says what to do
+        pytest.raises(kd.StoreError, match="verify --repair"),
+        kd.Teacher(store, progress=False) as teacher,
+    ):
+        teacher.start_knowledge_service(["x"], ["logits"], program, batches(100, 10))
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("kdserve")), "verify", "--repair", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (store / (middle + ".damaged")).exists(), done.stdout + done.stderr
+    with kd.Teacher(store, progress=False) as teacher:  # writes only the 10 missing samples
+        written = teacher.start_knowledge_service(["x"], ["logits"], program, batches(100, 10))
+    assert written == 10
+    reader = kd.StoreReader(store)
+    reader.verify()
+    assert reader.complete and len(reader) == 100
+    got = read_all(store)
+    assert sorted(got["sample_id"].tolist()) == list(range(100))
+    order = np.argsort(got["sample_id"])
+    np.testing.assert_allclose(got["logits"][order], inputs(100) @ W, rtol=1e-6)

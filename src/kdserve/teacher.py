@@ -83,7 +83,7 @@ class _Work:
     pass_: int
     seq: int
     future: Future[pa.RecordBatch] | None  # None: the pass is over (``seq`` batches)
-    store_skip: int = 0  # leading rows the store already holds (all rows: not stored)
+    store: np.ndarray | None = None  # which rows to write (None: none; the store has them)
     online: bool = False  # whether a student still needs it
 
 
@@ -347,11 +347,14 @@ class Teacher:
                 return self._writer.rows
         return stored_rows(self.out_path) if self.out_path else 0
 
-    def _skip(self, n: int) -> int:
-        """Advance the reader position by a batch of ``n``; return how many of it are stored."""
-        skip = min(max(self._resume_rows - self._position, 0), n)
-        self._position += n
-        return skip
+    def _to_store(self, ids: np.ndarray) -> np.ndarray | None:
+        """Which of a batch's samples the store still needs (by id: a resumed or repaired
+        store is completed whatever its gaps); None when it holds them all."""
+        with self._writer_lock:
+            if self._writer is None and self.schema is None:
+                return np.ones(len(ids), bool)  # nothing is stored before the first batch
+            missing = ~self._store().holds(ids)
+        return missing if missing.any() else None
 
     # -- offline: dump --------------------------------------------------------------
 
@@ -373,9 +376,10 @@ class Teacher:
         self._publish_schema(self.schema or Schema.from_arrays(data))
         assert self.schema is not None
         batch = to_record_batch(data, self.schema, ids)
-        skip = self._skip(n)
-        if skip < n:
-            self._write(batch.slice(skip))
+        self._position += n
+        rows = self._to_store(ids)
+        if rows is not None:
+            self._write(_rows(batch, rows))
 
     # -- the service ----------------------------------------------------------------
 
@@ -523,24 +527,24 @@ class Teacher:
                         count += 1
                         n = _batch_length(feed)
                         position = self._position
-                        skip = self._skip(n)  # advances the position: sample ids need it
-                        store_skip = skip if p == 0 and self.out_path else n
+                        self._position += n
                         ids = feed.get(SAMPLE_ID)
                         ids = np.arange(position, position + n) if ids is None else np.asarray(ids)
                         early = None  # the first batch's knowledge: students need the schema
                         if self.schema is None:
                             early = encode.first(feed)
+                        store = self._to_store(ids) if p == 0 and self.out_path else None
                         if window is not None and seq == 0 and p == 0:
                             window.wait_for_students(self.student_grace)
                         needed = window is not None and window.needed((p, seq))
-                        if store_skip < n or needed:
+                        if store is not None or needed:
                             if early is not None:
                                 future = pool.submit(encode.batch, early, ids)
                             elif concurrent:  # several model replicas run at once
                                 future = pool.submit(encode.infer_batch, feed, ids)
                             else:
                                 future = pool.submit(encode.batch, encode.infer(feed), ids)
-                            yield _Work(p, seq, future, store_skip, needed)
+                            yield _Work(p, seq, future, store, needed)
                     if count == 0 and p == 0:
                         raise SchemaError("the reader yielded no batches; check reader_config")
                     if count == 0:
@@ -568,12 +572,14 @@ class Teacher:
                     self._window.end_pass(item.pass_, item.seq)
                     continue
                 batch = item.future.result()
-                if item.store_skip < batch.num_rows:
-                    self._write(batch.slice(item.store_skip))
+                stored = 0
+                if item.store is not None:
+                    self._write(_rows(batch, item.store))
+                    stored = int(item.store.sum())
                 if item.online:
                     assert self._window is not None
                     self._window.put((item.pass_, item.seq), batch)
-                rows = batch.num_rows if item.online else batch.num_rows - item.store_skip
+                rows = batch.num_rows if item.online else stored
                 delivered += rows
                 bar.update(rows)
         return delivered
@@ -710,6 +716,11 @@ def _knowledge_names(
     if bad:
         raise SchemaError(f"schema field names must be non-empty strings, got {bad[0]!r}")
     return names, sources
+
+
+def _rows(batch: pa.RecordBatch, mask: np.ndarray) -> pa.RecordBatch:
+    """The rows of ``batch`` that ``mask`` selects (the batch itself when it selects all)."""
+    return batch if mask.all() else batch.filter(pa.array(mask))
 
 
 def _batch_length(data: Mapping[str, Any]) -> int:
