@@ -14,6 +14,8 @@
     do_action("info")     name, times, what the teacher serves, its message size limit
     do_action("send")     a student's message to the teacher
     do_action("recv")     the teacher's messages after an index (long poll)
+    do_action("rows")     each rank's rows in a pass, once it is over (students even
+                          data-parallel shares with it)
     do_exchange("query")  input batches in, knowledge batches out (query mode)
 
 Requests, field by field (JSON objects; any other field, a missing one, a wrong type or
@@ -419,6 +421,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             ("schema", "the knowledge schema, Arrow IPC serialized"),
             ("send", "a student's message to the teacher"),
             ("recv", "the teacher's messages after an index"),
+            ("rows", "each data-parallel rank's rows in a pass, once it is over"),
         ]
 
     @_guarded
@@ -465,7 +468,18 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             return iter([])
         if kind == "recv":
             return iter([flight.Result(m) for m in self._messages_after(data)])
+        if kind == "rows":
+            return iter([flight.Result(json.dumps(self._rank_rows(data)).encode())])
         raise ProtocolError(f"unknown action {_short(kind)}")
+
+    def _rank_rows(self, data: bytes) -> list[int] | None:
+        """Each rank's rows in a pass (None until the pass is over: the client asks again)."""
+        spec = _spec(data, "rows request", {"pass", "world_size"}, set(), self.max_request_bytes)
+        if self.window is None:
+            raise ProtocolError(f"teacher {self.name!r} serves queries only; it has no passes")
+        world = _int(spec, "world_size", "rows request", 1, MAX_WORLD_SIZE)
+        pass_ = _int(spec, "pass", "rows request", 0, self.window.times - 1)
+        return self.window.rank_rows(pass_, world, MAX_MESSAGE_WAIT)
 
     def _receive(self, data: bytes, context: Any) -> None:
         """Queue a student's message for the teacher, or refuse it (logged, naming the
@@ -476,7 +490,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             )
         except ProtocolError as exc:
             log.warning("teacher %s: dropped a message from %s: %s", self.name, _peer(context), exc)
-            raise ProtocolError(f"teacher {self.name!r} dropped your message: {exc}") from None
+            raise ProtocolError(f"message refused and dropped: {exc}") from None
         if not self.inbox.offer((sender, message), len(data)):
             raise flight.FlightUnavailableError(
                 f"kdserve: teacher {self.name!r} has {self.inbox.bytes} bytes of messages it "
