@@ -22,7 +22,15 @@ from pathlib import Path
 
 from kdserve.errors import KdserveError
 
-__all__ = ["find_token", "publish_token", "remove_token", "token_dir", "token_path"]
+__all__ = [
+    "find_token",
+    "is_loopback",
+    "publish_token",
+    "remove_token",
+    "split_address",
+    "token_dir",
+    "token_path",
+]
 
 _RUNTIME_ENV = "XDG_RUNTIME_DIR"
 _MAX_TOKEN_CHARS = 4096
