@@ -575,7 +575,9 @@ def test_data_parallel_students_share_every_pass(serve, world):
     positions = A | {"feed_list": ["x", "label"]}  # ids: reader positions, in every pass
     a = served(serve, positions, times=2, student_grace=5.0)
     results = run_ranks(
-        lambda r: student([("A", a)], rank=r, world_size=world), ranks=world, passes=2
+        lambda r: student([("A", a)], rank=r, world_size=world, even_ranks="none"),
+        ranks=world,
+        passes=2,
     )
     for p in range(2):
         shares = [ids_of(results[r][p]) for r in range(world)]
@@ -595,7 +597,9 @@ def test_rank_and_world_size_default_to_the_environment(serve, monkeypatch):
 
     def make(rank: int) -> kd.Student:
         # Rank 1 from RANK/WORLD_SIZE; rank 0 given explicitly (over the environment).
-        return student([("A", a)]) if rank == 1 else student([("A", a)], rank=0, world_size=2)
+        if rank == 1:
+            return student([("A", a)], even_ranks="none")
+        return student([("A", a)], rank=0, world_size=2, even_ranks="none")
 
     results = run_ranks(make, ranks=2, passes=1)
     np.testing.assert_array_equal(ids_of(results[1][0]), teacher_batches(1, 2))

@@ -166,3 +166,42 @@ def test_an_online_batch_repeating_an_id_is_refused(online_teacher):
     with pytest.raises(kd.AlignmentError, match=r"\[3\] more than once"):
         list(student.get_knowledge_generator(batch_size=10)())
     student.close()
+
+
+@pytest.mark.parametrize("even", ["pad", "drop"])
+def test_uneven_rows_give_every_rank_the_same_batches_online(online_teacher, even):
+    # 1001 rows in teacher batches of 250 (4 full + 1 row): rank 0 gets 3 batches (501
+    # rows), rank 1 two (500 rows); in student batches of 500 that is 2 and 1 batches.
+    x = np.arange(1001, dtype=np.float32)[:, None]
+    teacher = online_teacher([(x[i : i + 250],) for i in range(0, 1001, 250)], ["x"])
+    results: dict[int, list[dict[str, np.ndarray]]] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            student = kd.Student(
+                rank=r, world_size=2, even_ranks=even, token=TOKEN, connect_timeout=20
+            )
+            student.register_teacher(in_address=teacher.address)
+            student.start()
+            results[r] = list(student.get_knowledge_generator(batch_size=500)())
+            student.close()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert len(results[0]) == len(results[1])  # no rank waits for another in a collective
+    ids = [np.concatenate([b["sample_id"] for b in results[r]]) for r in (0, 1)]
+    for r in (0, 1):
+        for b in results[r]:
+            np.testing.assert_array_equal(b["y"][:, 0], b["sample_id"] * 2)
+    both = np.concatenate(ids)
+    if even == "pad":
+        assert [len(i) for i in ids] == [501, 501] and set(both.tolist()) == set(range(1001))
+    else:
+        assert [len(i) for i in ids] == [500, 500] and len(set(both.tolist())) == 1000

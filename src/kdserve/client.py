@@ -253,9 +253,15 @@ class TeacherClient:
         self.action("ack", json.dumps(spec).encode())
 
     def stream_pass(
-        self, pass_: int, rank: int, world_size: int, ack_every: int
+        self,
+        pass_: int,
+        rank: int,
+        world_size: int,
+        ack_every: int,
+        shares: list[int] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """This rank's batches of pass ``pass_``, resumed across broken connections."""
+        """This rank's batches of pass ``pass_``, resumed across broken connections. At
+        the end of the pass, ``shares`` (if given) is set to every rank's rows."""
         seq = rank  # the next batch this rank needs
         since_ack = 0
         while True:
@@ -275,6 +281,10 @@ class TeacherClient:
                             f"teacher {self.name!r} sent batch {meta} while pass {pass_}, "
                             f"batch {seq}, part {len(parts)} was expected"
                         )
+                    if "shares" in meta:  # the end of this rank's pass
+                        if shares is not None:
+                            shares[:] = meta["shares"]
+                        continue
                     parts.append(chunk.data)
                     if len(parts) < meta["parts"]:
                         continue
@@ -315,15 +325,15 @@ class TeacherClient:
         keys = {"pass", "seq", "part", "parts"}
         if (
             not isinstance(meta, dict)
-            or not keys <= set(meta) <= keys | {"rows"}
+            or not keys <= set(meta) <= keys | {"rows", "shares"}
             or not all(type(meta[k]) is int and meta[k] >= 0 for k in keys)
             or meta["parts"] < 1
-            or (
-                "rows" in meta
+            or any(
+                k in meta
                 and not (
-                    isinstance(meta["rows"], list)
-                    and all(type(r) is int and r >= 0 for r in meta["rows"])
+                    isinstance(meta[k], list) and all(type(r) is int and r >= 0 for r in meta[k])
                 )
+                for k in ("rows", "shares")
             )
         ):
             raise ProtocolError(f"{what} is malformed: {raw[:100]!r}")

@@ -47,6 +47,7 @@ class ReplayWindow:
         self._batches: dict[Position, pa.RecordBatch] = {}
         self._bytes = 0  # held by the batches in the window
         self._ends: dict[int, int] = {}  # pass -> number of batches, once the pass is over
+        self._rows: dict[int, dict[int, int]] = {}  # pass -> seq -> rows of that batch
         self._resume: dict[int, Position] = {}  # rank -> next position it needs
         self._world: int | None = None
         self._first_request: float | None = None
@@ -113,11 +114,29 @@ class ReplayWindow:
                 self._bytes += batch.nbytes
                 self._cond.notify_all()
 
+    def count_rows(self, position: Position, rows: int) -> None:
+        """Batch ``position`` has ``rows`` rows (counted for every batch, needed or not, so
+        that :meth:`rank_rows` knows each rank's share even after a restart)."""
+        with self._cond:
+            self._rows.setdefault(position[0], {})[position[1]] = rows
+
     def end_pass(self, pass_: int, batches: int) -> None:
         """Pass ``pass_`` is over: it has ``batches`` batches."""
         with self._cond:
             self._ends[pass_] = batches
             self._cond.notify_all()
+
+    def rank_rows(self, pass_: int, world_size: int, timeout: float) -> list[int] | None:
+        """Rows each of ``world_size`` ranks gets in pass ``pass_``, once the pass is over
+        (None if it is not within ``timeout`` seconds): students even their shares."""
+        with self._cond:
+            if not self._wait(lambda: pass_ in self._ends, time.monotonic() + timeout):
+                return None
+            rows = self._rows.get(pass_, {})
+            totals = [0] * world_size
+            for seq in range(self._ends[pass_]):
+                totals[seq % world_size] += rows.get(seq, 0)
+            return totals
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until every rank has acknowledged the end of the last pass."""

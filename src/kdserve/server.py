@@ -14,8 +14,6 @@
     do_action("info")     name, times, what the teacher serves, its message size limit
     do_action("send")     a student's message to the teacher
     do_action("recv")     the teacher's messages after an index (long poll)
-    do_action("rows")     each rank's rows in a pass, once it is over (students even
-                          data-parallel shares with it)
     do_exchange("query")  input batches in, knowledge batches out (query mode)
 
 Requests, field by field (JSON objects; any other field, a missing one, a wrong type or
@@ -372,7 +370,9 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
             items = batches if first is None else _chain(first, batches)
             group: list[tuple[int, pa.RecordBatch]] = []  # small batches sent as one message
+            end = seq  # the rank's next batch; past its last one when the pass is over
             for s, batch in items:
+                end = s + world
                 if batch.nbytes >= self.chunk_bytes:
                     yield from _message(pass_, group)
                     group = []
@@ -387,6 +387,12 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
                     yield from _message(pass_, group)  # never wait with batches held
                     group = []
             yield from _message(pass_, group)
+            # The pass is over for this rank: an empty batch tells it every rank's rows, so
+            # that data-parallel students can even their shares.
+            shares = window.rank_rows(pass_, world, 0.0) or []
+            end_meta = {"pass": pass_, "seq": end, "part": 0, "parts": 1, "shares": shares}
+            empty = pa.RecordBatch.from_pylist([], schema=self.schema)
+            yield empty, pa.py_buffer(json.dumps(end_meta).encode())
 
         # A stopped window mid-stream is not a normal end: the student must not take it
         # for the end of the pass (it gets "unavailable" and asks again).
@@ -421,7 +427,6 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             ("schema", "the knowledge schema, Arrow IPC serialized"),
             ("send", "a student's message to the teacher"),
             ("recv", "the teacher's messages after an index"),
-            ("rows", "each data-parallel rank's rows in a pass, once it is over"),
         ]
 
     @_guarded
@@ -468,18 +473,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             return iter([])
         if kind == "recv":
             return iter([flight.Result(m) for m in self._messages_after(data)])
-        if kind == "rows":
-            return iter([flight.Result(json.dumps(self._rank_rows(data)).encode())])
         raise ProtocolError(f"unknown action {_short(kind)}")
-
-    def _rank_rows(self, data: bytes) -> list[int] | None:
-        """Each rank's rows in a pass (None until the pass is over: the client asks again)."""
-        spec = _spec(data, "rows request", {"pass", "world_size"}, set(), self.max_request_bytes)
-        if self.window is None:
-            raise ProtocolError(f"teacher {self.name!r} serves queries only; it has no passes")
-        world = _int(spec, "world_size", "rows request", 1, MAX_WORLD_SIZE)
-        pass_ = _int(spec, "pass", "rows request", 0, self.window.times - 1)
-        return self.window.rank_rows(pass_, world, MAX_MESSAGE_WAIT)
 
     def _receive(self, data: bytes, context: Any) -> None:
         """Queue a student's message for the teacher, or refuse it (logged, naming the

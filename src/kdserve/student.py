@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from kdserve.batch import Knowledge, from_record_batch, to_record_batch
 from kdserve.client import TeacherClient
-from kdserve.errors import AlignmentError, KdserveError, StoreError
+from kdserve.errors import AlignmentError, KdserveError, ProtocolError, StoreError
 from kdserve.idset import IdSet
 from kdserve.merge import Merger, StrategySpec
 from kdserve.prefetch import Prefetcher
@@ -370,17 +370,11 @@ class Student:
                     f"teacher {t.name!r} serves {t.info['times']} pass(es) (its times=); this "
                     f"would be pass {epoch + 1}"
                 )
-        rank, world = self._sampler.rank, self._sampler.world_size
         # Each teacher is read by its own thread, buf_size batches ahead: network reads of
         # several teachers overlap, and a slow student still slows them all down.
         streams = [
             Prefetcher(
-                functools.partial(
-                    rebatch,
-                    t.client.stream_pass(epoch, rank, world, max(1, t.info["buf_size"] // 2)),
-                    batch_size,
-                    drop_last,
-                ),
+                functools.partial(rebatch, self._online_share(t, epoch), batch_size, drop_last),
                 self.buf_size,
                 f"kdserve-{t.name}",
             )
@@ -392,6 +386,63 @@ class Student:
             for stream in streams:
                 stream.close()
 
+    def _online_share(self, teacher: _OnlineTeacher, epoch: int) -> Iterator[pa.RecordBatch]:
+        """This rank's batches of an online teacher's pass: repeated sample ids refused;
+        with several ranks, evened to the others' shares (``even_ranks``) once the pass
+        is over, since the teacher deals whole batches to ranks in turn."""
+        rank, world = self._sampler.rank, self._sampler.world_size
+        even = self._sampler.even if world > 1 else "none"
+        ack_every = max(1, teacher.info["buf_size"] // 2)
+        seen = IdSet()
+        rows = 0
+        first: pa.RecordBatch | None = None  # padding repeats this rank's first rows
+        held: pa.RecordBatch | None = None  # dropping may cut the last batch
+        shares: list[int] = []  # every rank's rows, told at the end of the pass
+        for batch in teacher.client.stream_pass(epoch, rank, world, ack_every, shares):
+            ids = batch.column(0).to_numpy()
+            where = f"a batch of online teacher {teacher.name!r}"
+            _refuse_repeats(ids, where, teacher.name)
+            again = ids[seen.contains(ids)]
+            if len(again):
+                raise AlignmentError(
+                    f"online teacher {teacher.name!r} sent sample id(s) {again[:5].tolist()} "
+                    f"twice in pass {epoch}: each sample must appear once per pass; fix the "
+                    f"teacher's reader or its sample_id feed",
+                    teachers=(teacher.name, teacher.name),
+                    sample_ids=(int(again[0]), int(again[0])),
+                )
+            seen.add(ids)
+            rows += batch.num_rows
+            first = batch if first is None else first
+            ready: pa.RecordBatch | None = batch
+            if even == "drop":  # one batch behind: the last one may have to be cut
+                ready, held = held, batch
+            if ready is not None:
+                yield ready
+        if even == "none":
+            return
+        if len(shares) != world:
+            raise ProtocolError(
+                f"online teacher {teacher.name!r} ended pass {epoch} without telling the "
+                f"ranks' shares (got {shares}); is it an older kdserve? Use even_ranks='none'"
+            )
+        if even == "pad":
+            missing = max(shares) - rows
+            while missing > 0 and first is not None:
+                piece = first.slice(0, missing)
+                yield piece
+                missing -= piece.num_rows
+        elif held is not None:
+            keep = held.num_rows - (rows - min(shares))
+            if keep < 0:
+                raise KdserveError(
+                    f"online teacher {teacher.name!r}'s batches differ too much in size for "
+                    f"even_ranks='drop' (rank {rank} has {rows} rows, the smallest share is "
+                    f"{min(shares)}); use even_ranks='pad' or batches of one size"
+                )
+            if keep:
+                yield held.slice(0, keep)
+
     def _merge_online(
         self,
         online: list[_OnlineTeacher],
@@ -399,7 +450,6 @@ class Student:
         epoch: int,
     ) -> Iterator[Knowledge]:
         driver = online[0]
-        seen = IdSet()  # the driver's ids so far in this pass
         for batches in itertools.zip_longest(*streams):
             if any(b is None for b in batches):
                 short = [t.name for t, b in zip(online, batches, strict=True) if b is None]
@@ -411,17 +461,6 @@ class Student:
                 )
             by_name = {t.name: b for t, b in zip(online, batches, strict=True)}
             ids = by_name[driver.name].column(0).to_numpy()
-            _refuse_repeats(ids, f"a batch of online teacher {driver.name!r}", driver.name)
-            again = ids[seen.contains(ids)]
-            if len(again):
-                raise AlignmentError(
-                    f"online teacher {driver.name!r} sent sample id(s) {again[:5].tolist()} "
-                    f"twice in pass {epoch}: each sample must appear once per pass; fix the "
-                    f"teacher's reader or its sample_id feed",
-                    teachers=(driver.name, driver.name),
-                    sample_ids=(int(again[0]), int(again[0])),
-                )
-            seen.add(ids)
             for store in self._offline():
                 by_name[store.name] = store.reader.take(store.rows_for(ids, driver.name))
             yield self._merge(by_name)

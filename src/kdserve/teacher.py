@@ -536,6 +536,8 @@ class Teacher:
                         store = self._to_store(ids) if p == 0 and self.out_path else None
                         if window is not None and seq == 0 and p == 0:
                             window.wait_for_students(self.student_grace)
+                        if window is not None:
+                            window.count_rows((p, seq), n)
                         needed = window is not None and window.needed((p, seq))
                         if store is not None or needed:
                             if early is not None:
