@@ -205,3 +205,19 @@ def test_uneven_rows_give_every_rank_the_same_batches_online(online_teacher, eve
         assert [len(i) for i in ids] == [501, 501] and set(both.tolist()) == set(range(1001))
     else:
         assert [len(i) for i in ids] == [500, 500] and len(set(both.tolist())) == 1000
+
+
+def test_verify_checks_each_shard_before_its_first_use(tmp_path):
+    store = make_store(tmp_path / "store", 300)
+    shard = store / kd.StoreReader(store).shards[-1].file
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the crc32 tells
+    shard.write_bytes(bytes(data))
+    unchecked = kd.Student()
+    unchecked.register_teacher(in_path=store)
+    unchecked.start()  # sizes match: opens
+    checked = kd.Student(verify=True)
+    checked.register_teacher(in_path=store)
+    with pytest.raises(kd.StoreError, match="crc32"):
+        checked.start()
+        list(checked.get_knowledge_generator(batch_size=100)())

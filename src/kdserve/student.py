@@ -50,9 +50,9 @@ __all__ = ["Student"]
 class _OfflineTeacher:
     """A registered store, and how its rows map onto the reference order."""
 
-    def __init__(self, name: str, path: str, allow_incomplete: bool) -> None:
+    def __init__(self, name: str, path: str, allow_incomplete: bool, verify: bool) -> None:
         self.name = name
-        self.reader = StoreReader(path)
+        self.reader = StoreReader(path, verify=verify)
         self.schema = self.reader.schema
         if not self.reader.complete and not allow_incomplete:
             raise StoreError(
@@ -141,6 +141,7 @@ class Student:
     with different batch counts).
     ``token`` (or ``KDSERVE_TOKEN``), ``tls_root_certs`` and ``connect_timeout`` apply
     to online teachers; ``buf_size`` batches are prefetched in the background.
+    ``verify=True`` checks each store shard's crc32 once, before its first use.
     """
 
     def __init__(
@@ -157,6 +158,7 @@ class Student:
         token: str | None = None,
         tls_root_certs: bytes | None = None,
         connect_timeout: float = 60.0,
+        verify: bool = False,
     ) -> None:
         env_rank, env_world = Sampler.world_from_env()
         self._sampler = Sampler(
@@ -172,6 +174,7 @@ class Student:
         self.token = token
         self.tls_root_certs = tls_root_certs
         self.connect_timeout = connect_timeout
+        self.verify = verify
         self.id = uuid.uuid4().hex
         self._registered: list[tuple[str, Callable[[], _OfflineTeacher | _OnlineTeacher]]] = []
         self._teachers: list[_OfflineTeacher | _OnlineTeacher] = []
@@ -213,7 +216,10 @@ class Student:
         if in_path is not None:
             path = os.fspath(in_path)
             self._registered.append(
-                (teacher_name, lambda: _OfflineTeacher(teacher_name, path, allow_incomplete))
+                (
+                    teacher_name,
+                    lambda: _OfflineTeacher(teacher_name, path, allow_incomplete, self.verify),
+                )
             )
         else:
             address = str(in_address)
