@@ -258,7 +258,7 @@ _BUFFERED = pytest.mark.xfail(
     reason=(
         "gRPC (inside pyarrow) receives a unary request message whole before Flight "
         "middleware or the handler runs, and pyarrow 26 offers no server option to bound "
-        "it (see kdserve.server's docstring); measured about +680 MB. Use mutual TLS "
+        "it (see kdserve.server's docstring); measured about +700 MB. Use mutual TLS "
         "(test_mutual_tls_...) beyond loopback."
     ),
 )

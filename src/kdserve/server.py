@@ -56,7 +56,7 @@ way to bound it: Arrow's gRPC server calls ``SetMaxReceiveMessageSize(-1)``, pya
 arguments), no environment variable of gRPC core sets the limit, and gRPC itself
 enforces ``grpc.max_receive_message_length`` only once the message is buffered
 (grpc/grpc#43012). A 300 MB do_action body without a token raises the teacher's peak RSS
-by about 680 MB before it is refused. What this module does: it never copies a body into
+by about 700 MB before it is refused. What this module does: it never copies a body into
 Python before checking its size (``action.body`` is a zero-copy buffer), and it offers
 mutual TLS (``tls_client_ca``): a client without a certificate from that CA is refused
 during the TLS handshake, before any HTTP/2 frame, so an unauthenticated peer makes the
