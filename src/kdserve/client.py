@@ -415,6 +415,7 @@ class _QueryWrite:
         self.finished = threading.Event()
 
     def run(self) -> None:
+        done = False  # done_writing() called: gRPC aborts the process on a second call
         try:
             begun = False
             for batch in self.batches:
@@ -426,11 +427,13 @@ class _QueryWrite:
                     begun = True
                 self.writer.write_batch(batch)
                 self.sent += 1
+            done = True
             self.writer.done_writing()
         except BaseException as exc:  # handed to the reading side
             self.failure.append(exc)
             # End the exchange, so a read waiting for results that will not come returns.
-            with contextlib.suppress(pa.ArrowException, OSError):
-                self.writer.done_writing()
+            if not done:
+                with contextlib.suppress(pa.ArrowException, OSError):
+                    self.writer.done_writing()
         finally:
             self.finished.set()

@@ -139,7 +139,8 @@ class Student:
     largest share, ``"drop"`` leaves out the few samples past the smallest share, and
     ``"none"`` gives uneven shares (which deadlocks a DDP job whose ranks end a pass
     with different batch counts).
-    ``token`` (or ``KDSERVE_TOKEN``), ``tls_root_certs`` and ``connect_timeout`` apply
+    ``token`` (or ``KDSERVE_TOKEN``), ``tls_root_certs``, ``tls_client_cert`` (the
+    (cert, key) PEM pair a mutual-TLS teacher asks for) and ``connect_timeout`` apply
     to online teachers; ``buf_size`` batches are prefetched in the background.
     ``verify=True`` checks each store shard's crc32 once, before its first use.
     """
@@ -157,6 +158,7 @@ class Student:
         buf_size: int = 8,
         token: str | None = None,
         tls_root_certs: bytes | None = None,
+        tls_client_cert: tuple[bytes, bytes] | None = None,
         connect_timeout: float = 60.0,
         verify: bool = False,
     ) -> None:
@@ -173,6 +175,7 @@ class Student:
         self.buf_size = buf_size
         self.token = token
         self.tls_root_certs = tls_root_certs
+        self.tls_client_cert = tls_client_cert
         self.connect_timeout = connect_timeout
         self.verify = verify
         self.id = uuid.uuid4().hex
@@ -228,6 +231,7 @@ class Student:
                 name=teacher_name,
                 token=token or self.token,
                 tls_root_certs=tls_root_certs or self.tls_root_certs,
+                tls_client_cert=self.tls_client_cert,
                 connect_timeout=self.connect_timeout,
             )
             self._registered.append((teacher_name, lambda: _OnlineTeacher(teacher_name, client)))

@@ -96,9 +96,12 @@ class Teacher:
     samples/s bar (None: only on a terminal).
 
     Online, every call needs ``token`` (or ``KDSERVE_TOKEN``); without one the teacher
-    makes one and prints it. It binds ``host`` (127.0.0.1 by default) and refuses any
+    makes one, prints it and publishes it for students of its user on this host (a 0600
+    file, see :mod:`kdserve.tokens`). It binds ``host`` (127.0.0.1 by default) and refuses any
     other address without an explicit token. ``tls_cert``/``tls_key`` (PEM bytes or
-    paths) turn on TLS. The teacher runs up to ``buf_size`` batches ahead of its
+    paths) turn on TLS; ``tls_client_ca`` also asks every student for a certificate
+    signed by that CA (mutual TLS), which refuses strangers before they send a byte.
+    The teacher runs up to ``buf_size`` batches ahead of its
     students, or ``window_bytes`` (64 MiB) when its batches are smaller than that in
     all; each batch travels in slices of ``chunk_bytes`` (16 MiB).
     """
@@ -112,6 +115,7 @@ class Teacher:
         token: str | None = None,
         tls_cert: bytes | str | os.PathLike[str] | None = None,
         tls_key: bytes | str | os.PathLike[str] | None = None,
+        tls_client_ca: bytes | str | os.PathLike[str] | None = None,
         name: str | None = None,
         model: str | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -138,6 +142,7 @@ class Teacher:
         self.token = token or os.environ.get(TOKEN_ENV)
         self._token_given = self.token is not None
         self._tls = _read_tls(tls_cert, tls_key)
+        self._client_ca = _pem(tls_client_ca) if tls_client_ca is not None else None
         self.schema: Schema | None = None
         self._writer: StoreWriter | None = None  # open while a dump is in progress
         self._writer_lock = threading.RLock()  # one thread writes, completes or closes
@@ -185,6 +190,7 @@ class Teacher:
             window=None,
             query=None,
             tls=self._tls,
+            tls_client_ca=self._client_ca,
             chunk_bytes=self.chunk_bytes,
         )
         if self.name == f"teacher:{self.out_port}":  # the default name: use the real port
@@ -755,7 +761,9 @@ def _read_tls(
         return None
     if cert is None or key is None:
         raise KdserveError("TLS needs both tls_cert= and tls_key= (PEM bytes or file paths)")
-    return (
-        cert if isinstance(cert, bytes) else Path(cert).read_bytes(),
-        key if isinstance(key, bytes) else Path(key).read_bytes(),
-    )
+    return _pem(cert), _pem(key)
+
+
+def _pem(value: bytes | str | os.PathLike[str]) -> bytes:
+    """PEM bytes, given as bytes or as a file path."""
+    return value if isinstance(value, bytes) else Path(value).read_bytes()
