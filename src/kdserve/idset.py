@@ -10,9 +10,18 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["IdSet"]
+__all__ = ["IdSet", "repeats"]
 
 _EMPTY = np.zeros(0, np.int64)
+
+
+def repeats(ids: np.ndarray) -> np.ndarray:
+    """The ids that occur more than once in ``ids``, sorted (no sort when they increase,
+    the usual order of a dump or a stream)."""
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return _EMPTY
+    ordered = np.sort(ids)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
 
 
 def _runs_of(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from kdserve.batch import concat_batches
 from kdserve.errors import AlignmentError, SchemaError, StoreError, StoreLockedError
-from kdserve.idset import IdSet
+from kdserve.idset import IdSet, repeats
 from kdserve.sampler import Block
 from kdserve.schema import Schema
 
@@ -548,10 +548,7 @@ class StoreWriter:
     def _check_new(self, ids: np.ndarray) -> None:
         """AlignmentError if ``ids`` repeat an id of the store or one of their own."""
         held = self._ids.contains(ids)
-        inside = np.zeros(0, np.int64)
-        if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):
-            ordered = np.sort(ids)
-            inside = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+        inside = repeats(ids)
         if not held.any() and len(inside) == 0:
             return
         stored = np.unique(ids[held])

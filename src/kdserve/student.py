@@ -36,7 +36,7 @@ import pyarrow as pa
 from kdserve.batch import Knowledge, from_record_batch, to_record_batch
 from kdserve.client import TeacherClient
 from kdserve.errors import AlignmentError, KdserveError, ProtocolError, StoreError
-from kdserve.idset import IdSet
+from kdserve.idset import IdSet, repeats
 from kdserve.merge import Merger, StrategySpec
 from kdserve.prefetch import Prefetcher
 from kdserve.rebatch import rebatch
@@ -538,10 +538,7 @@ class Student:
 
 def _refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
     """AlignmentError naming the first ids that ``where`` holds more than once."""
-    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):  # increasing: the usual case
-        return
-    ordered = np.sort(ids)
-    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    repeated = repeats(ids)
     if len(repeated):
         raise AlignmentError(
             f"{where} holds sample id(s) {repeated[:5].tolist()} more than once "

@@ -356,9 +356,9 @@ class Teacher:
     def _to_store(self, ids: np.ndarray) -> np.ndarray | None:
         """Which of a batch's samples the store still needs (by id: a resumed or repaired
         store is completed whatever its gaps); None when it holds them all."""
+        if not self._resume_rows:  # a new store holds only new ids: no lock, no lookup
+            return np.ones(len(ids), bool)
         with self._writer_lock:
-            if self._writer is None and self.schema is None:
-                return np.ones(len(ids), bool)  # nothing is stored before the first batch
             missing = ~self._store().holds(ids)
         return missing if missing.any() else None
 
@@ -472,8 +472,9 @@ class Teacher:
             with self._idle:
                 self._services.discard(threading.get_ident())
                 self._idle.notify_all()
-            if self._closed.is_set() or self._failed is not None:
-                self._finish_store()
+            # Durable now, and complete unless it failed or close() stopped it: Pantheon
+            # code calls no close().
+            self._finish_store()
 
     def _serve(
         self,
@@ -485,7 +486,7 @@ class Teacher:
         threads: int,
         concurrent: bool,
     ) -> int:
-        """The pipeline of one service call; completes the store when it succeeds."""
+        """The pipeline of one service call; records why it failed, if it did."""
         work = self._produce(feed_list, reader_config, encode, times, threads, concurrent)
         delivered = 0
         try:
@@ -502,9 +503,6 @@ class Teacher:
         if self._closed.is_set():  # close() was called while serving
             self._failed = self._failed or "close() stopped its dump"
             _log.warning("teacher %s: close() stopped its knowledge service", self.name)
-            return delivered
-        if self.out_path is not None:
-            self._finish_store()  # durable and complete now: no close() needed (Pantheon)
         return delivered
 
     def _produce(
