@@ -610,3 +610,14 @@ def test_verified_reader_checks_each_shard_before_its_first_use(tmp_path):
     checked = kd.StoreReader(store, verify=True)
     assert checked.read(0, len(checked)).num_rows == 300 - target["rows"]
     checked.verify()
+
+
+def test_idset_add_new_adds_only_ids_that_are_new_and_given_once():
+    ids = IdSet()
+    assert ids.add_new(np.arange(10))  # the fast path: counting on
+    assert ids.add_new(np.array([20, 22, 21]))  # out of order, after the set
+    assert ids.add_new(np.array([15, 12]))  # inside a gap
+    assert not ids.add_new(np.array([30, 9]))  # 9 is held: nothing added
+    assert not ids.add_new(np.array([40, 40]))  # repeated within: nothing added
+    assert not ids.add_new(np.array([50, 51, 51]))  # increasing but repeated: refused
+    assert sorted(ids.to_array().tolist()) == [*range(10), 12, 15, 20, 21, 22]

@@ -109,6 +109,26 @@ class IdSet:
             ids = np.unique(ids)
         self._insert(*_runs_of(ids))
 
+    def add_new(self, ids: npt.ArrayLike) -> bool:
+        """Add ``ids`` if every one is new and given once, and say so; else add nothing
+        and return False. Ids that count on after the set's largest (a dump's or a
+        stream's usual order) cost one vectorised comparison."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            return True
+        increasing = len(ids) == 1 or bool(np.all(ids[1:] > ids[:-1]))
+        last = int(self._stops[self._runs - 1]) if self._runs else None
+        if increasing and (last is None or int(ids[0]) >= last):
+            if int(ids[-1]) - int(ids[0]) + 1 == len(ids):  # one run
+                self._insert(ids[:1], ids[-1:] + 1)
+            else:
+                self._insert(*_runs_of(ids))
+            return True
+        if self.contains(ids).any() or len(repeats(ids)):
+            return False
+        self.add(ids)
+        return True
+
     def _insert(self, starts: np.ndarray, stops: np.ndarray) -> None:
         """Add sorted disjoint runs (adjacent ones allowed)."""
         n = self._runs

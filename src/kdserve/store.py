@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -530,13 +530,13 @@ class StoreWriter:
         if batch.num_rows == 0:
             return
         ids = np.asarray(batch.column(0).to_numpy(), dtype=np.int64)
-        self._check_new(ids)
+        if not self._ids.add_new(ids):
+            self._refuse_repeats(ids)
         if self._open_shard is None:
             self._open_new_shard()
         assert self._open_shard is not None
         sink, writer, _ = self._open_shard
         writer.write_batch(batch)
-        self._ids.add(ids)
         lo, hi = int(ids.min()), int(ids.max())
         if self._shard_ids is not None:
             lo, hi = min(lo, self._shard_ids[0]), max(hi, self._shard_ids[1])
@@ -545,12 +545,10 @@ class StoreWriter:
         if sink.tell() >= self.shard_bytes:
             self._finish_shard()
 
-    def _check_new(self, ids: np.ndarray) -> None:
-        """AlignmentError if ``ids`` repeat an id of the store or one of their own."""
+    def _refuse_repeats(self, ids: np.ndarray) -> NoReturn:
+        """AlignmentError naming the ids of a batch that repeat the store's or its own."""
         held = self._ids.contains(ids)
         inside = repeats(ids)
-        if not held.any() and len(inside) == 0:
-            return
         stored = np.unique(ids[held])
         why = []
         if len(stored):

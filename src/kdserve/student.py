@@ -410,10 +410,10 @@ class Student:
         shares: list[int] = []  # every rank's rows, told at the end of the pass
         for batch in teacher.client.stream_pass(epoch, rank, world, ack_every, shares):
             ids = batch.column(0).to_numpy()
-            where = f"a batch of online teacher {teacher.name!r}"
-            _refuse_repeats(ids, where, teacher.name)
-            again = ids[seen.contains(ids)]
-            if len(again):
+            if not seen.add_new(ids):
+                where = f"a batch of online teacher {teacher.name!r}"
+                _refuse_repeats(ids, where, teacher.name)
+                again = ids[seen.contains(ids)]
                 raise AlignmentError(
                     f"online teacher {teacher.name!r} sent sample id(s) {again[:5].tolist()} "
                     f"twice in pass {epoch}: each sample must appear once per pass; fix the "
@@ -421,7 +421,6 @@ class Student:
                     teachers=(teacher.name, teacher.name),
                     sample_ids=(int(again[0]), int(again[0])),
                 )
-            seen.add(ids)
             rows += batch.num_rows
             first = batch if first is None else first
             ready: pa.RecordBatch | None = batch
