@@ -68,10 +68,9 @@ def parse_address(address: str, tls: bool) -> str:
     """``host:port`` (or a grpc:// / grpc+tls:// URI) -> a Flight location URI."""
     if "://" in address:
         return address
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if split_address(address) is None:
         raise KdserveError(f"teacher address {address!r} is not host:port (e.g. 127.0.0.1:8470)")
-    return f"{'grpc+tls' if tls else 'grpc'}://{host}:{port}"
+    return f"{'grpc+tls' if tls else 'grpc'}://{address}"
 
 
 class TeacherClient:

@@ -40,6 +40,7 @@ from kdserve.merge import StrategySpec
 from kdserve.ragged import Ragged
 from kdserve.sampler import Even, Sampler
 from kdserve.student import Student
+from kdserve.tokens import split_address
 
 __all__ = ["KnowledgeDataset", "to_tensors"]
 
@@ -85,11 +86,6 @@ def _wrap(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(
                 np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
             )
-
-
-def _is_address(teacher: str) -> bool:
-    host, sep, port = teacher.rpartition(":")
-    return bool(sep and host and port.isdigit())
 
 
 class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
@@ -138,7 +134,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             if os.path.isdir(where):
                 self._stores.append(where)
                 self._addresses.append(None)
-            elif _is_address(where):
+            elif split_address(where) is not None:
                 self._stores.append(None)
                 self._addresses.append(where)
             else:
