@@ -69,8 +69,8 @@ from pyarrow import flight
 from report import fmt
 
 import kdserve as kd
-from kdserve.client import TeacherClient
-from kdserve.server import DEFAULT_CHUNK_BYTES, slice_rows
+from kdserve.online.client import TeacherClient
+from kdserve.online.server import DEFAULT_CHUNK_BYTES, slice_rows
 
 MB = 1_000_000
 MIB = 1 << 20

@@ -1,6 +1,6 @@
 """Codecs: each codec's documented error bound and size ratio, edge cases, Arrow round trips.
 
-The bounds and sizes checked here are the ones in the table of ``kdserve.codecs``:
+The bounds and sizes checked here are the ones in the table of ``kdserve.core.codecs``:
 
     fp16   |x - y| <= 2**-11 |x|  (float16 normal range)         size 0.5
     bf16   |x - y| <= 2**-8 |x|   (float32 normal range)         size 0.5
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kdserve as kd
-from kdserve.codecs import Bf16, Fp16, Int8, TopK, codec_from_spec
+from kdserve.core.codecs import Bf16, Fp16, Int8, TopK, codec_from_spec
 
 FAST = settings(max_examples=50, deadline=None)
 F16_TINY = 2.0**-14  # smallest normal float16

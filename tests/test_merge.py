@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kdserve as kd
-from kdserve.merge import Custom
+from kdserve.core.merge import Custom
 
 FAST = settings(max_examples=50, deadline=None)
 SID = kd.SAMPLE_ID

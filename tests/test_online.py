@@ -21,7 +21,7 @@ import pytest
 from pyarrow import flight
 
 import kdserve as kd
-from kdserve.messages import decode_message, encode_message
+from kdserve.online.messages import decode_message, encode_message
 
 TOKEN = "online-test-token"
 JOIN = 20.0  # seconds a service thread or a student thread gets to finish

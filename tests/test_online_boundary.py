@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 from pyarrow import flight
 
 import kdserve as kd
-from kdserve.client import TeacherClient
-from kdserve.messages import (
+from kdserve.online.client import TeacherClient
+from kdserve.online.messages import (
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_DEPTH,
     decode_envelope,
@@ -47,7 +47,7 @@ from kdserve.messages import (
     encode_message,
     json_depth,
 )
-from kdserve.server import MAX_POSITION, MAX_WORLD_SIZE, TeacherServer
+from kdserve.online.server import MAX_POSITION, MAX_WORLD_SIZE, TeacherServer
 
 TOKEN = "boundary-token"
 AUTH = [(b"authorization", f"Bearer {TOKEN}".encode())]
@@ -105,7 +105,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdserve.server import TeacherServer
+from kdserve.online.server import TeacherServer
 
 cfg = json.loads(sys.argv[1])
 pem = {k: Path(v).read_bytes() for k, v in cfg["pem"].items()}
@@ -258,7 +258,7 @@ _BUFFERED = pytest.mark.xfail(
     reason=(
         "gRPC (inside pyarrow) receives a unary request message whole before Flight "
         "middleware or the handler runs, and pyarrow 26 offers no server option to bound "
-        "it (see kdserve.server's docstring); measured about +700 MB. Use mutual TLS "
+        "it (see kdserve.online.server's docstring); measured about +700 MB. Use mutual TLS "
         "(test_mutual_tls_...) beyond loopback."
     ),
 )

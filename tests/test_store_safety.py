@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdserve as kd
-from kdserve.idset import IdSet
+from kdserve.core.idset import IdSet
 from kdserve.store import DAMAGED, LOCK, MANIFEST, repair, stored_rows
 
 KDSERVE = str(Path(sys.executable).with_name("kdserve"))

@@ -1,4 +1,4 @@
-"""Same-host zero-config auth (kdserve.tokens): token files only their user can read.
+"""Same-host zero-config auth (kdserve.online.tokens): token files only their user can read.
 
 Each test points ``$XDG_RUNTIME_DIR`` and ``$HOME`` at its own temporary directories, so
 nothing outside them is read or written. Clients connect to real TeacherServers on
@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import kdserve as kd
-from kdserve.client import TOKEN_ENV, TeacherClient
-from kdserve.server import TeacherServer
-from kdserve.tokens import find_token, publish_token, remove_token, token_dir, token_path
+from kdserve.online.client import TOKEN_ENV, TeacherClient
+from kdserve.online.server import TeacherServer
+from kdserve.online.tokens import find_token, publish_token, remove_token, token_dir, token_path
 
 PORT = 8470
 HOST = socket.gethostname()

@@ -5,8 +5,23 @@ online or written to a store; students merge any mix of teachers by sample id an
 read one stream re-batched to their own batch size.
 """
 
-from kdserve.batch import Knowledge, concat_batches, from_record_batch, to_record_batch
-from kdserve.codecs import Bf16, Codec, Fp16, Int8, TopK, codec_from_spec
+from kdserve.core.batch import Knowledge, concat_batches, from_record_batch, to_record_batch
+from kdserve.core.codecs import Bf16, Codec, Fp16, Int8, TopK, codec_from_spec
+from kdserve.core.merge import (
+    Max,
+    Mean,
+    Merger,
+    MergeStrategy,
+    Min,
+    Sum,
+    Take,
+    WeightedMean,
+    strategy_from_spec,
+)
+from kdserve.core.ragged import Ragged
+from kdserve.core.rebatch import Rebatcher, rebatch
+from kdserve.core.sampler import Block, Sampler
+from kdserve.core.schema import SAMPLE_ID, Field, Schema
 from kdserve.errors import (
     AlignmentError,
     AuthenticationError,
@@ -19,25 +34,10 @@ from kdserve.errors import (
     StoreLockedError,
     TeacherUnavailableError,
 )
-from kdserve.merge import (
-    Max,
-    Mean,
-    Merger,
-    MergeStrategy,
-    Min,
-    Sum,
-    Take,
-    WeightedMean,
-    strategy_from_spec,
-)
-from kdserve.ragged import Ragged
-from kdserve.reader import iter_feed_batches
-from kdserve.rebatch import Rebatcher, rebatch
-from kdserve.sampler import Block, Sampler
-from kdserve.schema import SAMPLE_ID, Field, Schema
 from kdserve.store import StoreReader, StoreWriter
 from kdserve.student import Student
 from kdserve.teacher import Teacher
+from kdserve.teacher.feeds import iter_feed_batches
 
 __version__ = "0.1.0"
 

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kdserve.batch import Knowledge
-from kdserve.merge import StrategySpec
-from kdserve.ragged import Ragged
-from kdserve.sampler import Even, Sampler
+from kdserve.core.batch import Knowledge
+from kdserve.core.merge import StrategySpec
+from kdserve.core.ragged import Ragged
+from kdserve.core.sampler import Even, Sampler
+from kdserve.online.tokens import split_address
 from kdserve.student import Student
-from kdserve.tokens import split_address
 
 __all__ = ["KnowledgeDataset", "to_tensors"]
 

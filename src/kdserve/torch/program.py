@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdserve.schema import SAMPLE_ID
+from kdserve.core.schema import SAMPLE_ID
 
 __all__ = ["TeacherProgram", "teacher_program"]
 

@@ -3,7 +3,7 @@
 Numeric data of C-contiguous arrays is wrapped, not copied, in both directions: the
 Arrow buffers of a batch built here point at the caller's arrays, and arrays read back
 are read-only views of the Arrow buffers. Codecs are applied on the way in and undone
-on the way out. Sequence fields are :class:`~kdserve.ragged.Ragged` values.
+on the way out. Sequence fields are :class:`~kdserve.core.ragged.Ragged` values.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kdserve.core.ragged import Ragged
+from kdserve.core.schema import SAMPLE_ID, Field, Schema
 from kdserve.errors import SchemaError
-from kdserve.ragged import Ragged
-from kdserve.schema import SAMPLE_ID, Field, Schema
 
 __all__ = ["Knowledge", "concat_batches", "from_record_batch", "to_record_batch"]
 

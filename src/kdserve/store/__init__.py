@@ -43,11 +43,11 @@ from typing import Any, NoReturn
 import numpy as np
 import pyarrow as pa
 
-from kdserve.batch import concat_batches
+from kdserve.core.batch import concat_batches
+from kdserve.core.idset import IdSet, repeats
+from kdserve.core.sampler import Block
+from kdserve.core.schema import Schema
 from kdserve.errors import AlignmentError, SchemaError, StoreError, StoreLockedError
-from kdserve.idset import IdSet, repeats
-from kdserve.sampler import Block
-from kdserve.schema import Schema
 
 __all__ = [
     "DAMAGED",

@@ -47,17 +47,17 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from kdserve.batch import from_record_batch, to_record_batch
-from kdserve.client import TOKEN_ENV
-from kdserve.codecs import Fp16
+from kdserve.core.batch import from_record_batch, to_record_batch
+from kdserve.core.codecs import Fp16
+from kdserve.core.prefetch import Prefetcher
+from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import KdserveError, SchemaError, StoreError
-from kdserve.prefetch import Prefetcher
-from kdserve.reader import FeedBatch, iter_feed_batches
-from kdserve.replay import MIN_WINDOW_BYTES, ReplayWindow, WindowStoppedError
-from kdserve.schema import SAMPLE_ID, Schema
-from kdserve.server import DEFAULT_CHUNK_BYTES, TeacherServer
+from kdserve.online.client import TOKEN_ENV
+from kdserve.online.replay import MIN_WINDOW_BYTES, ReplayWindow, WindowStoppedError
+from kdserve.online.server import DEFAULT_CHUNK_BYTES, TeacherServer
+from kdserve.online.tokens import is_loopback, publish_token, remove_token
 from kdserve.store import DEFAULT_SHARD_BYTES, StoreReader, StoreWriter, stored_rows
-from kdserve.tokens import is_loopback, publish_token, remove_token
+from kdserve.teacher.feeds import FeedBatch, iter_feed_batches
 
 __all__ = ["Teacher"]
 
@@ -97,8 +97,8 @@ class Teacher:
 
     Online, every call needs ``token`` (or ``KDSERVE_TOKEN``); without one the teacher
     makes one, prints it and publishes it for students of its user on this host (a 0600
-    file, see :mod:`kdserve.tokens`). It binds ``host`` (127.0.0.1 by default) and refuses any
-    other address without an explicit token. ``tls_cert``/``tls_key`` (PEM bytes or
+    file, see :mod:`kdserve.online.tokens`). It binds ``host`` (127.0.0.1 by default) and
+    refuses any other address without an explicit token. ``tls_cert``/``tls_key`` (PEM bytes or
     paths) turn on TLS; ``tls_client_ca`` also asks every student for a certificate
     signed by that CA (mutual TLS), which refuses strangers before they send a byte.
     The teacher runs up to ``buf_size`` batches ahead of its

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdserve.codecs import Codec, Layout, codec_from_spec
+from kdserve.core.codecs import Codec, Layout, codec_from_spec
+from kdserve.core.ragged import Ragged
 from kdserve.errors import SchemaError
-from kdserve.ragged import Ragged
 
 __all__ = ["SAMPLE_ID", "Field", "Schema"]
 

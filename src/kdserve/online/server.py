@@ -37,7 +37,7 @@ Size limits (``TeacherServer`` arguments):
 
     max_request_bytes   64 KiB  a ticket or the body of ack/recv/info/schema: JSON of a
                                 few numbers (under 200 bytes); the room is for future fields
-    max_message_bytes    4 MiB  a message, either way (``kdserve.messages``); students
+    max_message_bytes    4 MiB  a message, either way (``kdserve.online.messages``); students
                                 learn it from ``info``
     max_inbox_bytes     64 MiB  messages students sent that the teacher has not received:
                                 beyond it "send" is refused as unavailable (students retry)
@@ -81,16 +81,16 @@ from typing import Any, TypeVar
 import pyarrow as pa
 from pyarrow import flight
 
-from kdserve.batch import concat_batches
+from kdserve.core.batch import concat_batches
 from kdserve.errors import KdserveError, ProtocolError
-from kdserve.messages import (
+from kdserve.online.messages import (
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_DEPTH,
     decode_envelope,
     encode_message,
     load_json,
 )
-from kdserve.replay import ReplayWindow, WindowStoppedError
+from kdserve.online.replay import ReplayWindow, WindowStoppedError
 
 __all__ = ["TeacherServer", "slice_rows"]
 

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kdserve.batch import Knowledge
+from kdserve.core.batch import Knowledge
+from kdserve.core.ragged import Ragged
+from kdserve.core.schema import SAMPLE_ID, Field, Schema
 from kdserve.errors import AlignmentError, MergeError
-from kdserve.ragged import Ragged
-from kdserve.schema import SAMPLE_ID, Field, Schema
 
 __all__ = [
     "Max",

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
-from kdserve.batch import concat_batches
+from kdserve.core.batch import concat_batches
 from kdserve.errors import SchemaError
 
 __all__ = ["Rebatcher", "rebatch"]

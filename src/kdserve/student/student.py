@@ -33,15 +33,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdserve.batch import Knowledge, from_record_batch, to_record_batch
-from kdserve.client import TeacherClient
+from kdserve.core.batch import Knowledge, from_record_batch, to_record_batch
+from kdserve.core.idset import IdSet, repeats
+from kdserve.core.merge import Merger, StrategySpec
+from kdserve.core.prefetch import Prefetcher
+from kdserve.core.rebatch import rebatch
+from kdserve.core.sampler import Block, Even, Sampler
+from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import AlignmentError, KdserveError, ProtocolError, StoreError
-from kdserve.idset import IdSet, repeats
-from kdserve.merge import Merger, StrategySpec
-from kdserve.prefetch import Prefetcher
-from kdserve.rebatch import rebatch
-from kdserve.sampler import Block, Even, Sampler
-from kdserve.schema import SAMPLE_ID, Schema
+from kdserve.online.client import TeacherClient
 from kdserve.store import StoreReader
 
 __all__ = ["Student"]
@@ -130,7 +130,7 @@ class Student:
     """Merges registered teachers' knowledge and yields it in the student's batch size.
 
     ``merge_strategy`` maps a field that several teachers produce to ``"sum"``,
-    ``"mean"``, ``"max"``, ``"min"``, a :class:`~kdserve.merge.MergeStrategy` or a
+    ``"mean"``, ``"max"``, ``"min"``, a :class:`~kdserve.core.merge.MergeStrategy` or a
     callable. ``shuffle``/``seed`` give each pass a deterministic block-shuffled order (a
     new one per pass; offline teachers only). ``rank``/``world_size`` (default:
     torchrun's RANK/WORLD_SIZE) give this process a disjoint share of every pass.

@@ -1,7 +1,7 @@
 """A student's connection to one online teacher (an Arrow Flight client).
 
 The token is ``token=``, else ``KDSERVE_TOKEN``, else (for a loopback address only) the
-token that a teacher of this user on this host published (:mod:`kdserve.tokens`).
+token that a teacher of this user on this host published (:mod:`kdserve.online.tokens`).
 
 Calls retry with exponential backoff while the teacher cannot be reached, for up to
 ``connect_timeout`` seconds, then raise :class:`~kdserve.errors.TeacherUnavailableError`;
@@ -24,21 +24,21 @@ from typing import Any, TypeVar
 import pyarrow as pa
 from pyarrow import flight
 
+from kdserve.core.schema import Schema
 from kdserve.errors import (
     AuthenticationError,
     KdserveError,
     ProtocolError,
     TeacherUnavailableError,
 )
-from kdserve.messages import (
+from kdserve.online.messages import (
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_DEPTH,
     decode_message,
     encode_envelope,
     load_json,
 )
-from kdserve.schema import Schema
-from kdserve.tokens import find_token, is_loopback, split_address, token_path
+from kdserve.online.tokens import find_token, is_loopback, split_address, token_path
 
 __all__ = ["TeacherClient", "parse_address"]
 
