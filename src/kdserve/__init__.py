@@ -5,6 +5,8 @@ online or written to a store; students merge any mix of teachers by sample id an
 read one stream re-batched to their own batch size.
 """
 
+import logging
+
 from kdserve.core.batch import Knowledge, concat_batches, from_record_batch, to_record_batch
 from kdserve.core.codecs import Bf16, Codec, Fp16, Int8, TopK, codec_from_spec
 from kdserve.core.merge import (
@@ -38,6 +40,8 @@ from kdserve.store import StoreReader, StoreWriter
 from kdserve.student import Student
 from kdserve.teacher import Teacher
 from kdserve.teacher.feeds import iter_feed_batches
+
+logging.getLogger("kdserve").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,23 @@
+"""Bounded waits: every blocking wait in kdserve is a loop of short slices, so that a stop
+signal or a deadline is noticed within ``POLL`` seconds and no wait can hang."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+__all__ = ["POLL", "slices"]
+
+POLL = 0.1  # seconds: how soon a waiting thread notices a stop signal
+
+
+def slices(timeout: float | None, step: float = POLL) -> Iterator[float]:
+    """Wait times of at most ``step`` seconds that end when ``timeout`` seconds have passed
+    (None: never). A waiter waits one slice, checks its condition and stop signal, and
+    goes on; when the generator ends, the deadline has passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = step if deadline is None else min(step, deadline - time.monotonic())
+        if left <= 0:
+            return
+        yield left
