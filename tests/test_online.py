@@ -7,6 +7,7 @@ that does not return, or a student that hangs, fails the test instead of blockin
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -464,15 +466,18 @@ def test_token_from_the_environment_works_for_both_sides(serve, capfd, monkeypat
     assert a.wait() == N
 
 
-def test_teacher_without_a_token_makes_one_and_prints_it(serve, capfd, monkeypatch):
+def test_teacher_without_a_token_makes_one_and_never_logs_it(serve, caplog, monkeypatch):
     monkeypatch.delenv("KDSERVE_TOKEN", raising=False)
-    capfd.readouterr()
-    a = served(serve, A, token=None)
-    err = capfd.readouterr().err
-    found = re.search(rf"teacher \S+ serving on {re.escape(a.address)}; token (\S+)", err)
-    assert found, err
-    token = found.group(1)
-    assert len(token) >= 16 and token == a.teacher.token
+    with caplog.at_level(logging.INFO, logger="kdserve"):
+        a = served(serve, A, token=None)
+    token = a.teacher.token
+    assert token is not None and len(token) >= 16
+    found = re.search(
+        rf"teacher \S+ serving on {re.escape(a.address)}; its token is in (\S+)", caplog.text
+    )
+    assert found, caplog.text
+    assert token not in caplog.text  # a generated token is published in a 0600 file, not logged
+    assert Path(found.group(1)).read_text().strip() == token
     with pytest.raises(kd.AuthenticationError):
         student([("A", a)], token=token + "x")
     np.testing.assert_array_equal(ids_of(read_one(student([("A", a)], token=token))), np.arange(N))

@@ -1,0 +1,158 @@
+"""Encoder: a program's outputs for one feed batch -> one Arrow knowledge batch.
+
+It picks the knowledge fields a service keeps (program outputs or feeds passed through),
+learns the schema from the first batch unless one was declared, and answers queries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdserve.core.batch import from_record_batch, to_record_batch
+from kdserve.core.schema import SAMPLE_ID, Schema
+from kdserve.errors import SchemaError
+from kdserve.teacher.feeds import FeedBatch
+
+__all__ = ["Encoder", "Program", "batch_length", "knowledge_names"]
+
+Program = Callable[[dict[str, Any]], Mapping[str, Any]]
+
+
+class Encoder:
+    """Turns program outputs into knowledge batches, for passes and for queries.
+
+    ``schema()`` is the teacher's schema so far (None until the first batch fixes it);
+    ``publish`` fixes it. ``feeds`` are the feeds a query must hold.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        schema: Sequence[str] | Mapping[str, Any] | Schema,
+        use_fp16: bool,
+        feeds: Sequence[str],
+        current: Callable[[], Schema | None],
+        publish: Callable[[Schema], None],
+    ) -> None:
+        self.program = program
+        self.names, self.sources = knowledge_names(schema)
+        self.use_fp16 = use_fp16
+        self.feeds = [f for f in feeds if f != SAMPLE_ID]
+        self.schema = current
+        self.publish = publish
+        self.samples = 0  # samples inferred so far
+        self._counting = threading.Lock()  # infer() may run on several threads
+
+    def infer(self, feed: FeedBatch) -> dict[str, Any]:
+        """Run the program on one feed batch and pick the fields to keep."""
+        outputs = self.program(feed)
+        if not isinstance(outputs, Mapping):
+            raise SchemaError(
+                f"program must return a dict of output arrays, got {type(outputs).__name__}"
+            )
+        knowledge = {}
+        for n, source in zip(self.names, self.sources, strict=True):
+            if source in outputs:
+                knowledge[n] = _to_numpy(outputs[source])
+            elif source in feed:
+                knowledge[n] = feed[source]
+            else:
+                raise SchemaError(
+                    f"schema field {n!r} is neither a program output {sorted(outputs)} "
+                    f"nor a feed {sorted(feed)}",
+                    field=n,
+                )
+        with self._counting:
+            self.samples += batch_length(feed)
+        return knowledge
+
+    def first(self, feed: FeedBatch) -> dict[str, Any]:
+        """Infer and publish the schema from the first batch; return its knowledge, so
+        that it is not computed twice."""
+        knowledge = self.infer(feed)
+        self.publish(infer_schema(knowledge, self.use_fp16))
+        return knowledge
+
+    def infer_batch(self, feed: FeedBatch, ids: np.ndarray) -> pa.RecordBatch:
+        """Inference and encoding in one step (for concurrent inference)."""
+        return self.batch(self.infer(feed), ids)
+
+    def batch(self, knowledge: dict[str, Any], ids: np.ndarray) -> pa.RecordBatch:
+        """Encode one batch of knowledge with the teacher's schema."""
+        schema = self.schema()
+        assert schema is not None
+        return to_record_batch(knowledge, schema, ids)
+
+    def query(self, inputs: pa.RecordBatch) -> pa.RecordBatch:
+        """Query mode: a batch of a student's feeds -> the knowledge for it."""
+        feed = from_record_batch(inputs)
+        ids = feed.pop(SAMPLE_ID)
+        missing = [f for f in self.feeds if f not in feed]
+        if missing:
+            raise SchemaError(
+                f"the query lacks feed(s) {missing}: it has {sorted(feed)}, the teacher reads "
+                f"{self.feeds}",
+                field=missing[0],
+            )
+        knowledge = self.infer(feed)
+        if self.schema() is None:
+            self.publish(infer_schema(knowledge, self.use_fp16))
+        return self.batch(knowledge, ids)
+
+
+def knowledge_names(
+    schema: Sequence[str] | Mapping[str, Any] | Schema,
+) -> tuple[list[str], list[str]]:
+    """The knowledge fields a service keeps, and the output or feed each is taken from:
+    a Pantheon-style mapping ``{name: source}`` names its sources (a non-string source,
+    such as a framework variable, means the field's own name)."""
+    if isinstance(schema, Schema):
+        names = list(schema.names)
+        sources = names
+    elif isinstance(schema, Mapping):
+        names = list(schema)
+        sources = [v if isinstance(v, str) else n for n, v in schema.items()]
+    elif isinstance(schema, str) or not isinstance(schema, Iterable):
+        raise SchemaError(
+            f"schema must be a list of field names, a dict {{name: output}} or a Schema, "
+            f"got {type(schema).__name__}"
+        )
+    else:
+        names = list(schema)
+        sources = names
+    if not names:
+        raise SchemaError("schema must name at least one field to keep")
+    bad = [n for n in [*names, *sources] if not isinstance(n, str) or not n]
+    if bad:
+        raise SchemaError(f"schema field names must be non-empty strings, got {bad[0]!r}")
+    return names, sources
+
+
+def batch_length(data: Mapping[str, Any]) -> int:
+    """Samples in a batch of feeds or knowledge (its first field's length)."""
+    if not data:
+        raise SchemaError("an empty knowledge batch has no fields")
+    return len(next(iter(data.values())))
+
+
+def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
+    """The schema of a first batch of knowledge; ``use_fp16`` stores wide floats as fp16."""
+    schema = Schema.from_arrays(knowledge)
+    if not use_fp16:
+        return schema
+    floats = [f.name for f in schema if f.dtype.kind == "f" and f.dtype.itemsize > 2]
+    return schema.with_codecs(dict.fromkeys(floats, "fp16"))
+
+
+def _to_numpy(value: Any) -> Any:
+    """Program outputs may be framework tensors; numpy arrays and lists pass through."""
+    if isinstance(value, (np.ndarray, list)):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor, possibly on a device
+        value = value.detach().cpu()
+    return np.asarray(value)
