@@ -8,13 +8,11 @@ order), re-runs the dump to resume it, and kills it again. A final run completes
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
-import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 
 import kdserve as kd
+from _store_helpers import run_script, spawn_script, wait_for_line
 
 N = 4000  # samples in the dataset; sample ids are reader positions 0..N-1
 BATCH = 6
@@ -114,27 +113,8 @@ def _config(store: Path, **overrides: object) -> dict[str, object]:
     return cfg
 
 
-def _script(tmp_path: Path) -> Path:
-    script = tmp_path / "writer.py"
-    if not script.exists():
-        script.write_text(WRITER, encoding="utf-8")
-    return script
-
-
-def spawn(tmp_path: Path, cfg: dict[str, object]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(_script(tmp_path)), json.dumps(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def run(tmp_path: Path, cfg: dict[str, object]) -> tuple[int, str]:
-    """Run a writer to its end; its exit code and output."""
-    proc = spawn(tmp_path, cfg)
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out + err
+spawn = functools.partial(spawn_script, WRITER)
+run = functools.partial(run_script, WRITER)
 
 
 def rows_reported(output: str) -> int:
@@ -173,22 +153,6 @@ def check_store(store: Path, *, complete: bool | None = None) -> kd.StoreReader:
     return reader
 
 
-def _wait_for_start(proc: subprocess.Popen[str], timeout: float) -> bool:
-    """Wait until the writer prints "started"; False if it ended first."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if line == "":
-            return False
-        if line.strip() == "started":
-            return True
-    raise AssertionError(f"the writer did not start within {timeout} s")
-
-
 def test_writer_killed_at_random_moments_leaves_a_valid_store_and_resumes(tmp_path):
     store = tmp_path / "store"
     seed = random.randrange(2**32)
@@ -203,7 +167,7 @@ def test_writer_killed_at_random_moments_leaves_a_valid_store_and_resumes(tmp_pa
             time.sleep(rng.uniform(0.0, 0.6))
         else:
             # Somewhere in the dump proper, after the program ran once.
-            if not _wait_for_start(proc, timeout=30):
+            if not wait_for_line(proc, "started", timeout=30):
                 break
             time.sleep(rng.uniform(0.05, 0.6))
         if proc.poll() is not None:  # finished before the kill

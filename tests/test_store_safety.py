@@ -7,15 +7,15 @@ error message promises is carried out here, and must end with every sample exact
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
+import logging
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdserve as kd
+from _store_helpers import run_script, spawned_until
 from kdserve.core.idset import IdSet
-from kdserve.store import DAMAGED, LOCK, MANIFEST, repair, stored_rows
+from kdserve.store import DAMAGED, LOCK, MANIFEST, damage, repair, stored_rows
 
 KDSERVE = str(Path(sys.executable).with_name("kdserve"))
 WIDTH = 8
@@ -40,6 +41,7 @@ SCHEMA = kd.Schema([kd.Field("logits", "float32", (WIDTH,)), kd.Field("label", "
 # flushes after batch k, prints "holding" and waits for a line on stdin, holding the lock.
 WRITER = """
 import json
+import logging
 import sys
 import time
 
@@ -47,6 +49,7 @@ import numpy as np
 
 import kdserve
 
+logging.basicConfig()  # kdserve's warnings to stderr
 cfg = json.loads(sys.argv[1])
 W = cfg["width"]
 schema = kdserve.Schema(
@@ -94,24 +97,8 @@ def _config(store: Path, n: int, **overrides: object) -> dict[str, object]:
     return cfg
 
 
-def spawn(tmp_path: Path, cfg: dict[str, object]) -> subprocess.Popen[str]:
-    script = tmp_path / "writer.py"
-    if not script.exists():
-        script.write_text(WRITER, encoding="utf-8")
-    return subprocess.Popen(
-        [sys.executable, str(script), json.dumps(cfg)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def run(tmp_path: Path, cfg: dict[str, object]) -> tuple[int, str]:
-    """Run a writer to its end: its exit code and its output (stdout, then stderr)."""
-    proc = spawn(tmp_path, cfg)
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out + err
+run = functools.partial(run_script, WRITER)
+holding = functools.partial(spawned_until, WRITER, word="holding")
 
 
 def wrote(output: str) -> int:
@@ -121,29 +108,6 @@ def wrote(output: str) -> int:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([KDSERVE, *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def wait_for_line(proc: subprocess.Popen[str], word: str, timeout: float = 30) -> None:
-    """Wait (bounded) until the process prints a line ``word``."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if line == "":
-            raise AssertionError(f"the writer ended before {word!r}: {proc.communicate()}")
-        if line.strip() == word:
-            return
-    raise AssertionError(f"the writer did not print {word!r} within {timeout} s")
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """Kill a writer the test no longer needs and reap it."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate(timeout=30)
 
 
 def check_every_sample_once(store: Path, n: int) -> kd.StoreReader:
@@ -182,9 +146,7 @@ def batch_of(ids: list[int] | np.ndarray) -> object:
 def test_a_second_writer_process_is_refused_while_the_first_writes(tmp_path):
     store = tmp_path / "store"
     n = 600
-    first = spawn(tmp_path, _config(store, n, pause_after=20))
-    try:
-        wait_for_line(first, "holding")
+    with holding(tmp_path, _config(store, n, pause_after=20)) as first:
         holder = json.loads((store / LOCK).read_text())
         assert holder == {"pid": first.pid, "host": socket.gethostname()}
 
@@ -212,8 +174,6 @@ def test_a_second_writer_process_is_refused_while_the_first_writes(tmp_path):
         out, err = first.communicate(timeout=60)
         assert first.returncode == 0, out + err
         assert wrote(out) == n
-    finally:
-        stop(first)
     reader = check_every_sample_once(store, n)
     assert reader.complete
     assert not (store / LOCK).exists()  # the writer removed it as it closed
@@ -226,17 +186,13 @@ def test_a_second_writer_process_is_refused_while_the_first_writes(tmp_path):
 def test_a_sigkilled_writer_never_blocks_the_resume(tmp_path):
     store = tmp_path / "store"
     n = 600
-    victim = spawn(tmp_path, _config(store, n, pause_after=30))
-    try:
-        wait_for_line(victim, "holding")
+    with holding(tmp_path, _config(store, n, pause_after=30)) as victim:
         with pytest.raises(kd.StoreLockedError) as info:  # it does hold the lock
             kd.StoreWriter(store, SCHEMA)
         assert info.value.pid == victim.pid
         os.kill(victim.pid, signal.SIGKILL)
         victim.communicate(timeout=30)
         assert victim.returncode == -signal.SIGKILL
-    finally:
-        stop(victim)
     # The file stays behind with the dead writer's pid; its lock died with the process.
     assert json.loads((store / LOCK).read_text())["pid"] == victim.pid
     held = len(kd.StoreReader(store))
@@ -462,6 +418,48 @@ def test_a_damaged_last_shard_is_set_aside_on_resume_and_regenerated(tmp_path, d
         assert aside.read_bytes() == damaged  # set aside, never deleted
         assert last["file"] not in shard_files(store)  # a new name for the regenerated shard
     assert not (store / LOCK).exists()
+
+
+def _written(store: Path, n: int) -> str:
+    """Write samples 0..n-1 to a new store in a process of its own; its last shard's file."""
+    code, output = run(store.parent, _config(store, n))
+    assert code == 0, output
+    return shard_files(store)[-1]
+
+
+def test_a_resume_after_stored_rows_hashes_the_last_shard_once(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    last = _written(store, 120)
+    hashed: list[str] = []
+    crc32_file = damage.crc32_file
+    monkeypatch.setattr(damage, "crc32_file", lambda f: hashed.append(f.name) or crc32_file(f))
+    assert stored_rows(store) == 120  # a dump asks, then its writer resumes
+    with kd.StoreWriter(store, SCHEMA) as writer:
+        assert writer.rows == 120
+    assert stored_rows(store) == 120
+    assert hashed == [last]
+
+
+def test_a_last_shard_changed_after_stored_rows_is_still_set_aside_on_resume(tmp_path, caplog):
+    store = tmp_path / "store"
+    last = _written(store, 120)
+    assert stored_rows(store) == 120
+    f = store / last
+    copy = tmp_path / "copy"
+    copy.write_bytes(f.read_bytes())
+    flip(copy, copy.stat().st_size // 2)
+    os.replace(copy, f)  # how a tool replaces a file: same size, another file
+    with (
+        caplog.at_level(logging.WARNING, logger="kdserve"),
+        kd.StoreWriter(store, SCHEMA) as writer,
+    ):
+        assert not writer.holds(np.arange(120)).all()
+        for ids in np.array_split(np.flatnonzero(~writer.holds(np.arange(120))), 3):
+            writer.write(batch_of(ids))
+    check_every_sample_once(store, 120)
+    assert (store / (last + DAMAGED)).exists()
+    [warning] = [r for r in caplog.records if r.name.startswith("kdserve.store")]
+    assert f"its last shard {last} is corrupted (crc32" in warning.getMessage()
 
 
 def test_a_damaged_middle_shard_is_repaired_with_the_cli_then_regenerated(tmp_path):
