@@ -417,10 +417,12 @@ def test_teacher_serves_and_stores_at_once(serve, tmp_path):
 # -- 3. authentication ------------------------------------------------------------------
 
 
-def test_wrong_or_missing_token_is_refused_and_the_teacher_keeps_serving(serve, capfd, monkeypatch):
+def test_wrong_or_missing_token_is_refused_and_the_teacher_keeps_serving(
+    serve, caplog, monkeypatch
+):
     monkeypatch.delenv("KDSERVE_TOKEN", raising=False)
     a = served(serve, A, name="guarded")
-    capfd.readouterr()
+    caplog.set_level(logging.WARNING, logger="kdserve")
     wrong = kd.Student(token="not-the-token", connect_timeout=5.0)
     wrong.register_teacher(in_address=a.address, name="A")
     t0 = time.monotonic()
@@ -430,9 +432,8 @@ def test_wrong_or_missing_token_is_refused_and_the_teacher_keeps_serving(serve, 
         wrong.start()
     assert refused.value.teacher == "A"
     assert time.monotonic() - t0 < 4.0  # refused at once, not retried until the timeout
-    assert re.search(
-        r"teacher guarded: refused a \S+ call with a wrong token", capfd.readouterr().err
-    )
+    assert re.search(r"teacher guarded: refused a \S+ call with a wrong token", caplog.text)
+    assert "not-the-token" not in caplog.text  # the log never shows a token
 
     # This teacher was given its token, so it published none for same-host students:
     # a student without one waits for it (the teacher may be starting), then says so.
@@ -446,9 +447,7 @@ def test_wrong_or_missing_token_is_refused_and_the_teacher_keeps_serving(serve, 
     with pytest.raises(flight.FlightUnauthenticatedError):
         list(raw.do_action(flight.Action("info", b"")))
     raw.close()
-    assert re.search(
-        r"teacher guarded: refused a \S+ call with a missing token", capfd.readouterr().err
-    )
+    assert re.search(r"teacher guarded: refused a \S+ call with a missing token", caplog.text)
 
     np.testing.assert_array_equal(ids_of(read_one(student([("A", a)]))), np.arange(N))
     assert a.wait() == N
@@ -676,19 +675,25 @@ def test_a_query_only_student_has_no_stream(asked):
 
 
 @pytest.mark.parametrize(
-    ("inputs", "message"),
+    ("inputs", "error", "message"),
     [
-        ({"x": np.full((3, 4), -1000, np.float32)}, "query refused: x must be >= -100"),
-        ({"y": X[:3]}, r"query refused: the query lacks feed\(s\) \['x'\]"),
-        ({"x": X[:3, :2]}, "program failed on a query: ValueError"),  # matmul shapes
+        (
+            {"x": np.full((3, 4), -1000, np.float32)},
+            kd.SchemaError,
+            "query refused: x must be >= -100",
+        ),
+        ({"y": X[:3]}, kd.SchemaError, r"query refused: the query lacks feed\(s\) \['x'\]"),
+        ({"x": X[:3, :2]}, kd.KdserveError, "program failed on a query: ValueError"),  # matmul
     ],
     ids=["program-refuses", "missing-feed", "program-fails"],
 )
-def test_bad_queries_get_clear_errors(asked, inputs, message):
+def test_bad_queries_get_clear_errors(asked, inputs, error, message):
+    """The teacher's error reaches the student as the same kdserve exception class."""
     _, s = asked
     t0 = time.monotonic()
-    with pytest.raises(kd.ProtocolError, match=message) as info:
+    with pytest.raises(error, match=message) as info:
         in_thread(lambda: s.query(0, inputs), timeout=10.0)
+    assert type(info.value) is error and info.value.teacher == "Q"
     assert time.monotonic() - t0 < 5.0
     assert "Traceback" not in str(info.value)  # the teacher's traceback stays with it
     got = s.query(0, {"x": X[:2]})  # and the teacher goes on answering

@@ -41,12 +41,11 @@ from kdserve.online.client import TeacherClient
 from kdserve.online.messages import (
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_DEPTH,
-    decode_envelope,
     decode_message,
-    encode_envelope,
     encode_message,
     json_depth,
 )
+from kdserve.online.protocol import SendRequest
 from kdserve.online.server import MAX_POSITION, MAX_WORLD_SIZE, TeacherServer
 
 TOKEN = "boundary-token"
@@ -70,7 +69,9 @@ import sys
 import numpy as np
 
 import kdserve
+from kdserve.log import show_status
 
+show_status()  # "serving on HOST:PORT" on stderr, which the test waits for
 cfg = json.loads(sys.argv[1])
 WIDTH = cfg["width"]
 
@@ -691,7 +692,7 @@ def test_messages_at_the_size_limit_travel_and_larger_ones_are_refused_at_send()
     ids=["lists", "objects", "unclosed", "envelope"],
 )
 def test_deep_json_is_refused_before_parsing_without_recursion(data):
-    for decode in (decode_message, decode_envelope):
+    for decode in (decode_message, SendRequest.from_bytes):
         with pytest.raises(kd.ProtocolError, match=r"nests \d+ levels deep, over the limit"):
             decode(data)
 
@@ -762,13 +763,13 @@ def test_malformed_arrays_in_messages_are_protocol_errors(spec):
 
 
 def test_an_envelope_round_trips_and_refuses_bad_senders():
-    data = encode_envelope("s1", {"v": np.arange(3)})
-    sender, message = decode_envelope(data)
-    assert sender == "s1"
-    np.testing.assert_array_equal(message["v"], np.arange(3))
+    data = SendRequest("s1", {"v": np.arange(3)}).to_bytes()
+    request = SendRequest.from_bytes(data)
+    assert request.student == "s1"
+    np.testing.assert_array_equal(request.message["v"], np.arange(3))
     for bad in ("", "x" * 257, 7):
         with pytest.raises(ValueError, match="a sender id is a string"):
-            encode_envelope(bad, 1)  # type: ignore[arg-type]
+            SendRequest(bad, 1).to_bytes()  # type: ignore[arg-type]
 
 
 class Rogue(flight.FlightServerBase):  # type: ignore[misc]
@@ -988,7 +989,7 @@ def bad_message(rng: random.Random) -> bytes:
     """The body of a "send" that a teacher must refuse (or a few valid ones, harmless)."""
     how = rng.randrange(10)
     if how == 0:
-        return garble(rng, encode_envelope("fuzz", {"v": [1, 2, 3]}))
+        return garble(rng, SendRequest("fuzz", {"v": [1, 2, 3]}).to_bytes())
     if how == 1:
         depth = rng.choice([MAX_MESSAGE_DEPTH + 1, 100, 10_000, 300_000])
         return b'{"student": "s", "message": ' + b"[" * depth + b"]" * depth + b"}"
@@ -1011,7 +1012,7 @@ def bad_message(rng: random.Random) -> bytes:
         return b'{"student": "s", "message": "' + b"\\" * rng.randrange(1, 9) + b'"}'
     if how == 8:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
-    return encode_envelope("fuzz", {"ok": rng.randrange(100)})  # valid: it is received
+    return SendRequest("fuzz", {"ok": rng.randrange(100)}).to_bytes()  # valid: it is received
 
 
 class Fuzz:
@@ -1093,7 +1094,7 @@ def fuzz_requests(fuzz: Fuzz, rng: random.Random) -> int:
     for _ in range(260):
         body = bad_message(rng)
         try:
-            decode_envelope(body)
+            SendRequest.from_bytes(body)
             valid = True  # harmless: the teacher gets a message
         except kd.ProtocolError:
             valid = False

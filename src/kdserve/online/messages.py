@@ -30,9 +30,7 @@ from kdserve.errors import ProtocolError
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_MESSAGE_DEPTH",
-    "decode_envelope",
     "decode_message",
-    "encode_envelope",
     "encode_message",
     "json_depth",
     "load_json",
@@ -40,13 +38,11 @@ __all__ = [
 
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's customary message size; arrays of ~3 MB raw fit
 MAX_MESSAGE_DEPTH = 64  # far beyond real messages, far below Python's recursion limit
-MAX_SENDER_CHARS = 256  # a student id in an envelope (ours are 32 hex digits)
 
 _ARRAY = "__ndarray__"
 _ARRAY_DEPTH = 3  # {"__ndarray__": {"shape": [...]}}
 _ARRAY_KEYS = {"dtype", "shape", "data"}
 _MAX_DIMS = 32  # numpy's own limit is 64
-_ENVELOPE_BYTES = MAX_SENDER_CHARS * 6 + 64  # what an envelope adds to its message at most
 _ESCAPE = re.compile(rb"\\[\s\S]")  # a backslash and the byte it escapes
 _STRING = re.compile(rb'"[^"]*(?:"|\Z)')  # a string (escapes removed), or its unterminated rest
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
@@ -177,20 +173,6 @@ def encode_message(
     return data
 
 
-def encode_envelope(
-    sender: str,
-    message: Any,
-    *,
-    max_bytes: int = MAX_MESSAGE_BYTES,
-    max_depth: int = MAX_MESSAGE_DEPTH,
-) -> bytes:
-    """``message`` from ``sender`` (a student's id), as a student sends it to a teacher."""
-    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_CHARS:
-        raise ValueError(f"a sender id is a string of 1 to {MAX_SENDER_CHARS} characters")
-    body = encode_message(message, max_bytes=max_bytes, max_depth=max_depth)
-    return b'{"student": ' + json.dumps(sender).encode() + b', "message": ' + body + b"}"
-
-
 # -- receiving -----------------------------------------------------------------------------
 
 
@@ -238,23 +220,3 @@ def decode_message(
         max_depth=max_depth,
         object_hook=_from_json,
     )
-
-
-def decode_envelope(
-    data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_MESSAGE_DEPTH
-) -> tuple[str, Any]:
-    """``(sender, message)`` from bytes made by :func:`encode_envelope`; ProtocolError
-    for anything else. The limits are the message's: the envelope's own part is allowed for."""
-    value = load_json(
-        data,
-        "received a message that",
-        max_bytes=max_bytes + _ENVELOPE_BYTES,
-        max_depth=max_depth + 1,
-        object_hook=_from_json,
-    )
-    if not isinstance(value, dict) or set(value) != {"student", "message"}:
-        raise ProtocolError("a message envelope holds exactly 'student' and 'message'")
-    sender = value["student"]
-    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_CHARS:
-        raise ProtocolError(f"a message's sender is not a string of 1 to {MAX_SENDER_CHARS}")
-    return sender, value["message"]

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
+from kdserve.core.wait import slices
 from kdserve.errors import ProtocolError
 
-__all__ = ["Position", "ReplayWindow"]
+__all__ = ["MIN_WINDOW_BYTES", "Position", "ReplayWindow", "WindowStoppedError"]
 
 Position = tuple[int, int]
 """``(pass, seq)``: a batch, or for a rank the next batch it needs."""
 
-_POLL = 0.1  # seconds between checks of the stop flag while waiting
 MIN_WINDOW_BYTES = 64 << 20  # the window holds at least this much, however small the batches
 
 
@@ -61,16 +61,22 @@ class ReplayWindow:
             self._stopped = self._stopped or why
             self._cond.notify_all()
 
-    def _wait(self, ready: Callable[[], bool], deadline: float | None = None) -> bool:
-        """Wait until ``ready()`` holds (True), the deadline passes (False) or stop()."""
-        while not ready():
-            if self._stopped:
-                raise WindowStoppedError(self._stopped)
-            left = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
-            if left <= 0:
-                return False
-            self._cond.wait(left)
-        return True
+    def _wait(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait (holding the lock) until ``ready()`` holds (True), ``timeout`` seconds
+        pass (False) or stop() is called (WindowStoppedError)."""
+        for step in slices(timeout):
+            if self._ready(ready):
+                return True
+            self._cond.wait(step)
+        return self._ready(ready)
+
+    def _ready(self, ready: Callable[[], bool]) -> bool:
+        """``ready()``; WindowStoppedError instead of False once the window is stopped."""
+        if ready():
+            return True
+        if self._stopped:
+            raise WindowStoppedError(self._stopped)
+        return False
 
     def _owner(self, seq: int) -> int:
         assert self._world is not None
@@ -89,8 +95,8 @@ class ReplayWindow:
         with self._cond:
             self._wait(lambda: self._first_request is not None)
             assert self._world is not None and self._first_request is not None
-            deadline = self._first_request + grace
-            self._wait(lambda: len(self._resume) >= (self._world or 1), deadline)
+            left = self._first_request + grace - time.monotonic()
+            self._wait(lambda: len(self._resume) >= (self._world or 1), left)
             return self._world
 
     def needed(self, position: Position) -> bool:
@@ -130,7 +136,7 @@ class ReplayWindow:
         """Rows each of ``world_size`` ranks gets in pass ``pass_``, once the pass is over
         (None if it is not within ``timeout`` seconds): students even their shares."""
         with self._cond:
-            if not self._wait(lambda: pass_ in self._ends, time.monotonic() + timeout):
+            if not self._wait(lambda: pass_ in self._ends, timeout):
                 return None
             rows = self._rows.get(pass_, {})
             totals = [0] * world_size
@@ -140,7 +146,6 @@ class ReplayWindow:
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until every rank has acknowledged the end of the last pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             return self._wait(
                 lambda: (
@@ -148,7 +153,7 @@ class ReplayWindow:
                     and len(self._resume) == self._world
                     and all(p >= (self.times, 0) for p in self._resume.values())
                 ),
-                deadline,
+                timeout,
             )
 
     # -- students -------------------------------------------------------------------

@@ -2,36 +2,19 @@
 
     get_schema            the knowledge schema (Arrow, with kdserve metadata); also as
                           do_action("schema"), whose errors reach clients intact
-    do_get(ticket)        one rank's batches of a pass, from a sequence number on; a batch
-                          travels as row slices of at most ``chunk_bytes`` (gRPC slows
-                          on large messages), each with app metadata
-                          {"pass": p, "seq": s, "part": i, "parts": n}; consecutive small
-                          batches that are ready go as one message of up to
-                          ``chunk_bytes`` (gRPC's cost is per message), with
-                          {"pass": p, "seq": s, "part": 0, "parts": 1, "rows": [r, ...]}
-                          giving the rows of batches s, s + world_size, ...
-    do_action("ack")      a rank has its batches before a position (frees the window)
-    do_action("info")     name, times, what the teacher serves, its message size limit
-    do_action("send")     a student's message to the teacher
-    do_action("recv")     the teacher's messages after an index (long poll)
+    do_get(Ticket)        one rank's batches of a pass, from a sequence number on
+                          (:mod:`kdserve.online.serve_pass`)
+    do_action("ack")      an Ack: a rank has its batches before a position (frees the window)
+    do_action("info")     TeacherInfo: name, times, what the teacher serves, its message limit
+    do_action("send")     a SendRequest: a student's message to the teacher
+    do_action("recv")     a RecvRequest: the teacher's messages after an index (long poll)
     do_exchange("query")  input batches in, knowledge batches out (query mode)
 
-Requests, field by field (JSON objects; any other field, a missing one, a wrong type or
-a value out of range is refused):
-
-    ticket  {"pass": 0 <= int < times, "seq": int >= 0, "rank": 0 <= int < world_size,
-             "world_size": 1 <= int <= MAX_WORLD_SIZE}; seq % world_size == rank
-    ack     the same fields; pass <= times (pass == times: the last pass is over)
-    recv    {"after": int >= 0, "wait": number >= 0 (capped at MAX_MESSAGE_WAIT s)}
-    send    {"student": str, "message": <a kdserve message>}
-    info, schema: no body
-
-Every call carries ``authorization: Bearer <token>``; a wrong or missing token is
-refused (the teacher logs it and keeps serving). Handlers raise Flight error types only,
-with a one-line reason: a bad request gets "kdserve: <reason>" (the client raises
-:class:`~kdserve.errors.ProtocolError`), and any other failure is logged here
-(``logging.getLogger("kdserve")``) and reaches the client as one line, so no server
-traceback ever does.
+Requests and replies are the typed, versioned values of :mod:`kdserve.online.protocol`,
+checked field by field there. Every call carries ``authorization: Bearer <token>``; a
+wrong or missing token is refused (the teacher logs it and keeps serving). Failures reach
+the client as one-line Flight errors carrying the kdserve exception's kind and message
+(:mod:`kdserve.online.guard`), so no server traceback ever does.
 
 Size limits (``TeacherServer`` arguments):
 
@@ -65,183 +48,58 @@ teacher hold nothing (measured: +0 MB). Use it for a teacher reachable beyond lo
 
 from __future__ import annotations
 
-import functools
-import hmac
-import json
 import logging
-import math
-import queue
-import sys
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 from pyarrow import flight
 
-from kdserve.core.batch import concat_batches
-from kdserve.errors import KdserveError, ProtocolError
-from kdserve.online.messages import (
-    MAX_MESSAGE_BYTES,
-    MAX_MESSAGE_DEPTH,
-    decode_envelope,
-    encode_message,
-    load_json,
+from kdserve.errors import KdserveError, ProtocolError, TeacherUnavailableError
+from kdserve.online.guard import TokenCheck, guard_stream, guarded, peer
+from kdserve.online.mailbox import Inbox, Outbox
+from kdserve.online.messages import MAX_MESSAGE_BYTES, MAX_MESSAGE_DEPTH
+from kdserve.online.protocol import (
+    MAX_POSITION,
+    MAX_REQUEST_BYTES,
+    MAX_WORLD_SIZE,
+    Ack,
+    RecvRequest,
+    SendRequest,
+    TeacherInfo,
+    Ticket,
 )
-from kdserve.online.replay import ReplayWindow, WindowStoppedError
+from kdserve.online.replay import ReplayWindow
+from kdserve.online.serve_pass import pass_messages
+from kdserve.online.serve_query import DEFAULT_MAX_QUERY_BYTES, QueryFn, answer_queries
+from kdserve.online.wire import quote
 
-__all__ = ["TeacherServer", "slice_rows"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "MAX_POSITION", "MAX_WORLD_SIZE", "TeacherServer"]
 
-QueryFn = Callable[[pa.RecordBatch], pa.RecordBatch]
-F = TypeVar("F", bound=Callable[..., Any])
 MAX_MESSAGE_WAIT = 1.0  # seconds one "recv" call may wait for a message
 DEFAULT_CHUNK_BYTES = 16 << 20  # a batch travels in slices of about this size (measured best)
-DEFAULT_MAX_REQUEST_BYTES = 64 << 10
-DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 DEFAULT_MAX_INBOX_BYTES = 64 << 20
-DEFAULT_MAX_QUERY_BYTES = 256 << 20
-MAX_WORLD_SIZE = 1 << 16  # data-parallel ranks a ticket may name
-MAX_POSITION = (1 << 53) - 1  # pass, seq and message indices (exact in any JSON reader)
-MAX_REQUEST_DEPTH = 4  # tickets, acks and recv requests are flat objects
-RECV_BATCH_BYTES = 16 << 20  # messages one "recv" answer carries at most (at least one)
 MAX_ACTION_NAME = 64
-
-log = logging.getLogger("kdserve")
-
-
-def _line(text: str, limit: int = 300) -> str:
-    """``text`` on one line, at most ``limit`` characters: safe to send as a reason."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """A peer's value quoted for an error message, cut short."""
-    return _line(repr(value), limit)
-
-
-class _TokenCheck(flight.ServerMiddlewareFactory):  # type: ignore[misc]
-    """Refuses calls without ``authorization: Bearer <token>``; logs each refusal."""
-
-    def __init__(self, token: str, teacher: str) -> None:
-        super().__init__()
-        self._expected = f"Bearer {token}".encode()
-        self._teacher = teacher
-
-    def start_call(self, info: Any, headers: dict[str, list[Any]]) -> None:
-        given = headers.get("authorization") or []
-        value = given[0] if given else b""
-        if isinstance(value, str):
-            value = value.encode("utf-8", "replace")
-        if not isinstance(value, bytes) or not hmac.compare_digest(value, self._expected):
-            print(
-                f"[kdserve] teacher {self._teacher}: refused a {info.method} call with a "
-                f"{'wrong' if given else 'missing'} token",
-                file=sys.stderr,
-            )
-            raise flight.FlightUnauthenticatedError(
-                f"teacher {self._teacher!r} refused the token: pass the token the teacher "
-                f"printed or was given (token= or KDSERVE_TOKEN)"
-            )
-
-
-# -- request validation ----------------------------------------------------------------
-
-
-def _spec(data: bytes, what: str, required: set[str], optional: set[str], limit: int) -> Any:
-    """A request body: a flat JSON object with ``required`` and maybe ``optional`` keys."""
-    value = load_json(data, what, max_bytes=limit, max_depth=MAX_REQUEST_DEPTH)
-    if not isinstance(value, dict):
-        raise ProtocolError(f"bad {what}: not a JSON object")
-    missing = sorted(required - set(value))
-    unknown = sorted(set(value) - required - optional)
-    if missing or unknown:
-        raise ProtocolError(
-            f"bad {what}: "
-            + "; ".join(
-                [f"missing {', '.join(missing)}"] * bool(missing)
-                + [f"unknown field(s) {_short(unknown)}"] * bool(unknown)
-            )
-            + f" (it takes {', '.join(sorted(required | optional))})"
-        )
-    return value
-
-
-def _int(spec: dict[str, Any], key: str, what: str, low: int, high: int) -> int:
-    """``spec[key]``, an integer (not a bool) in ``[low, high]``."""
-    value = spec[key]
-    if type(value) is not int:
-        raise ProtocolError(f"bad {what}: {key} must be an integer, got {_short(value)}")
-    if not low <= value <= high:
-        raise ProtocolError(f"bad {what}: {key}={_short(value)} is outside [{low}, {high}]")
-    return value
-
-
-def _position_spec(data: bytes, what: str, limit: int, last_pass: int) -> tuple[int, ...]:
-    """``(pass, seq, rank, world_size)`` of a ticket or an ack, each in range."""
-    spec = _spec(data, what, {"pass", "seq", "rank", "world_size"}, set(), limit)
-    world = _int(spec, "world_size", what, 1, MAX_WORLD_SIZE)
-    rank = _int(spec, "rank", what, 0, world - 1)
-    pass_ = _int(spec, "pass", what, 0, last_pass)
-    seq = _int(spec, "seq", what, 0, MAX_POSITION)
-    if seq % world != rank:
-        raise ProtocolError(f"bad {what}: batch {seq} does not belong to rank {rank} of {world}")
-    return pass_, seq, rank, world
-
-
-def _guarded(method: F) -> F:
-    """A Flight handler whose failures reach the client as one-line Flight errors: bad
-    requests as "kdserve: ...", anything unexpected logged here and named briefly."""
-
-    @functools.wraps(method)
-    def run(self: TeacherServer, context: Any, *args: Any) -> Any:
-        try:
-            return method(self, context, *args)
-        except BaseException as exc:
-            raise self._flight_error(exc, method.__name__, context) from None
-
-    return run  # type: ignore[return-value]
-
-
-class _Inbox(queue.Queue[tuple[str, Any]]):
-    """Students' messages not yet received by the teacher, at most ``max_bytes`` of them."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__()
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._sizes: deque[int] = deque()
-
-    def offer(self, item: tuple[str, Any], nbytes: int) -> bool:
-        """Queue ``item`` unless that would pass ``max_bytes`` (one message always fits)."""
-        with self.mutex:
-            if self._sizes and self.bytes + nbytes > self.max_bytes:
-                return False
-            self.queue.append(item)
-            self._sizes.append(nbytes)
-            self.bytes += nbytes
-            self.unfinished_tasks += 1
-            self.not_empty.notify()
-        return True
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        super()._put(item)
-        self._sizes.append(0)
-
-    def _get(self) -> tuple[str, Any]:
-        self.bytes -= self._sizes.popleft()
-        return super()._get()
+_ACTIONS = [
+    ("ack", "a rank has its batches before a position"),
+    ("info", "the teacher's name, passes and services"),
+    ("schema", "the knowledge schema, Arrow IPC serialized"),
+    ("send", "a student's message to the teacher"),
+    ("recv", "the teacher's messages after an index"),
+]
+log = logging.getLogger(__name__)
 
 
 class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
-    """Serves one teacher's knowledge. Listens from construction until :meth:`close`.
+    """Serves one teacher's knowledge. Listens from construction until :meth:`shutdown`.
 
-    ``tls`` is the server's (cert, key) PEM pair; with ``tls_client_ca`` (PEM) too,
-    clients must present a certificate signed by that CA (mutual TLS), checked in the
-    TLS handshake before any request is read. The ``max_*`` limits are described in the
-    module docstring.
+    ``schema`` (the knowledge stream's Arrow schema), ``window`` (its replay window) and
+    ``query`` (the query function) may be given later (:meth:`set_schema`, :meth:`attach`,
+    :meth:`answer_queries`): until a window or a query function is there, calls are
+    refused as unavailable, which students retry. ``tls`` is the server's (cert, key) PEM
+    pair; with ``tls_client_ca`` (PEM) too, clients must present a certificate signed by
+    that CA (mutual TLS), checked in the TLS handshake before any request is read. The
+    ``max_*`` limits are described in the module docstring.
     """
 
     def __init__(
@@ -257,8 +115,8 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         tls: tuple[bytes, bytes] | None = None,
         tls_client_ca: bytes | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES,
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
     ) -> None:
@@ -278,11 +136,12 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         mutual: dict[str, Any] = {}
         if tls_client_ca is not None:
             mutual = {"verify_client": True, "root_certificates": tls_client_ca}
+        self.name = name
         try:
             super().__init__(
                 f"{scheme}://{host}:{port}",
                 tls_certificates=[tls] if tls else None,
-                middleware={"auth": _TokenCheck(token, name)},
+                middleware={"auth": TokenCheck(token, lambda: self.name)},
                 **mutual,
             )
         except (pa.ArrowException, OSError) as exc:
@@ -290,7 +149,6 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
                 f"teacher {name!r} cannot listen on {host}:{port} ({exc}); the port may be "
                 f"taken: choose another out_port, or stop the process using it"
             ) from None
-        self.name = name
         self.chunk_bytes = chunk_bytes
         self.max_request_bytes = max_request_bytes
         self.max_message_bytes = max_message_bytes
@@ -298,35 +156,25 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         self.schema = schema
         self.window = window
         self.query = query
-        self._outbox: list[bytes] = []
-        self._outbox_changed = threading.Condition()
-        self.inbox: _Inbox = _Inbox(max_inbox_bytes)
+        self.inbox = Inbox(max_inbox_bytes)
+        self._outbox = Outbox(max_message_bytes)
 
-    # -- errors -----------------------------------------------------------------------
+    def set_schema(self, schema: pa.Schema) -> None:
+        """The knowledge stream's Arrow schema, once the teacher knows it."""
+        self.schema = schema
 
-    def _flight_error(self, exc: BaseException, where: str, context: Any) -> BaseException:
-        """The Flight error a client gets for ``exc``, raised in handler ``where``."""
-        error: BaseException
-        if isinstance(exc, flight.FlightError) or not isinstance(exc, Exception):
-            error = exc  # ours already; or GeneratorExit, KeyboardInterrupt: not ours to eat
-        elif isinstance(exc, WindowStoppedError):
-            error = flight.FlightUnavailableError(
-                f"kdserve: teacher {self.name!r}: {_line(str(exc))}"
-            )
-        elif isinstance(exc, KdserveError):  # a request this teacher refuses
-            error = flight.FlightServerError(f"kdserve: {_line(str(exc))}")
-        elif isinstance(exc, pa.ArrowException) and _cancelled(context):
-            log.debug("teacher %s: %s cancelled by %s: %s", self.name, where, _peer(context), exc)
-            error = flight.FlightCancelledError(f"kdserve: the {where} call was cancelled")
-        else:
-            log.error(
-                "teacher %s: %s from %s failed", self.name, where, _peer(context), exc_info=exc
-            )
-            error = flight.FlightServerError(
-                f"kdserve internal: teacher {self.name!r} failed on a {where} call "
-                f"({type(exc).__name__}); the teacher's log has the details"
-            )
-        return error
+    def attach(self, window: ReplayWindow) -> None:
+        """Serve the knowledge stream of ``window``."""
+        self.window = window
+
+    def answer_queries(self, query: QueryFn) -> None:
+        """Answer queries with ``query``: a batch of a student's inputs -> its knowledge."""
+        self.query = query
+
+    def broadcast(self, message: Any) -> None:
+        """Queue a message every student can ``recv`` (numbered from 0 in sending order).
+        TypeError/ValueError, and nothing queued, for a message that cannot be sent."""
+        self._outbox.broadcast(message)
 
     # -- knowledge stream -----------------------------------------------------------
 
@@ -337,104 +185,62 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         if (self.window is None and self.query is None) or (
             self.window is not None and self.schema is None
         ):
-            raise flight.FlightUnavailableError(
-                f"kdserve: teacher {self.name!r} has not started its knowledge service yet"
+            raise TeacherUnavailableError(
+                f"teacher {self.name!r} has not started its knowledge service yet",
+                teacher=self.name,
             )
 
-    @_guarded
-    def get_schema(self, context: Any, descriptor: Any) -> flight.SchemaResult:
+    def _stream_schema(self) -> pa.Schema:
+        """The knowledge stream's schema; ProtocolError for a query-only teacher."""
         self._check_ready()
         if self.schema is None:
-            raise flight.FlightServerError(
-                f"kdserve: teacher {self.name!r} serves queries only; it has no knowledge stream"
+            raise ProtocolError(
+                f"teacher {self.name!r} serves queries only; it has no knowledge stream"
             )
-        return flight.SchemaResult(self.schema)
+        return self.schema
 
-    @_guarded
+    @guarded
+    def get_schema(self, context: Any, descriptor: Any) -> flight.SchemaResult:
+        return flight.SchemaResult(self._stream_schema())
+
+    @guarded
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         data = ticket.ticket
         if len(data) > self.max_request_bytes:
             raise ProtocolError(
                 f"bad ticket: {len(data)} bytes, over the limit of {self.max_request_bytes}"
             )
-        self._check_ready()
-        if self.window is None or self.schema is None:
-            raise flight.FlightServerError(f"kdserve: teacher {self.name!r} serves queries only")
-        window, schema = self.window, self.schema
-        pass_, seq, rank, world = _position_spec(
-            data, "ticket", self.max_request_bytes, MAX_POSITION
-        )
-        batches = window.stream(pass_, seq, rank, world)
-        first = next(batches, None)  # validate now: errors reach the client as errors
-
-        def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
-            items = batches if first is None else _chain(first, batches)
-            group: list[tuple[int, pa.RecordBatch]] = []  # small batches sent as one message
-            end = seq  # the rank's next batch; past its last one when the pass is over
-            for s, batch in items:
-                end = s + world
-                if batch.nbytes >= self.chunk_bytes:
-                    yield from _message(pass_, group)
-                    group = []
-                    parts = slice_rows(batch, self.chunk_bytes)
-                    for i, part in enumerate(parts):
-                        meta = {"pass": pass_, "seq": s, "part": i, "parts": len(parts)}
-                        yield part, pa.py_buffer(json.dumps(meta).encode())
-                    continue
-                group.append((s, batch))
-                full = sum(b.nbytes for _, b in group) >= self.chunk_bytes
-                if full or not window.ready(pass_, s + world):
-                    yield from _message(pass_, group)  # never wait with batches held
-                    group = []
-            yield from _message(pass_, group)
-            # The pass is over for this rank: an empty batch tells it every rank's rows, so
-            # that data-parallel students can even their shares.
-            shares = window.rank_rows(pass_, world, 0.0) or []
-            end_meta = {"pass": pass_, "seq": end, "part": 0, "parts": 1, "shares": shares}
-            # (pa.nulls, not from_pylist: that would import pandas, ~0.2 s, mid-stream)
-            empty = pa.RecordBatch.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema)
-            yield empty, pa.py_buffer(json.dumps(end_meta).encode())
-
+        schema, window = self._stream_schema(), self.window
+        assert window is not None  # a stream's schema is only known with its window
+        request = Ticket.from_bytes(data, max_bytes=self.max_request_bytes)
+        messages = pass_messages(window, schema, request, self.chunk_bytes)
         # A stopped window mid-stream is not a normal end: the student must not take it
         # for the end of the pass (it gets "unavailable" and asks again).
-        return flight.GeneratorStream(self.schema, self._guard_stream(stream(), context))
+        return flight.GeneratorStream(schema, guard_stream(messages, self.name, "do_get", context))
 
-    def _guard_stream(self, items: Iterator[Any], context: Any) -> Iterator[Any]:
-        """``items``, with any failure while streaming turned into a one-line Flight error."""
-        try:
-            yield from items
-        except BaseException as exc:
-            raise self._flight_error(exc, "do_get", context) from None
-
-    @_guarded
+    @guarded
     def do_put(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> None:
-        raise flight.FlightServerError(f"kdserve: teacher {self.name!r} takes no uploads")
+        raise ProtocolError(f"teacher {self.name!r} takes no uploads")
 
-    @_guarded
+    @guarded
     def list_flights(self, context: Any, criteria: Any) -> Iterator[Any]:
-        raise flight.FlightServerError(f"kdserve: teacher {self.name!r} lists no flights")
+        raise ProtocolError(f"teacher {self.name!r} lists no flights")
 
-    @_guarded
+    @guarded
     def get_flight_info(self, context: Any, descriptor: Any) -> Any:
-        raise flight.FlightServerError(f"kdserve: teacher {self.name!r} has no flight info")
+        raise ProtocolError(f"teacher {self.name!r} has no flight info")
 
     # -- actions --------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
-        return [
-            ("ack", "a rank has its batches before a position"),
-            ("info", "the teacher's name, passes and services"),
-            ("schema", "the knowledge schema, Arrow IPC serialized"),
-            ("send", "a student's message to the teacher"),
-            ("recv", "the teacher's messages after an index"),
-        ]
+        return _ACTIONS
 
-    @_guarded
+    @guarded
     def do_action(self, context: Any, action: flight.Action) -> Iterator[flight.Result]:
         kind, body = action.type, action.body  # body: a zero-copy view, checked before use
         if len(kind) > MAX_ACTION_NAME:
-            raise ProtocolError(f"unknown action {_short(kind)}")
+            raise ProtocolError(f"unknown action {quote(kind)}")
         size = body.size if body is not None else 0
         limit = self.max_request_bytes
         if kind == "send":
@@ -446,164 +252,59 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             raise ProtocolError(f"bad {kind} request: it takes no body")
         if kind == "info":
             self._check_ready()
-            info = {
-                "name": self.name,
-                "times": self.window.times if self.window else 0,
-                "buf_size": self.window.buf_size if self.window else 0,
-                "stream": self.window is not None,
-                "query": self.query is not None,
-                "max_message_bytes": self.max_message_bytes,
-            }
-            return iter([flight.Result(json.dumps(info).encode())])
+            return iter([flight.Result(self._info().to_bytes())])
         if kind == "schema":  # an action, not get_schema: its errors reach clients intact
-            self._check_ready()
-            if self.schema is None:
-                raise flight.FlightServerError(
-                    f"kdserve: teacher {self.name!r} serves queries only; it has no knowledge "
-                    f"stream"
-                )
-            return iter([flight.Result(self.schema.serialize())])
+            return iter([flight.Result(self._stream_schema().serialize())])
         if kind == "ack":
             last = self.window.times if self.window else MAX_POSITION
-            pass_, seq, rank, world = _position_spec(data, "ack", limit, last)
+            ack = Ack.from_bytes(data, max_bytes=limit, last_pass=last)
             if self.window is not None:
-                self.window.ack(rank, world, (pass_, seq))
+                self.window.ack(ack.rank, ack.world_size, (ack.pass_, ack.seq))
             return iter([])
         if kind == "send":
             self._receive(data, context)
             return iter([])
         if kind == "recv":
-            return iter([flight.Result(m) for m in self._messages_after(data)])
-        raise ProtocolError(f"unknown action {_short(kind)}")
+            request = RecvRequest.from_bytes(data, max_bytes=limit)
+            found = self._outbox.after(request.after, min(request.wait, MAX_MESSAGE_WAIT))
+            return iter([flight.Result(m) for m in found])
+        raise ProtocolError(f"unknown action {quote(kind)}")
+
+    def _info(self) -> TeacherInfo:
+        return TeacherInfo(
+            name=self.name,
+            times=self.window.times if self.window else 0,
+            buf_size=self.window.buf_size if self.window else 0,
+            stream=self.window is not None,
+            query=self.query is not None,
+            max_message_bytes=self.max_message_bytes,
+        )
 
     def _receive(self, data: bytes, context: Any) -> None:
         """Queue a student's message for the teacher, or refuse it (logged, naming the
         sender): a bad message never reaches, or stops, the teacher's ``recv``."""
         try:
-            sender, message = decode_envelope(
+            request = SendRequest.from_bytes(
                 data, max_bytes=self.max_message_bytes, max_depth=MAX_MESSAGE_DEPTH
             )
         except ProtocolError as exc:
-            log.warning("teacher %s: dropped a message from %s: %s", self.name, _peer(context), exc)
+            log.warning("teacher %s: dropped a message from %s: %s", self.name, peer(context), exc)
             raise ProtocolError(f"message refused and dropped: {exc}") from None
-        if not self.inbox.offer((sender, message), len(data)):
-            raise flight.FlightUnavailableError(
-                f"kdserve: teacher {self.name!r} has {self.inbox.bytes} bytes of messages it "
-                f"has not received yet; try again later"
+        if not self.inbox.offer((request.student, request.message), len(data)):
+            raise TeacherUnavailableError(
+                f"teacher {self.name!r} has {self.inbox.bytes} bytes of messages it has not "
+                f"received yet; try again later",
+                teacher=self.name,
             )
-
-    def _messages_after(self, data: bytes) -> list[bytes]:
-        """The teacher's messages from index ``after`` on (long poll: up to ``wait`` s)."""
-        spec = _spec(data, "recv request", set(), {"after", "wait"}, self.max_request_bytes)
-        after = _int(spec, "after", "recv request", 0, MAX_POSITION) if "after" in spec else 0
-        wait = spec.get("wait", 0)
-        if type(wait) not in (int, float) or not math.isfinite(wait) or wait < 0:
-            raise ProtocolError(
-                f"bad recv request: wait must be a number of seconds >= 0, got {_short(wait)}"
-            )
-        deadline = time.monotonic() + min(float(wait), MAX_MESSAGE_WAIT)
-        with self._outbox_changed:
-            while len(self._outbox) <= after and time.monotonic() < deadline:
-                self._outbox_changed.wait(max(0.0, deadline - time.monotonic()))
-            fresh: list[bytes] = []
-            total = 0
-            for message in self._outbox[after:]:
-                if fresh and total + len(message) > RECV_BATCH_BYTES:
-                    break  # the rest comes with the next recv
-                fresh.append(message)
-                total += len(message)
-        return fresh
-
-    def broadcast(self, message: Any) -> None:
-        """Queue a message every student can ``recv`` (numbered from 0 in sending order).
-        TypeError/ValueError, and nothing queued, for a message that cannot be sent."""
-        data = encode_message(message, max_bytes=self.max_message_bytes)
-        with self._outbox_changed:
-            self._outbox.append(data)
-            self._outbox_changed.notify_all()
 
     # -- query mode -----------------------------------------------------------------
 
-    @_guarded
+    @guarded
     def do_exchange(
         self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any
     ) -> None:
         if self.query is None:
-            raise flight.FlightServerError(
-                f"kdserve: teacher {self.name!r} does not answer queries"
-            )
+            raise ProtocolError(f"teacher {self.name!r} does not answer queries")
         if descriptor.command != b"query":
-            raise ProtocolError(f"bad exchange: the command is {_short(descriptor.command)}")
-        started = False
-        while True:
-            try:
-                chunk = reader.read_chunk()
-            except StopIteration:
-                return
-            except pa.ArrowInvalid as exc:  # not Arrow IPC, or a batch off its schema
-                raise ProtocolError(f"bad query batch: {_line(str(exc), 200)}") from None
-            if chunk.data is None:
-                continue
-            if chunk.data.nbytes > self.max_query_bytes:
-                raise ProtocolError(
-                    f"query refused: a batch of {chunk.data.nbytes} bytes, over the limit of "
-                    f"{self.max_query_bytes}; send smaller batches"
-                )
-            try:
-                result = self.query(chunk.data)
-            except KdserveError as exc:
-                raise ProtocolError(f"query refused: {_line(str(exc))}") from None
-            except Exception as exc:  # the program's own error: logged here, named there
-                log.error("teacher %s: the program failed on a query", self.name, exc_info=exc)
-                raise flight.FlightServerError(
-                    f"kdserve: teacher {self.name!r}'s program failed on a query: "
-                    f"{type(exc).__name__}: {_line(str(exc), 200)}"
-                ) from None
-            if not started:
-                writer.begin(result.schema)
-                started = True
-            writer.write_batch(result)
-
-
-def _cancelled(context: Any) -> bool:
-    """Whether the client went away (its call's failures are then no teacher's fault)."""
-    try:
-        return bool(context.is_cancelled())
-    except Exception:
-        return False
-
-
-def _peer(context: Any) -> str:
-    """Who called, for the log (a gRPC peer such as ``ipv4:127.0.0.1:50412``)."""
-    try:
-        return str(context.peer())
-    except Exception:
-        return "an unknown peer"
-
-
-def slice_rows(batch: pa.RecordBatch, chunk_bytes: int) -> list[pa.RecordBatch]:
-    """``batch`` as zero-copy row slices of about ``chunk_bytes`` each (at least one row)."""
-    rows = batch.num_rows
-    if rows <= 1 or batch.nbytes <= chunk_bytes:
-        return [batch]
-    step = max(1, rows * chunk_bytes // batch.nbytes)
-    return [batch.slice(start, step) for start in range(0, rows, step)]
-
-
-def _message(
-    pass_: int, group: list[tuple[int, pa.RecordBatch]]
-) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
-    """``group`` (consecutive batches of one rank) as one Flight message, if not empty."""
-    if not group:
-        return
-    meta: dict[str, Any] = {"pass": pass_, "seq": group[0][0], "part": 0, "parts": 1}
-    if len(group) > 1:
-        meta["rows"] = [b.num_rows for _, b in group]
-    yield concat_batches([b for _, b in group]), pa.py_buffer(json.dumps(meta).encode())
-
-
-def _chain(
-    first: tuple[int, pa.RecordBatch], rest: Iterator[tuple[int, pa.RecordBatch]]
-) -> Iterator[tuple[int, pa.RecordBatch]]:
-    yield first
-    yield from rest
+            raise ProtocolError(f"bad exchange: the command is {quote(descriptor.command)}")
+        answer_queries(self.query, reader, writer, self.max_query_bytes, self.name)

@@ -13,7 +13,6 @@ refused: trusting it would let that user read, or plant, the token.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import secrets
 import socket
@@ -21,7 +20,9 @@ import stat
 from pathlib import Path
 
 from kdserve.errors import KdserveError
+from kdserve.online.address import is_loopback, split_address
 
+# is_loopback and split_address are re-exported: callers imported them from here.
 __all__ = [
     "find_token",
     "is_loopback",
@@ -118,27 +119,6 @@ def remove_token(path: Path) -> None:
     """Remove a published token file (nothing if it is gone already)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an IP address, IPv6 maybe in brackets) is this host's
-    loopback: ``localhost`` or an address such as 127.0.0.1 or ::1."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_address(address: str) -> tuple[str, int] | None:
-    """``(host, port)`` of ``host:port`` or a ``grpc[+tls|+tcp]://host:port`` URI."""
-    rest = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = rest.rstrip("/").rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 1 << 16:
-        return None
-    return host, int(port)
 
 
 def find_token(address: str) -> str | None:
