@@ -987,7 +987,7 @@ def test_small_ready_batches_travel_coalesced_and_arrive_whole(serve):
 
     service = serve(counted, A["schema"], reader(), buf_size=64)
     s = student([("a", service)])
-    client = s._teachers[0].client
+    client = s._client(0)
     ticket = flight.Ticket(b'{"pass": 0, "seq": 0, "rank": 0, "world_size": 1}')
     # The first request starts production; wait until every batch is in the window.
     reader_ = client._client.do_get(ticket, client._options())

@@ -360,7 +360,7 @@ def test_mutual_tls_bounds_what_a_client_without_a_certificate_costs(procs, pki,
         connect_timeout=10.0,
     )
     try:
-        assert client.info()["query"] is True
+        assert client.teacher_info().query is True
         batch = pa.record_batch([pa.array([1, 2])], names=["v"])
         assert [b.to_pydict() for b in client.query([batch], 1)] == [{"v": [1, 2]}]
     finally:
@@ -389,7 +389,7 @@ def test_mutual_tls_refuses_certificates_of_another_ca_and_needs_a_server_certif
                 connect_timeout=1.0,
             )
             with pytest.raises(kd.TeacherUnavailableError):
-                client.info()
+                client.teacher_info()
             client.close()
     finally:
         shutdown(server)
@@ -499,7 +499,7 @@ def test_bad_tickets_and_acks_get_one_line_protocol_errors(procs, body, reason):
     teacher = procs(n=20)
     client = TeacherClient(f"127.0.0.1:{teacher.port()}", name="fz", token=TOKEN)
     try:
-        client.info()  # the service runs
+        client.teacher_info()  # the service runs
         for what, call in (
             ("ticket", lambda: client.call(
                 lambda: client._client.do_get(flight.Ticket(body), call_options()).read_all(),
@@ -868,7 +868,7 @@ def test_unread_student_messages_are_bounded(servers):
 def test_a_recv_answer_is_bounded_and_every_message_arrives_in_order(servers):
     server = servers()
     client = client_of(server)
-    client.info()
+    client.teacher_info()
     payloads = [bytes([i]) * (2 << 20) for i in range(8)]  # 2.7 MiB encoded
     for i, p in enumerate(payloads):
         server.broadcast({"i": i, "p": np.frombuffer(p, np.uint8)})
@@ -890,7 +890,7 @@ def test_a_teacher_with_a_larger_message_limit_tells_its_students(servers):
     big = "a" * (MAX_MESSAGE_BYTES + 10)
     with pytest.raises(ValueError, match="over the limit of 4194304"):
         client.send("s", big)  # the default, until the teacher says otherwise
-    client.info()
+    client.teacher_info()
     client.send("s", big)
     assert server.inbox.get(timeout=1) == ("s", big)
     server.broadcast(big)
@@ -1129,7 +1129,7 @@ def test_fuzzed_requests_get_clean_errors_and_the_teacher_serves_on(procs):
     rng = random.Random(20250811)
     teacher = procs()
     port = teacher.port()
-    TeacherClient(f"127.0.0.1:{port}", name="fz", token=TOKEN).info()  # the service runs
+    TeacherClient(f"127.0.0.1:{port}", name="fz", token=TOKEN).teacher_info()  # the service runs
     fuzz = Fuzz(port)
     started = time.monotonic()
     try:

@@ -56,7 +56,9 @@ import time
 import numpy as np
 
 import kdserve
+from kdserve.log import show_status
 
+show_status()  # status lines, such as 'serving on HOST:PORT', on stderr
 cfg = json.loads(sys.argv[1])
 WIDTH = cfg["width"]
 log = open(cfg["log"], "a", buffering=1)

@@ -193,14 +193,14 @@ def test_a_client_without_a_token_uses_the_published_one_on_loopback(server):
     path = publish_token(server.port, "right")
     for host in ("127.0.0.1", "localhost"):
         c = client(server, host)
-        assert c.info()["name"] == "t"
+        assert c.teacher_info().name == "t"
         c.close()
     remove_token(path)
     # None published: the client waits for one (its teacher may be starting), then gives up.
     c = client(server, connect_timeout=1.0)
     started = time.monotonic()
     with pytest.raises(kd.AuthenticationError, match="no token for teacher") as missing:
-        c.info()
+        c.teacher_info()
     assert 0.5 <= time.monotonic() - started < 5.0
     assert str(path) in str(missing.value)  # where the token would be
     assert missing.value.teacher == "t"
@@ -211,14 +211,14 @@ def test_an_explicit_token_wins_over_the_published_one(server, monkeypatch):
     publish_token(server.port, "stale")
     c = client(server)  # the file's token: refused
     with pytest.raises(kd.AuthenticationError, match="refused the token"):
-        c.info()
+        c.teacher_info()
     c.close()
     c = client(server, token="right")
-    assert c.info()["name"] == "t"
+    assert c.teacher_info().name == "t"
     c.close()
     monkeypatch.setenv(TOKEN_ENV, "right")
     c = client(server)
-    assert c.info()["name"] == "t"
+    assert c.teacher_info().name == "t"
     c.close()
 
 

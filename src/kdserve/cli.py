@@ -16,6 +16,7 @@ import click
 
 import kdserve
 from kdserve.errors import KdserveError
+from kdserve.log import show_status
 
 __all__ = ["main"]
 
@@ -30,6 +31,7 @@ def cli() -> None:
     Teachers write knowledge to stores or serve it over the network; students merge
     any mix of teachers and train on one stream.
     """
+    show_status()
 
 
 def _count(flag: str, default: int | None, help_text: str) -> Callable[[F], F]:

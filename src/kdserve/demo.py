@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 import kdserve as kd
+from kdserve.log import show_status
 
 __all__ = ["await_child", "run_demo"]
 
@@ -229,6 +230,7 @@ def await_child(
 
 def run_demo(out: Path | None = None, port: int = 0) -> None:
     """Train, serve, dump, distil; print the table and write the plot."""
+    show_status()
     _require_extra()
     import torch
 

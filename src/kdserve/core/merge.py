@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from kdserve.core.align import first_difference, rows_of
 from kdserve.core.batch import Knowledge
 from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID, Field, Schema
@@ -333,13 +334,10 @@ def _align(reference: str, ids: np.ndarray, teacher: str, batch: Knowledge) -> K
     if np.array_equal(ids, other):
         return batch
     if len(ids) == len(other) and len(np.unique(ids)) == len(ids):
-        order = np.argsort(other, kind="stable")
-        position = np.searchsorted(other, ids, sorter=order)
-        position = np.clip(position, 0, len(other) - 1)
-        perm = order[position]
-        if np.array_equal(other[perm], ids):
+        perm = rows_of(other, ids)
+        if perm is not None:
             return {k: _take_rows(v, perm) for k, v in batch.items()}
-    row = _first_difference(ids, other)
+    row = first_difference(ids, other)
     a = int(ids[row]) if row < len(ids) else None
     b = int(other[row]) if row < len(other) else None
     raise AlignmentError(
@@ -350,12 +348,6 @@ def _align(reference: str, ids: np.ndarray, teacher: str, batch: Knowledge) -> K
         teachers=(reference, teacher),
         sample_ids=(a, b),
     )
-
-
-def _first_difference(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 def _take_rows(value: Any, rows: np.ndarray) -> Any:

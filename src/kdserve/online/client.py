@@ -14,7 +14,6 @@ reports (:mod:`kdserve.online.client_errors`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -182,10 +181,6 @@ class TeacherClient:
         info = TeacherInfo.from_bytes(data, f"info from teacher {self.name!r}")
         self.max_message_bytes = info.max_message_bytes
         return info
-
-    def info(self) -> dict[str, Any]:
-        """:meth:`teacher_info` as a dict (the form the student reads today)."""
-        return dataclasses.asdict(self.teacher_info())
 
     def schema(self) -> Schema:
         (data,) = self.action("schema")

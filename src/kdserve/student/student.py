@@ -12,118 +12,45 @@ Pantheon's calls keep their names and meaning::
         for batch in reader():       # each call is one more pass
             ...                      # dict[str, ndarray], incl. "sample_id"
 
+and the same in Python's idiom::
+
+    with Student(merge_strategy={"logits": "mean"}) as student:
+        student.add_store("knowledge/teacher_a")
+        student.add_teacher("127.0.0.1:8470")
+        loader = student.loader(batch_size=32)
+        for epoch in range(3):
+            for batch in loader:     # each iteration is one more pass
+                ...
+
 Teachers are matched by sample id, never by arrival order. With online teachers, the
 first online teacher's stream sets the order of a pass; other online teachers must
 stream the same samples (each batch is realigned by id), and offline teachers are
 looked up by id. With only offline teachers, the first one sets the order (block
 shuffled with ``shuffle=True``), and the others are matched to it by id. Teachers that
 do not hold the same samples are refused with an :class:`~kdserve.errors.AlignmentError`.
+The sources (:mod:`kdserve.student.sources`) own the stores and connections; the passes
+(:mod:`kdserve.student.passes`) align them; this façade merges and prefetches.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
-from kdserve.core.batch import Knowledge, from_record_batch, to_record_batch
-from kdserve.core.idset import IdSet, repeats
+from kdserve.core.batch import Knowledge, from_record_batch
 from kdserve.core.merge import Merger, StrategySpec
 from kdserve.core.prefetch import Prefetcher
-from kdserve.core.rebatch import rebatch
-from kdserve.core.sampler import Block, Even, Sampler
-from kdserve.core.schema import SAMPLE_ID, Schema
-from kdserve.errors import AlignmentError, KdserveError, ProtocolError, StoreError
+from kdserve.core.sampler import Even, Sampler
+from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
-from kdserve.store import StoreReader
+from kdserve.student.messaging import query_batches, recv_message
+from kdserve.student.passes import Step, served_pass, store_pass
+from kdserve.student.sources import Source, StoreSource, TeacherSource
 
-__all__ = ["Student"]
-
-
-class _OfflineTeacher:
-    """A registered store, and how its rows map onto the reference order."""
-
-    def __init__(self, name: str, path: str, allow_incomplete: bool, verify: bool) -> None:
-        self.name = name
-        self.reader = StoreReader(path, verify=verify)
-        self.schema = self.reader.schema
-        if not self.reader.complete and not allow_incomplete:
-            raise StoreError(
-                f"store {path} (teacher {name!r}) is incomplete: its dump is still running or "
-                f"was interrupted ({len(self.reader)} samples in complete shards). Re-run the "
-                f"dump to finish it, or register_teacher(..., allow_incomplete=True)",
-                path=path,
-            )
-        self.rows_of: np.ndarray | None = None  # reference row -> this store's row; None: same
-        self._ids = self.reader.sample_ids()
-        _refuse_repeats(self._ids, f"store {path} (teacher {name!r})", name)
-        self._order: np.ndarray | None = None
-
-    def align_to(self, reference: _OfflineTeacher) -> None:
-        """Map the reference store's rows onto this store's rows, by sample id."""
-        if np.array_equal(reference._ids, self._ids):
-            return
-        self.rows_of = self.rows_for(reference._ids, reference.name)
-
-    def rows_for(self, ids: np.ndarray, reference: str) -> np.ndarray:
-        """This store's rows holding ``ids``; AlignmentError naming the first missing id."""
-        if self._order is None:
-            self._order = np.argsort(self._ids, kind="stable")
-        pos = np.searchsorted(self._ids, ids, sorter=self._order)
-        rows = self._order[np.clip(pos, 0, max(len(self._ids) - 1, 0))] if len(self._ids) else pos
-        found = len(self._ids) > 0 and np.array_equal(self._ids[rows], ids)
-        if not found or (len(ids) != len(np.unique(ids))):
-            missing = np.setdiff1d(ids, self._ids)
-            extra = np.setdiff1d(self._ids, ids)
-            a = int(missing[0]) if len(missing) else None
-            b = int(extra[0]) if len(extra) else None
-            raise AlignmentError(
-                f"teachers {reference!r} and {self.name!r} do not hold the same samples: "
-                f"first id only in {reference!r}: {a}, first id only in {self.name!r}: {b} "
-                f"({len(ids)} vs {len(self._ids)} samples). Produce both teachers' knowledge "
-                f"over the same data",
-                teachers=(reference, self.name),
-                sample_ids=(a, b),
-            )
-        return rows
-
-    def batches(self, blocks: list[Block]) -> Iterator[pa.RecordBatch]:
-        """The rows of ``blocks`` (numbered as the reference teacher's rows), in order."""
-        if self.rows_of is not None:
-            rows_of = self.rows_of
-            blocks = [
-                Block(
-                    b.start,
-                    b.stop,
-                    rows_of[np.arange(b.start, b.stop) if b.rows is None else b.rows],
-                )
-                for b in blocks
-            ]
-        return self.reader.iter_blocks(blocks)
-
-
-class _OnlineTeacher:
-    """A registered served teacher: its connection, and (asked for on first use, so that
-    messages flow before its knowledge service starts) its schema and what it serves."""
-
-    def __init__(self, name: str, client: TeacherClient) -> None:
-        self.name = name
-        self.client = client
-
-    @functools.cached_property
-    def info(self) -> dict[str, Any]:
-        return self.client.info()
-
-    @functools.cached_property
-    def schema(self) -> Schema:
-        return self.client.schema() if self.info["stream"] else Schema([])
+__all__ = ["Loader", "Student"]
 
 
 class Student:
@@ -179,8 +106,9 @@ class Student:
         self.connect_timeout = connect_timeout
         self.verify = verify
         self.id = uuid.uuid4().hex
-        self._registered: list[tuple[str, Callable[[], _OfflineTeacher | _OnlineTeacher]]] = []
-        self._teachers: list[_OfflineTeacher | _OnlineTeacher] = []
+        self._sources: list[Source] = []
+        self._stores: list[StoreSource] = []
+        self._served: list[TeacherSource] = []
         self._merger: Merger | None = None  # None after start(): query-only teachers
         self._ready = False  # start() has run
         self._prepared = False  # every teacher's schema is known and checked
@@ -192,6 +120,46 @@ class Student:
 
     # -- registration ---------------------------------------------------------------
 
+    def add_store(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        allow_incomplete: bool = False,
+    ) -> int:
+        """Register a knowledge store; returns its teacher id (0, 1, ... in order)."""
+        where = os.fspath(path)
+        source = StoreSource(
+            self._name(name, os.path.basename(os.path.normpath(where))),
+            where,
+            allow_incomplete,
+            self.verify,
+        )
+        self._stores.append(source)
+        return self._add(source)
+
+    def add_teacher(
+        self,
+        address: str,
+        *,
+        name: str | None = None,
+        token: str | None = None,
+        tls_root_certs: bytes | None = None,
+    ) -> int:
+        """Register a served teacher at ``"host:port"``; returns its teacher id."""
+        teacher_name = self._name(name, str(address))
+        client = TeacherClient(
+            str(address),
+            name=teacher_name,
+            token=token or self.token,
+            tls_root_certs=tls_root_certs or self.tls_root_certs,
+            tls_client_cert=self.tls_client_cert,
+            connect_timeout=self.connect_timeout,
+        )
+        source = TeacherSource(teacher_name, client)
+        self._served.append(source)
+        return self._add(source)
+
     def register_teacher(
         self,
         in_path: str | os.PathLike[str] | None = None,
@@ -202,40 +170,30 @@ class Student:
         token: str | None = None,
         tls_root_certs: bytes | None = None,
     ) -> int:
-        """Register a store (``in_path``) or a served teacher (``in_address="host:port"``);
-        returns its teacher id (0, 1, ... in registration order)."""
-        if self._ready:
-            raise KdserveError("register every teacher before start()")
+        """Pantheon's registration: a store (``in_path``) or a served teacher
+        (``in_address="host:port"``); returns its teacher id (0, 1, ... in order)."""
         if (in_path is None) == (in_address is None):
             raise KdserveError(
                 "register_teacher needs one of in_path= (a knowledge store directory) or "
                 "in_address= ('host:port' of an online teacher)"
             )
-        where = os.fspath(in_path) if in_path is not None else str(in_address)
-        label = os.path.basename(os.path.normpath(where)) if in_path is not None else where
-        teacher_name = name or f"{len(self._registered)}:{label}"
-        if any(n == teacher_name for n, _ in self._registered):
-            raise KdserveError(f"a teacher named {teacher_name!r} is already registered")
         if in_path is not None:
-            path = os.fspath(in_path)
-            self._registered.append(
-                (
-                    teacher_name,
-                    lambda: _OfflineTeacher(teacher_name, path, allow_incomplete, self.verify),
-                )
-            )
-        else:
-            address = str(in_address)
-            client = TeacherClient(
-                address,
-                name=teacher_name,
-                token=token or self.token,
-                tls_root_certs=tls_root_certs or self.tls_root_certs,
-                tls_client_cert=self.tls_client_cert,
-                connect_timeout=self.connect_timeout,
-            )
-            self._registered.append((teacher_name, lambda: _OnlineTeacher(teacher_name, client)))
-        return len(self._registered) - 1
+            return self.add_store(in_path, name=name, allow_incomplete=allow_incomplete)
+        assert in_address is not None
+        return self.add_teacher(in_address, name=name, token=token, tls_root_certs=tls_root_certs)
+
+    def _name(self, name: str | None, label: str) -> str:
+        """The teacher's name (``"<id>:<label>"`` by default); refused before start()."""
+        if self._ready:
+            raise KdserveError("register every teacher before start()")
+        chosen = name or f"{len(self._sources)}:{label}"
+        if any(s.name == chosen for s in self._sources):
+            raise KdserveError(f"a teacher named {chosen!r} is already registered")
+        return chosen
+
+    def _add(self, source: Source) -> int:
+        self._sources.append(source)
+        return len(self._sources) - 1
 
     def start(self) -> None:
         """End registration: open every store and check that the stores align.
@@ -247,32 +205,33 @@ class Student:
         """
         if self._ready:
             return
-        if not self._registered:
+        if not self._sources:
             raise KdserveError("register at least one teacher before start()")
-        self._teachers = [make() for _, make in self._registered]
-        for t in self._teachers:
-            if isinstance(t, _OnlineTeacher):
-                t.client.ping()  # reachable, and the token fits: fail early, not mid-pass
-        if not any(isinstance(t, _OnlineTeacher) for t in self._teachers):
+        for source in self._sources:
+            source.open()
+        if not self._served:
             self._prepare()  # stores only: every check now
         self._ready = True
 
     def _prepare(self) -> None:
         """Learn what every teacher serves; check their knowledge fits together and aligns."""
-        offline = self._offline()
-        online = self._online()
-        if online and self._sampler.shuffle:
+        streaming = self._streaming()
+        if streaming and self._sampler.shuffle:
             raise KdserveError(
                 "shuffle=True needs offline teachers only: online teachers stream in their "
                 "reader's order (shuffle the teachers' readers instead)"
             )
-        if not online:
-            for t in offline[1:]:
-                t.align_to(offline[0])
-        merged = [t for t in self._teachers if t in offline or t in online]
+        if not streaming:
+            for store in self._stores[1:]:
+                store.align_to(self._stores[0])
+        merged = [s for s in self._sources if s.streams]
         if merged:  # else only query-only teachers: nothing to merge
-            self._merger = Merger({t.name: t.schema for t in merged}, self.merge_strategy)
+            self._merger = Merger({s.name: s.schema for s in merged}, self.merge_strategy)
         self._prepared = True
+
+    def _streaming(self) -> list[TeacherSource]:
+        """The served teachers that stream knowledge (not query-only ones)."""
+        return [t for t in self._served if t.streams]
 
     def _check_ready(self) -> None:
         if self._closed:
@@ -297,9 +256,8 @@ class Student:
         self._closed = True
         for running in list(self._passes):
             running.close()
-        for t in self._teachers:
-            if isinstance(t, _OnlineTeacher):
-                t.client.close()
+        for source in self._sources:
+            source.close()
 
     def __enter__(self) -> Student:
         return self
@@ -320,16 +278,9 @@ class Student:
     def __len__(self) -> int:
         """Samples in one pass for this rank (offline teachers only)."""
         self._started()
-        if self._online():
+        if self._streaming():
             raise KdserveError("the length of a pass of online teachers is not known in advance")
-        first = self._offline()[0]
-        return sum(len(b) for b in self._sampler.plan(len(first.reader)))
-
-    def _online(self) -> list[_OnlineTeacher]:
-        return [t for t in self._teachers if isinstance(t, _OnlineTeacher) and t.info["stream"]]
-
-    def _offline(self) -> list[_OfflineTeacher]:
-        return [t for t in self._teachers if isinstance(t, _OfflineTeacher)]
+        return sum(len(b) for b in self._sampler.plan(len(self._stores[0])))
 
     def get_knowledge_generator(
         self, batch_size: int, drop_last: bool = False, *, epoch: int | None = None
@@ -341,7 +292,7 @@ class Student:
         fresh student that resumes training at a later epoch.
         """
         self._started()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if epoch is not None:
             if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -351,145 +302,51 @@ class Student:
         def one_pass() -> Iterator[Knowledge]:
             epoch = self._epoch
             self._epoch += 1
-            produce = self._online_pass if self._online() else self._offline_pass
             self._prefetcher = Prefetcher(
-                lambda: produce(epoch, batch_size, drop_last), self.buf_size, "kdserve-student"
+                lambda: self._pass(epoch, batch_size, drop_last), self.buf_size, "kdserve-student"
             )
             self._passes.add(self._prefetcher)
             yield from self._prefetcher
 
         return one_pass
 
-    def _merge(self, batches: dict[str, pa.RecordBatch]) -> Knowledge:
+    def loader(
+        self, batch_size: int, drop_last: bool = False, *, epoch: int | None = None
+    ) -> Loader:
+        """The passes as a re-iterable: each ``for batch in loader`` reads one more pass.
+        Starts the student if :meth:`start` was not called."""
+        self.start()
+        passes = self.get_knowledge_generator(batch_size, drop_last, epoch=epoch)
+        return Loader(self, passes, batch_size, drop_last)
+
+    def _pass(self, epoch: int, batch_size: int, drop_last: bool) -> Iterator[Knowledge]:
+        """One pass of merged batches (run on the prefetch thread)."""
+        streaming = self._streaming()
+        steps: Iterator[Step]
+        if streaming:
+            steps = served_pass(
+                streaming, self._stores, self._sampler, epoch, batch_size, drop_last, self.buf_size
+            )
+        else:
+            steps = store_pass(self._stores, self._sampler, epoch, batch_size, drop_last)
         merger = self._started()
-        schemas = {t.name: t.schema for t in self._teachers}
-        return merger.merge({n: from_record_batch(b, schemas[n]) for n, b in batches.items()})
-
-    def _offline_pass(self, epoch: int, batch_size: int, drop_last: bool) -> Iterator[Knowledge]:
-        teachers = self._offline()
-        blocks = self._sampler.plan(len(teachers[0].reader), epoch)
-        streams = [rebatch(t.batches(blocks), batch_size, drop_last) for t in teachers]
-        for batches in zip(*streams, strict=True):
-            yield self._merge({t.name: b for t, b in zip(teachers, batches, strict=True)})
-
-    def _online_pass(self, epoch: int, batch_size: int, drop_last: bool) -> Iterator[Knowledge]:
-        online = self._online()
-        for t in online:
-            if epoch >= t.info["times"]:
-                raise KdserveError(
-                    f"teacher {t.name!r} serves {t.info['times']} pass(es) (its times=); this "
-                    f"would be pass {epoch + 1}"
-                )
-        # Each teacher is read by its own thread, buf_size batches ahead: network reads of
-        # several teachers overlap, and a slow student still slows them all down.
-        streams = [
-            Prefetcher(
-                functools.partial(rebatch, self._online_share(t, epoch), batch_size, drop_last),
-                self.buf_size,
-                f"kdserve-{t.name}",
-            )
-            for t in online
-        ]
-        try:
-            yield from self._merge_online(online, streams, epoch)
-        finally:
-            for stream in streams:
-                stream.close()
-
-    def _online_share(self, teacher: _OnlineTeacher, epoch: int) -> Iterator[pa.RecordBatch]:
-        """This rank's batches of an online teacher's pass: repeated sample ids refused;
-        with several ranks, evened to the others' shares (``even_ranks``) once the pass
-        is over, since the teacher deals whole batches to ranks in turn."""
-        rank, world = self._sampler.rank, self._sampler.world_size
-        even = self._sampler.even if world > 1 else "none"
-        ack_every = max(1, teacher.info["buf_size"] // 2)
-        seen = IdSet()
-        rows = 0
-        first: pa.RecordBatch | None = None  # padding repeats this rank's first rows
-        held: pa.RecordBatch | None = None  # dropping may cut the last batch
-        shares: list[int] = []  # every rank's rows, told at the end of the pass
-        for batch in teacher.client.stream_pass(epoch, rank, world, ack_every, shares):
-            ids = batch.column(0).to_numpy()
-            if not seen.add_new(ids):
-                where = f"a batch of online teacher {teacher.name!r}"
-                _refuse_repeats(ids, where, teacher.name)
-                again = ids[seen.contains(ids)]
-                raise AlignmentError(
-                    f"online teacher {teacher.name!r} sent sample id(s) {again[:5].tolist()} "
-                    f"twice in pass {epoch}: each sample must appear once per pass; fix the "
-                    f"teacher's reader or its sample_id feed",
-                    teachers=(teacher.name, teacher.name),
-                    sample_ids=(int(again[0]), int(again[0])),
-                )
-            rows += batch.num_rows
-            first = batch if first is None else first
-            ready: pa.RecordBatch | None = batch
-            if even == "drop":  # one batch behind: the last one may have to be cut
-                ready, held = held, batch
-            if ready is not None:
-                yield ready
-        if even == "none":
-            return
-        if len(shares) != world:
-            raise ProtocolError(
-                f"online teacher {teacher.name!r} ended pass {epoch} without telling the "
-                f"ranks' shares (got {shares}); is it an older kdserve? Use even_ranks='none'"
-            )
-        if even == "pad":
-            missing = max(shares) - rows
-            while missing > 0 and first is not None:
-                piece = first.slice(0, missing)
-                yield piece
-                missing -= piece.num_rows
-        elif held is not None:
-            keep = held.num_rows - (rows - min(shares))
-            if keep < 0:
-                raise KdserveError(
-                    f"online teacher {teacher.name!r}'s batches differ too much in size for "
-                    f"even_ranks='drop' (rank {rank} has {rows} rows, the smallest share is "
-                    f"{min(shares)}); use even_ranks='pad' or batches of one size"
-                )
-            if keep:
-                yield held.slice(0, keep)
-
-    def _merge_online(
-        self,
-        online: list[_OnlineTeacher],
-        streams: list[Prefetcher[pa.RecordBatch]],
-        epoch: int,
-    ) -> Iterator[Knowledge]:
-        driver = online[0]
-        for batches in itertools.zip_longest(*streams):
-            if any(b is None for b in batches):
-                short = [t.name for t, b in zip(online, batches, strict=True) if b is None]
-                raise AlignmentError(
-                    f"online teachers {short} ended pass {epoch} before {driver.name!r}: they "
-                    f"do not serve the same samples",
-                    teachers=(driver.name, short[0]),
-                    sample_ids=(None, None),
-                )
-            by_name = {t.name: b for t, b in zip(online, batches, strict=True)}
-            ids = by_name[driver.name].column(0).to_numpy()
-            for store in self._offline():
-                by_name[store.name] = store.reader.take(store.rows_for(ids, driver.name))
-            yield self._merge(by_name)
+        schemas = {s.name: s.schema for s in self._sources}
+        for step in steps:
+            yield merger.merge({n: from_record_batch(b, schemas[n]) for n, b in step.items()})
 
     # -- messages and queries -------------------------------------------------------
 
     def _client(self, teacher_id: int) -> TeacherClient:
         self._check_ready()
-        if not 0 <= teacher_id < len(self._teachers):
-            raise KdserveError(f"no teacher {teacher_id}; ids run 0..{len(self._teachers) - 1}")
-        teacher = self._teachers[teacher_id]
-        if not isinstance(teacher, _OnlineTeacher):
-            raise KdserveError(f"teacher {teacher.name!r} is offline (a store): no messages")
-        return teacher.client
+        if not 0 <= teacher_id < len(self._sources):
+            raise KdserveError(f"no teacher {teacher_id}; ids run 0..{len(self._sources) - 1}")
+        return self._sources[teacher_id].client()
 
     def send(self, data: Any, teacher_ids: Iterable[int] | None = None) -> None:
         """Send a message (JSON values and numpy arrays) to online teachers (default: all)."""
         self._check_ready()
         ids = (
-            [i for i, t in enumerate(self._teachers) if isinstance(t, _OnlineTeacher)]
+            [i for i, s in enumerate(self._sources) if s in self._served]
             if teacher_ids is None
             else list(teacher_ids)
         )
@@ -499,17 +356,10 @@ class Student:
     def recv(self, teacher_id: int, timeout: float | None = None) -> Any:
         """The next message from teacher ``teacher_id``; waits up to ``timeout`` seconds
         (None: until one comes). Raises TimeoutError when none came."""
-        client = self._client(teacher_id)
         after = self._received.get(teacher_id, 0)
-        waited = 0.0
-        while timeout is None or waited < timeout:
-            step = 1.0 if timeout is None else min(1.0, timeout - waited)
-            messages = client.recv(after, step)
-            if messages:
-                self._received[teacher_id] = after + 1
-                return messages[0]
-            waited += step
-        raise TimeoutError(f"no message from teacher {client.name!r} within {timeout} s")
+        message = recv_message(self._client(teacher_id), after, timeout)
+        self._received[teacher_id] = after + 1
+        return message
 
     def query(self, teacher_id: int, inputs: Mapping[str, Any]) -> Knowledge:
         """Query mode: send one batch of inputs, get the teacher's knowledge for it."""
@@ -521,28 +371,28 @@ class Student:
         """Query mode over many input batches, ``max_in_flight`` requests pipelined to hide
         the round trip; results come in input order. Sample ids are taken from a
         ``sample_id`` input or numbered 0..n-1 per batch."""
-        client = self._client(teacher_id)
-
-        def arrow() -> Iterator[pa.RecordBatch]:
-            for inputs in batches:
-                data = dict(inputs)
-                ids = data.pop(SAMPLE_ID, None)
-                n = len(next(iter(data.values())))
-                schema = Schema.from_arrays(data)
-                yield to_record_batch(data, schema, np.arange(n) if ids is None else ids)
-
-        for result in client.query(arrow(), max_in_flight):
-            yield from_record_batch(result)
+        return query_batches(self._client(teacher_id), batches, max_in_flight)
 
 
-def _refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
-    """AlignmentError naming the first ids that ``where`` holds more than once."""
-    repeated = repeats(ids)
-    if len(repeated):
-        raise AlignmentError(
-            f"{where} holds sample id(s) {repeated[:5].tolist()} more than once "
-            f"({len(repeated)} repeated id(s)): each sample must appear once per pass; fix "
-            f"the teacher's reader or its sample_id feed",
-            teachers=(teacher, teacher),
-            sample_ids=(int(repeated[0]), int(repeated[0])),
-        )
+class Loader:
+    """A student's passes as a re-iterable, like a DataLoader: each iteration is one pass."""
+
+    def __init__(
+        self,
+        student: Student,
+        passes: Callable[[], Iterator[Knowledge]],
+        batch_size: int,
+        drop_last: bool,
+    ) -> None:
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self._student = student
+        self._passes = passes
+
+    def __iter__(self) -> Iterator[Knowledge]:
+        return self._passes()
+
+    def __len__(self) -> int:
+        """Batches in one pass for this rank (stores only; served passes have no length)."""
+        samples = len(self._student)
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)

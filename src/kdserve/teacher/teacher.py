@@ -239,7 +239,7 @@ class Teacher:
                     self._store.open(schema)
                 self.schema = schema
                 if self._server is not None:
-                    self._server.schema = schema.to_arrow()
+                    self._server.set_schema(schema.to_arrow())
             elif schema.with_metadata(teacher=self.name) != self.schema:
                 raise SchemaError(
                     f"teacher {self.name!r} produces {self.schema.describe()}; a batch with "
@@ -337,10 +337,10 @@ class Teacher:
         if server is not None and reader_config is not None:
             # The window first: a student must never see this teacher as query-only.
             window = ReplayWindow(times, buf_size, self.window_bytes)
-            server.window = window
+            server.attach(window)
             sinks.append(ServeSink(window, self.student_grace))
         if server is not None:
-            server.query = encoder.query
+            server.answer_queries(encoder.query)
         if reader_config is None:
             self._closed.wait()
             return encoder.samples

@@ -39,7 +39,7 @@ from kdserve.core.batch import Knowledge
 from kdserve.core.merge import StrategySpec
 from kdserve.core.ragged import Ragged
 from kdserve.core.sampler import Even, Sampler
-from kdserve.online.tokens import split_address
+from kdserve.online.address import split_address
 from kdserve.student import Student
 
 __all__ = ["KnowledgeDataset", "to_tensors"]

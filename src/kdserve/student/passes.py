@@ -1,0 +1,77 @@
+"""Passes: one pass over a student's teachers, as one batch per teacher per step, aligned
+by sample id and re-batched to the student's batch size. With served teachers, their
+streams set the order and stores are looked up by id; with stores only, the first store
+sets the (possibly shuffled) order and the others are read in step with it."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+
+from kdserve.core.prefetch import Prefetcher
+from kdserve.core.rebatch import rebatch
+from kdserve.core.sampler import Sampler
+from kdserve.errors import AlignmentError
+from kdserve.student.sources import StoreSource, TeacherSource
+
+__all__ = ["Step", "served_pass", "store_pass"]
+
+Step = dict[str, pa.RecordBatch]
+"""One step of a pass: each teacher's batch, by teacher name, holding the same samples."""
+
+
+def store_pass(
+    stores: Sequence[StoreSource], sampler: Sampler, epoch: int, batch_size: int, drop_last: bool
+) -> Iterator[Step]:
+    """A pass over stores only, in the sampler's order for ``epoch``."""
+    blocks = sampler.plan(len(stores[0]), epoch)
+    streams = [rebatch(s.batches(blocks), batch_size, drop_last) for s in stores]
+    for batches in zip(*streams, strict=True):
+        yield {s.name: b for s, b in zip(stores, batches, strict=True)}
+
+
+def served_pass(
+    teachers: Sequence[TeacherSource],
+    stores: Sequence[StoreSource],
+    sampler: Sampler,
+    epoch: int,
+    batch_size: int,
+    drop_last: bool,
+    buf_size: int,
+) -> Iterator[Step]:
+    """A pass driven by served teachers' streams (the first one's order); stores are
+    looked up by the ids of each batch."""
+    for t in teachers:
+        t.check_pass(epoch)
+    # Each teacher is read by its own thread, buf_size batches ahead: network reads of
+    # several teachers overlap, and a slow student still slows them all down.
+    streams = [
+        Prefetcher(
+            functools.partial(rebatch, t.share(epoch, sampler), batch_size, drop_last),
+            buf_size,
+            f"kdserve-{t.name}",
+        )
+        for t in teachers
+    ]
+    driver = teachers[0]
+    try:
+        for batches in itertools.zip_longest(*streams):
+            if any(b is None for b in batches):
+                short = [t.name for t, b in zip(teachers, batches, strict=True) if b is None]
+                raise AlignmentError(
+                    f"online teachers {short} ended pass {epoch} before {driver.name!r}: they "
+                    f"do not serve the same samples",
+                    teachers=(driver.name, short[0]),
+                    sample_ids=(None, None),
+                )
+            step = {t.name: b for t, b in zip(teachers, batches, strict=True)}
+            ids = step[driver.name].column(0).to_numpy()
+            for store in stores:
+                step[store.name] = store.lookup(ids, driver.name)
+            yield step
+    finally:
+        for stream in streams:
+            stream.close()

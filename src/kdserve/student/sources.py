@@ -1,0 +1,237 @@
+"""Sources: a student's registered teachers behind one interface -- a store read from
+disk, or a served teacher read over the network. Each source owns its reader or its
+connection; a new kind of teacher is one more Source class."""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from kdserve.core.align import rows_of
+from kdserve.core.idset import IdSet, repeats
+from kdserve.core.sampler import Block, Sampler
+from kdserve.core.schema import Schema
+from kdserve.errors import AlignmentError, KdserveError, ProtocolError, StoreError
+from kdserve.online.client import TeacherClient
+from kdserve.online.protocol import TeacherInfo
+from kdserve.store import StoreReader
+
+__all__ = ["Source", "StoreSource", "TeacherSource"]
+
+
+class Source(ABC):
+    """A registered teacher: its name, schema and (for served teachers) connection."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def open(self) -> None:
+        """Called by ``Student.start()``: fail now (missing store, unreachable teacher,
+        wrong token), not mid-pass."""
+
+    @property
+    @abstractmethod
+    def schema(self) -> Schema:
+        """The knowledge it gives."""
+
+    @property
+    def streams(self) -> bool:
+        """Whether it gives knowledge passes (a query-only teacher does not)."""
+        return True
+
+    def client(self) -> TeacherClient:
+        """Its connection, for messages and queries."""
+        raise KdserveError(f"teacher {self.name!r} is offline (a store): no messages")
+
+    def close(self) -> None:  # noqa: B027 -- optional hook
+        """Release what it holds."""
+
+
+class StoreSource(Source):
+    """A knowledge store, and how its rows map onto the reference store's order."""
+
+    def __init__(self, name: str, path: str, allow_incomplete: bool, verify: bool) -> None:
+        super().__init__(name)
+        self.path = path
+        self.allow_incomplete = allow_incomplete
+        self.verify = verify
+        self.rows_of: np.ndarray | None = None  # reference row -> this store's row; None: same
+        self._order: np.ndarray | None = None  # argsort of the ids, made on first lookup
+
+    def open(self) -> None:
+        self.reader = StoreReader(self.path, verify=self.verify)
+        if not self.reader.complete and not self.allow_incomplete:
+            raise StoreError(
+                f"store {self.path} (teacher {self.name!r}) is incomplete: its dump is still "
+                f"running or was interrupted ({len(self.reader)} samples in complete shards). "
+                f"Re-run the dump to finish it, or register it with allow_incomplete=True",
+                path=self.path,
+            )
+        self.ids = self.reader.sample_ids()
+        refuse_repeats(self.ids, f"store {self.path} (teacher {self.name!r})", self.name)
+
+    @property
+    def schema(self) -> Schema:
+        return self.reader.schema
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def align_to(self, reference: StoreSource) -> None:
+        """Map the reference store's rows onto this store's rows, by sample id."""
+        if not np.array_equal(reference.ids, self.ids):
+            self.rows_of = self.rows_for(reference.ids, reference.name)
+
+    def rows_for(self, ids: np.ndarray, reference: str) -> np.ndarray:
+        """This store's rows holding ``ids``; AlignmentError naming the first missing id."""
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        rows = rows_of(self.ids, ids, self._order)
+        if rows is None or len(ids) != len(np.unique(ids)):
+            missing = np.setdiff1d(ids, self.ids)
+            extra = np.setdiff1d(self.ids, ids)
+            a = int(missing[0]) if len(missing) else None
+            b = int(extra[0]) if len(extra) else None
+            raise AlignmentError(
+                f"teachers {reference!r} and {self.name!r} do not hold the same samples: "
+                f"first id only in {reference!r}: {a}, first id only in {self.name!r}: {b} "
+                f"({len(ids)} vs {len(self.ids)} samples). Produce both teachers' knowledge "
+                f"over the same data",
+                teachers=(reference, self.name),
+                sample_ids=(a, b),
+            )
+        return rows
+
+    def lookup(self, ids: np.ndarray, reference: str) -> pa.RecordBatch:
+        """The rows holding ``ids``, in that order (to match another teacher's batch)."""
+        return self.reader.take(self.rows_for(ids, reference))
+
+    def batches(self, blocks: list[Block]) -> Iterator[pa.RecordBatch]:
+        """The rows of ``blocks`` (numbered as the reference store's rows), in order."""
+        if self.rows_of is not None:
+            rows_of = self.rows_of
+            blocks = [
+                Block(
+                    b.start,
+                    b.stop,
+                    rows_of[np.arange(b.start, b.stop) if b.rows is None else b.rows],
+                )
+                for b in blocks
+            ]
+        return self.reader.iter_blocks(blocks)
+
+
+class TeacherSource(Source):
+    """A served teacher: its connection, and (asked for on first use, so that messages
+    flow before its knowledge service starts) its schema and what it serves."""
+
+    def __init__(self, name: str, client: TeacherClient) -> None:
+        super().__init__(name)
+        self._client = client
+
+    def open(self) -> None:
+        self._client.ping()  # reachable, and the token fits
+
+    @functools.cached_property
+    def info(self) -> TeacherInfo:
+        """What the teacher serves: whether it streams, its passes (times), its buf_size."""
+        return self._client.teacher_info()
+
+    @functools.cached_property
+    def schema(self) -> Schema:
+        return self._client.schema() if self.info.stream else Schema([])
+
+    @property
+    def streams(self) -> bool:
+        return self.info.stream
+
+    def client(self) -> TeacherClient:
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    def check_pass(self, epoch: int) -> None:
+        """KdserveError unless the teacher serves pass ``epoch`` (it serves ``times``)."""
+        if epoch >= self.info.times:
+            raise KdserveError(
+                f"teacher {self.name!r} serves {self.info.times} pass(es) (its times=); "
+                f"this would be pass {epoch + 1}"
+            )
+
+    def share(self, epoch: int, sampler: Sampler) -> Iterator[pa.RecordBatch]:
+        """This rank's batches of pass ``epoch``: repeated sample ids refused; with several
+        ranks, evened to the others' shares (``sampler.even``) once the pass is over, since
+        the teacher deals whole batches to ranks in turn."""
+        rank, world = sampler.rank, sampler.world_size
+        even = sampler.even if world > 1 else "none"
+        ack_every = max(1, self.info.buf_size // 2)
+        seen = IdSet()
+        rows = 0
+        first: pa.RecordBatch | None = None  # padding repeats this rank's first rows
+        held: pa.RecordBatch | None = None  # dropping may cut the last batch
+        shares: list[int] = []  # every rank's rows, told at the end of the pass
+        for batch in self._client.stream_pass(epoch, rank, world, ack_every, shares):
+            ids = batch.column(0).to_numpy()
+            if not seen.add_new(ids):
+                self._refuse_repeated(ids, seen, epoch)
+            rows += batch.num_rows
+            first = batch if first is None else first
+            ready: pa.RecordBatch | None = batch
+            if even == "drop":  # one batch behind: the last one may have to be cut
+                ready, held = held, batch
+            if ready is not None:
+                yield ready
+        if even == "none":
+            return
+        if len(shares) != world:
+            raise ProtocolError(
+                f"online teacher {self.name!r} ended pass {epoch} without telling the "
+                f"ranks' shares (got {shares}); is it an older kdserve? Use even_ranks='none'"
+            )
+        if even == "pad":
+            missing = max(shares) - rows
+            while missing > 0 and first is not None:
+                piece = first.slice(0, missing)
+                yield piece
+                missing -= piece.num_rows
+        elif held is not None:
+            keep = held.num_rows - (rows - min(shares))
+            if keep < 0:
+                raise KdserveError(
+                    f"online teacher {self.name!r}'s batches differ too much in size for "
+                    f"even_ranks='drop' (rank {rank} has {rows} rows, the smallest share is "
+                    f"{min(shares)}); use even_ranks='pad' or batches of one size"
+                )
+            if keep:
+                yield held.slice(0, keep)
+
+    def _refuse_repeated(self, ids: np.ndarray, seen: IdSet, epoch: int) -> None:
+        """AlignmentError for a batch that repeats ids (within itself or the pass so far)."""
+        refuse_repeats(ids, f"a batch of online teacher {self.name!r}", self.name)
+        again = ids[seen.contains(ids)]
+        raise AlignmentError(
+            f"online teacher {self.name!r} sent sample id(s) {again[:5].tolist()} twice in "
+            f"pass {epoch}: each sample must appear once per pass; fix the teacher's reader "
+            f"or its sample_id feed",
+            teachers=(self.name, self.name),
+            sample_ids=(int(again[0]), int(again[0])),
+        )
+
+
+def refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
+    """AlignmentError naming the first ids that ``where`` holds more than once."""
+    repeated = repeats(ids)
+    if len(repeated):
+        raise AlignmentError(
+            f"{where} holds sample id(s) {repeated[:5].tolist()} more than once "
+            f"({len(repeated)} repeated id(s)): each sample must appear once per pass; fix "
+            f"the teacher's reader or its sample_id feed",
+            teachers=(teacher, teacher),
+            sample_ids=(int(repeated[0]), int(repeated[0])),
+        )
