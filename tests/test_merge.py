@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kdserve as kd
-from kdserve.core.merge import Custom
+from kdserve.core.merge import Custom, Merger, strategy_from_spec
 
 FAST = settings(max_examples=50, deadline=None)
 SID = kd.SAMPLE_ID
@@ -42,7 +42,7 @@ def stacked(batches, field="logits"):
 
 def merge(names, strategy, batches, schema=None):
     schema = logits_schema() if schema is None else schema
-    merger = kd.Merger(dict.fromkeys(names, schema), {"logits": strategy})
+    merger = Merger(dict.fromkeys(names, schema), {"logits": strategy})
     return merger.merge(batches)
 
 
@@ -78,7 +78,7 @@ def test_strategy_objects_equal_their_names(strategy):
     by_object = merge("ab", strategy, batches)["logits"]
     expected = FORMULAS[strategy.name](stacked(batches))
     np.testing.assert_allclose(by_object, expected, rtol=1e-6, atol=1e-6)
-    assert kd.strategy_from_spec(strategy.name) == strategy
+    assert strategy_from_spec(strategy.name) == strategy
 
 
 @pytest.mark.parametrize("strategy", sorted(FORMULAS))
@@ -176,15 +176,15 @@ def test_callable_returning_the_wrong_shape_is_refused():
 
 
 def test_strategy_from_spec_resolves_names_objects_classes_and_callables():
-    assert kd.strategy_from_spec("mean") == kd.Mean()
+    assert strategy_from_spec("mean") == kd.Mean()
     take = kd.Take("a")
-    assert kd.strategy_from_spec(take) is take
-    assert kd.strategy_from_spec(kd.Max) == kd.Max()  # the class, not an instance
-    assert isinstance(kd.strategy_from_spec(np.median), Custom)
+    assert strategy_from_spec(take) is take
+    assert strategy_from_spec(kd.Max) == kd.Max()  # the class, not an instance
+    assert isinstance(strategy_from_spec(np.median), Custom)
     with pytest.raises(kd.MergeError, match=r"class WeightedMean, which needs arguments"):
-        kd.strategy_from_spec(kd.WeightedMean, "logits")
+        strategy_from_spec(kd.WeightedMean, "logits")
     with pytest.raises(kd.MergeError, match="must be a name, a strategy or a callable"):
-        kd.strategy_from_spec(3, "logits")
+        strategy_from_spec(3, "logits")
 
 
 def test_a_strategy_class_merges_like_its_instance():
@@ -243,7 +243,7 @@ def test_fields_of_a_single_teacher_pass_through_unchanged():
     batches["a"]["hidden"] = np.arange(15, dtype=np.float16).reshape(5, 3)
     batches["b"]["mask"] = np.arange(20).reshape(5, 4) % 3 == 0
     batches["b"]["tokens"] = ragged([np.full((i, 2), i) for i in range(5)])
-    merger = kd.Merger(schemas, {"logits": "max"})
+    merger = Merger(schemas, {"logits": "max"})
     out = merger.merge(batches)
     assert list(out) == [SID, "logits", "hidden", "mask", "tokens"]
     assert out["hidden"] is batches["a"]["hidden"]
@@ -255,7 +255,7 @@ def test_fields_of_a_single_teacher_pass_through_unchanged():
 def test_merged_schema_is_codec_free_and_teachers_may_use_different_codecs():
     a = kd.Schema([kd.Field("logits", "float32", (4,), codec="fp16")])
     b = kd.Schema([kd.Field("logits", "float32", (4,), codec={"name": "topk", "k": 2})])
-    merger = kd.Merger({"a": a, "b": b}, {"logits": "mean"})
+    merger = Merger({"a": a, "b": b}, {"logits": "mean"})
     assert merger.schema["logits"] == kd.Field("logits", "float32", (4,))
     assert merger.schema["logits"].codec is None
 
@@ -263,7 +263,7 @@ def test_merged_schema_is_codec_free_and_teachers_may_use_different_codecs():
 def test_a_shared_field_without_a_strategy_is_refused():
     schemas = {"a": logits_schema(), "b": logits_schema(), "c": logits_schema("float32", (2,), "x")}
     with pytest.raises(kd.MergeError) as info:
-        kd.Merger(schemas)
+        Merger(schemas)
     message = str(info.value)
     assert "field 'logits' comes from teachers ['a', 'b'] but has no merge strategy" in message
     assert info.value.field == "logits"
@@ -274,7 +274,7 @@ def test_a_strategy_for_a_field_nobody_produces_is_refused():
     with pytest.raises(
         kd.MergeError, match=r"field\(s\) \['logit'\] that no teacher produces"
     ) as e:
-        kd.Merger(schemas, {"logits": "mean", "logit": "mean"})
+        Merger(schemas, {"logits": "mean", "logit": "mean"})
     assert e.value.field == "logit"
     assert "the teachers produce ['logits']" in str(e.value)
 
@@ -282,14 +282,14 @@ def test_a_strategy_for_a_field_nobody_produces_is_refused():
 def test_an_unknown_strategy_name_is_refused():
     schemas = {"a": logits_schema(), "b": logits_schema()}
     with pytest.raises(kd.MergeError, match="unknown merge strategy 'median' for field 'logits'"):
-        kd.Merger(schemas, {"logits": "median"})
+        Merger(schemas, {"logits": "median"})
 
 
 @pytest.mark.parametrize("teacher", ["c", "nobody", 2, 7])
 def test_take_of_a_teacher_without_the_field_is_refused(teacher):
     schemas = {"a": logits_schema(), "b": logits_schema(), "c": logits_schema(name="other")}
     with pytest.raises(kd.MergeError, match="does not produce it") as info:
-        kd.Merger(schemas, {"logits": kd.Take(teacher)})
+        Merger(schemas, {"logits": kd.Take(teacher)})
     assert info.value.field == "logits"
     assert "['a', 'b']" in str(info.value)
 
@@ -310,7 +310,7 @@ def test_take_of_a_teacher_without_the_field_is_refused(teacher):
 def test_weighted_mean_with_missing_or_bad_weights_is_refused(weights, message):
     schemas = {"a": logits_schema(), "b": logits_schema()}
     with pytest.raises(kd.MergeError, match=re.escape(message)) as info:
-        kd.Merger(schemas, {"logits": kd.WeightedMean(weights)})
+        Merger(schemas, {"logits": kd.WeightedMean(weights)})
     assert info.value.field == "logits"
 
 
@@ -326,7 +326,7 @@ def test_weighted_mean_with_missing_or_bad_weights_is_refused(weights, message):
 def test_teachers_disagreeing_on_a_shared_field_are_refused(other, shown):
     schemas = {"a": logits_schema(), "b": logits_schema(), "c": kd.Schema([other])}
     with pytest.raises(kd.MergeError) as info:
-        kd.Merger(schemas, {"logits": "mean"})
+        Merger(schemas, {"logits": "mean"})
     message = str(info.value)
     assert "field 'logits' differs between teachers ['a', 'b'] (float32[4])" in message
     assert f"and 'c' ({shown})" in message
@@ -335,11 +335,11 @@ def test_teachers_disagreeing_on_a_shared_field_are_refused(other, shown):
 
 def test_a_merger_needs_a_teacher():
     with pytest.raises(kd.MergeError, match="at least one teacher"):
-        kd.Merger({})
+        Merger({})
 
 
 def test_merging_needs_every_teachers_batch_and_fields():
-    merger = kd.Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "sum"})
+    merger = Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "sum"})
     batches = teachers_batches("ab")
     with pytest.raises(kd.MergeError, match=r"no batch from teacher\(s\) \['b'\]"):
         merger.merge({"a": batches["a"]})
@@ -354,7 +354,7 @@ def test_merging_needs_every_teachers_batch_and_fields():
 
 def test_a_single_teacher_merges_to_itself():
     batches = teachers_batches("a")
-    out = kd.Merger({"a": logits_schema()}).merge(batches)
+    out = Merger({"a": logits_schema()}).merge(batches)
     assert out["logits"] is batches["a"]["logits"]
     np.testing.assert_array_equal(out[SID], batches["a"][SID])
 
@@ -382,7 +382,7 @@ def test_the_same_ids_in_another_order_are_reordered():
             "only_b": ids[perm] * 2,
         },
     }
-    out = kd.Merger(schemas, {"logits": "sum"}).merge(batches)
+    out = Merger(schemas, {"logits": "sum"}).merge(batches)
     np.testing.assert_array_equal(out[SID], ids)
     np.testing.assert_array_equal(out["logits"], a + b)
     np.testing.assert_array_equal(out["only_b"], ids * 2)  # values follow their ids
@@ -400,7 +400,7 @@ def test_the_reference_order_is_the_first_registered_teacher():
         "a": {SID: ids, "logits": np.float32([[10], [20], [30]])},
     }
     schemas = {"b": logits_schema(shape=(1,)), "a": logits_schema(shape=(1,))}
-    out = kd.Merger(schemas, {"logits": kd.Take("a")}).merge(batches)
+    out = Merger(schemas, {"logits": kd.Take("a")}).merge(batches)
     np.testing.assert_array_equal(out[SID], [9, 3, 5])
     np.testing.assert_array_equal(out["logits"], [[30], [20], [10]])
 
@@ -408,7 +408,7 @@ def test_the_reference_order_is_the_first_registered_teacher():
 def test_different_sample_ids_raise_alignment_error_naming_teachers_and_ids():
     batches = teachers_batches("ab", ids=[1, 2, 3, 4, 5])
     batches["b"][SID] = np.array([1, 2, 30, 4, 5])
-    merger = kd.Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "mean"})
+    merger = Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "mean"})
     with pytest.raises(kd.AlignmentError) as info:
         merger.merge(batches)
     err = info.value
@@ -422,7 +422,7 @@ def test_different_sample_ids_raise_alignment_error_naming_teachers_and_ids():
 def test_the_third_teacher_is_checked_against_the_first():
     batches = teachers_batches("abc", ids=[7, 8, 9])
     batches["c"][SID] = np.array([7, 8, 10])
-    merger = kd.Merger(dict.fromkeys("abc", logits_schema()), {"logits": "mean"})
+    merger = Merger(dict.fromkeys("abc", logits_schema()), {"logits": "mean"})
     with pytest.raises(kd.AlignmentError, match="teachers 'a' and 'c'") as info:
         merger.merge(batches)
     assert info.value.teachers == ("a", "c") and info.value.sample_ids == (9, 10)
@@ -434,7 +434,7 @@ def test_the_third_teacher_is_checked_against_the_first():
 def test_different_row_counts_raise_alignment_error(ids_b, expected_ids):
     batches = teachers_batches("a", ids=[1, 2, 3, 4, 5])
     batches["b"] = {SID: np.array(ids_b), "logits": np.zeros((len(ids_b), 4), np.float32)}
-    merger = kd.Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "max"})
+    merger = Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "max"})
     with pytest.raises(kd.AlignmentError, match=r"\(5 vs \d rows\)") as info:
         merger.merge(batches)
     assert info.value.teachers == ("a", "b")
@@ -445,7 +445,7 @@ def test_same_ids_as_a_multiset_but_not_as_a_set_are_refused():
     # b holds the right number of rows, but repeats 2 instead of holding 3.
     batches = teachers_batches("ab", n=3, ids=[1, 2, 3])
     batches["b"][SID] = np.array([2, 1, 2])
-    merger = kd.Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "sum"})
+    merger = Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "sum"})
     with pytest.raises(kd.AlignmentError):
         merger.merge(batches)
 
@@ -453,7 +453,7 @@ def test_same_ids_as_a_multiset_but_not_as_a_set_are_refused():
 def test_duplicate_reference_ids_in_another_order_are_not_guessed():
     batches = teachers_batches("ab", n=3, ids=[1, 1, 2])
     batches["b"][SID] = np.array([1, 2, 1])
-    merger = kd.Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "sum"})
+    merger = Merger({"a": logits_schema(), "b": logits_schema()}, {"logits": "sum"})
     with pytest.raises(kd.AlignmentError) as info:
         merger.merge(batches)
     assert info.value.sample_ids == (1, 2)
@@ -477,7 +477,7 @@ def permuted_teachers(draw):
 def test_permuting_one_teachers_rows_never_changes_the_merge(case, strategy):
     ids, perm, a, b, seqs = case
     schema = kd.Schema([kd.Field("logits", "float32", (3,)), kd.Field("seq", "float32", (None, 2))])
-    merger = kd.Merger({"a": schema, "b": schema}, {"logits": strategy, "seq": kd.Take("b")})
+    merger = Merger({"a": schema, "b": schema}, {"logits": strategy, "seq": kd.Take("b")})
     a_batch = {SID: ids, "logits": a, "seq": ragged([np.zeros((len(s), 2)) for s in seqs])}
     b_batch = {SID: ids, "logits": b, "seq": ragged(seqs)}
     permuted = {SID: ids[perm], "logits": b[perm], "seq": ragged([seqs[i] for i in perm])}
@@ -517,7 +517,7 @@ def sequence_batches(names, lengths, seed=0, dtype=np.float32):
 def test_element_wise_strategies_merge_sequences_of_equal_lengths(strategy):
     lengths = [2, 0, 3, 1]
     batches = sequence_batches("abc", lengths)
-    out = kd.Merger(sequence_schemas("abc"), {"seq": strategy}).merge(batches)["seq"]
+    out = Merger(sequence_schemas("abc"), {"seq": strategy}).merge(batches)["seq"]
     assert isinstance(out, kd.Ragged)
     assert out.lengths.tolist() == lengths and out.dtype == np.float32
     x = np.stack([b["seq"].values.astype(np.float64) for b in batches.values()])
@@ -530,7 +530,7 @@ def test_element_wise_strategies_merge_sequences_of_equal_lengths(strategy):
 
 def test_float16_sequences_stay_float16():
     batches = sequence_batches("ab", [3, 1], dtype=np.float16)
-    out = kd.Merger(sequence_schemas("ab", "float16"), {"seq": "mean"}).merge(batches)["seq"]
+    out = Merger(sequence_schemas("ab", "float16"), {"seq": "mean"}).merge(batches)["seq"]
     assert out.dtype == np.float16
     x = np.stack([b["seq"].values.astype(np.float64) for b in batches.values()])
     np.testing.assert_allclose(out.values, x.mean(axis=0), rtol=2.0**-11, atol=2.0**-24)
@@ -540,7 +540,7 @@ def test_float16_sequences_stay_float16():
 def test_element_wise_strategies_refuse_sequences_of_different_lengths(strategy):
     batches = sequence_batches("ab", [2, 3])
     batches["b"]["seq"] = ragged([np.ones((3, 3)), np.ones((2, 3))])  # same total, other split
-    merger = kd.Merger(sequence_schemas("ab"), {"seq": strategy})
+    merger = Merger(sequence_schemas("ab"), {"seq": strategy})
     with pytest.raises(kd.MergeError, match="disagree on the sequence lengths") as info:
         merger.merge(batches)
     assert info.value.field == "seq"
@@ -551,7 +551,7 @@ def test_element_wise_strategies_refuse_sequences_of_different_lengths(strategy)
 def test_take_merges_sequences_of_different_lengths(pick):
     batches = sequence_batches("ab", [2, 3])
     batches["b"]["seq"] = ragged([np.arange(12).reshape(4, 3), np.ones((0, 3))], np.float64)
-    out = kd.Merger(sequence_schemas("ab"), {"seq": kd.Take(pick)}).merge(batches)["seq"]
+    out = Merger(sequence_schemas("ab"), {"seq": kd.Take(pick)}).merge(batches)["seq"]
     assert out.lengths.tolist() == [4, 0]
     assert out.dtype == np.float32  # the declared dtype, not the batch's float64
     np.testing.assert_array_equal(out.values, np.arange(12).reshape(4, 3))
@@ -571,7 +571,7 @@ def test_teachers_read_back_from_arrow_with_different_codecs_merge():
         )
         for t in "ab"
     }
-    out = kd.Merger(schemas, {"logits": "mean"}).merge(batches)
+    out = Merger(schemas, {"logits": "mean"}).merge(batches)
     np.testing.assert_array_equal(out[SID], ids["a"])
     expected = (logits["a"].astype(np.float64) + logits["b"][::-1]) / 2
     # fp16 and bf16 errors, each at most 2**-8 |x|, halved by the mean.
@@ -582,7 +582,7 @@ def test_teachers_read_back_from_arrow_with_different_codecs_merge():
 
 def test_integer_means_round_to_nearest_not_toward_zero():
     schema = kd.Schema([kd.Field("votes", "int32")])
-    merger = kd.Merger({"a": schema, "b": schema}, {"votes": "mean"})
+    merger = Merger({"a": schema, "b": schema}, {"votes": "mean"})
     ids = np.arange(3)
     merged = merger.merge(
         {
@@ -600,7 +600,7 @@ def test_ragged_rows_are_realigned_by_id_in_bulk():
     seqs = [rng.normal(size=(int(n), 2)).astype(np.float32) for n in rng.integers(0, 5, 200)]
     ids = np.arange(200)
     perm = rng.permutation(200)
-    merger = kd.Merger({"a": kd.Schema([kd.Field("x", "int64")]), "b": schema})
+    merger = Merger({"a": kd.Schema([kd.Field("x", "int64")]), "b": schema})
     merged = merger.merge(
         {
             "a": {"sample_id": ids, "x": ids},

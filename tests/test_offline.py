@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import kdserve as kd
+from kdserve.core.sampler import Sampler
 
 N = 500
 X = np.random.default_rng(0).normal(size=(N, 6)).astype(np.float32)
@@ -184,7 +185,7 @@ def test_store_partitions_over_ranks_and_workers_cover_every_row_once(stores):
     seen = []
     for rank in range(2):
         for worker in range(3):
-            sampler = kd.Sampler(True, 11, 50, rank, 2, worker, 3)
+            sampler = Sampler(True, 11, 50, rank, 2, worker, 3)
             for batch in reader.iter_blocks(sampler.plan(len(reader), epoch=4)):
                 seen.append(batch.column(0).to_numpy())
     assert sorted(np.concatenate(seen).tolist()) == list(range(N))

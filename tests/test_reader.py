@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import kdserve as kd
+from kdserve.teacher.feeds import iter_feed_batches
 
 X = np.arange(20, dtype=np.float32).reshape(10, 2)
 Y = np.arange(10)
@@ -14,7 +15,7 @@ def _samples():
 
 
 def _collect(config, feeds=("x", "y")):
-    return list(kd.iter_feed_batches(config, list(feeds)))
+    return list(iter_feed_batches(config, list(feeds)))
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

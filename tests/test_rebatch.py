@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdserve as kd
+from kdserve.core.rebatch import Rebatcher, rebatch
 
 SCHEMA = kd.Schema([kd.Field("x", "float32", (3,)), kd.Field("s", "int32", (None,))])
 
@@ -31,7 +32,7 @@ def _batches(sizes):
 )
 def test_rows_and_order_are_kept_and_batches_are_full(sizes, batch_size, drop_last):
     total = sum(sizes)
-    out = list(kd.rebatch(_batches(sizes), batch_size, drop_last))
+    out = list(rebatch(_batches(sizes), batch_size, drop_last))
     expected_rows = total - total % batch_size if drop_last else total
     ids = np.concatenate([b.column(0).to_numpy() for b in out]) if out else np.array([], int)
     np.testing.assert_array_equal(ids, np.arange(expected_rows))
@@ -47,14 +48,14 @@ def test_rows_and_order_are_kept_and_batches_are_full(sizes, batch_size, drop_la
 
 def test_batches_that_fit_are_sliced_not_copied():
     (big,) = _batches([10])
-    out = list(kd.rebatch([big], 5))
+    out = list(rebatch([big], 5))
     base = big.column(1).values.buffers()[1].address
     for b in out:
         assert b.column(1).values.buffers()[1].address == base
 
 
 def test_streaming_push_and_finish():
-    rebatcher = kd.Rebatcher(4)
+    rebatcher = Rebatcher(4)
     batches = list(_batches([3, 3, 3]))
     assert rebatcher.push(batches[0]) == []
     assert rebatcher.pending_rows == 3
@@ -70,8 +71,8 @@ def test_streaming_push_and_finish():
 def test_bad_batch_size_and_mixed_schemas():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
-            kd.Rebatcher(bad)
-    rebatcher = kd.Rebatcher(4)
+            Rebatcher(bad)
+    rebatcher = Rebatcher(4)
     rebatcher.push(next(_batches([2])))
     other = pa.record_batch([pa.array([1], pa.int64())], names=["sample_id"])
     with pytest.raises(kd.SchemaError, match="one stream must keep one schema"):

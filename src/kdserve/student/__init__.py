@@ -1,5 +1,5 @@
 """The student: registers teachers and reads one merged, re-batched stream of knowledge."""
 
-from kdserve.student.student import Student
+from kdserve.student.student import Loader, Student
 
-__all__ = ["Student"]
+__all__ = ["Loader", "Student"]

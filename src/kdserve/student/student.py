@@ -393,6 +393,9 @@ class Loader:
         return self._passes()
 
     def __len__(self) -> int:
-        """Batches in one pass for this rank (stores only; served passes have no length)."""
+        """Batches in one pass for this rank. A pass of served teachers has no length known
+        in advance: TypeError, as for any iterable without one (``list()`` copes)."""
+        if self._student._streaming():
+            raise TypeError("a pass of online teachers has no length known in advance")
         samples = len(self._student)
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)

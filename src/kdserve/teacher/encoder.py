@@ -18,29 +18,32 @@ from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import SchemaError
 from kdserve.teacher.feeds import FeedBatch
 
-__all__ = ["Encoder", "Program", "batch_length", "knowledge_names"]
+__all__ = ["Encoder", "Keep", "Program", "batch_length", "knowledge_names"]
 
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
+Keep = Sequence[str] | Mapping[str, Any] | Schema
+"""The knowledge fields to keep: names, ``{name: output or feed}``, or a declared Schema."""
 
 
 class Encoder:
     """Turns program outputs into knowledge batches, for passes and for queries.
 
-    ``schema()`` is the teacher's schema so far (None until the first batch fixes it);
-    ``publish`` fixes it. ``feeds`` are the feeds a query must hold.
+    ``keep`` names the knowledge fields (see :func:`knowledge_names`); None keeps every
+    program output. ``schema()`` is the teacher's schema so far (None until the first
+    batch fixes it); ``publish`` fixes it. ``feeds`` are the feeds a query must hold.
     """
 
     def __init__(
         self,
         program: Program,
-        schema: Sequence[str] | Mapping[str, Any] | Schema,
+        keep: Keep | None,
         use_fp16: bool,
         feeds: Sequence[str],
         current: Callable[[], Schema | None],
         publish: Callable[[Schema], None],
     ) -> None:
         self.program = program
-        self.names, self.sources = knowledge_names(schema)
+        self.names, self.sources = ([], []) if keep is None else knowledge_names(keep)
         self.use_fp16 = use_fp16
         self.feeds = [f for f in feeds if f != SAMPLE_ID]
         self.schema = current
@@ -55,6 +58,8 @@ class Encoder:
             raise SchemaError(
                 f"program must return a dict of output arrays, got {type(outputs).__name__}"
             )
+        if not self.names:  # keep every output, in the program's order (first batch only)
+            self.names, self.sources = knowledge_names(list(outputs))
         knowledge = {}
         for n, source in zip(self.names, self.sources, strict=True):
             if source in outputs:
@@ -105,9 +110,7 @@ class Encoder:
         return self.batch(knowledge, ids)
 
 
-def knowledge_names(
-    schema: Sequence[str] | Mapping[str, Any] | Schema,
-) -> tuple[list[str], list[str]]:
+def knowledge_names(schema: Keep) -> tuple[list[str], list[str]]:
     """The knowledge fields a service keeps, and the output or feed each is taken from:
     a Pantheon-style mapping ``{name: source}`` names its sources (a non-string source,
     such as a framework variable, means the field's own name)."""

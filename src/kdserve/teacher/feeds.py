@@ -15,6 +15,7 @@ or a dict; a batch is a tuple/list of per-feed arrays or a dict.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from kdserve.errors import SchemaError
 
-__all__ = ["FeedBatch", "iter_feed_batches"]
+__all__ = ["FeedBatch", "iter_feed_batches", "named_feeds"]
 
 FeedBatch = dict[str, Any]
 
@@ -128,3 +129,30 @@ def _as_feed_batch(batch: Any, feed_list: list[str]) -> FeedBatch:
         n: v if isinstance(v, list) and v and isinstance(v[0], np.ndarray) else np.asarray(v)
         for n, v in zip(feed_list, values, strict=True)
     }
+
+
+def named_feeds(data: Any, feeds: Sequence[str] | None) -> tuple[list[str], Any]:
+    """The feed names and the reader for the Pythonic calls: ``feeds`` if given, else the
+    keys of the first batch (batches that are dicts name their feeds themselves). A
+    one-shot iterator keeps its first batch."""
+    if feeds is not None:
+        return list(feeds), data
+    if isinstance(data, Mapping) and any(k in data for k in _FORMS):
+        raise SchemaError("a Pantheon reader config yields unnamed samples: pass feeds=[names]")
+    if not isinstance(data, Iterable):
+        raise SchemaError(
+            f"data must be an iterable of batches (e.g. a list of dicts or a DataLoader), got "
+            f"{type(data).__name__}"
+        )
+    batches = iter(data)
+    first = next(batches, None)
+    if first is None:
+        raise SchemaError("data yielded no batches")
+    if not isinstance(first, Mapping):
+        raise SchemaError(
+            f"data's batches are {type(first).__name__}, not dicts: pass feeds=[names], one "
+            f"per item of a batch"
+        )
+    if isinstance(data, Iterator):  # one pass only: put the first batch back
+        data = itertools.chain([first], batches)
+    return [str(k) for k in first], data

@@ -96,11 +96,13 @@ class StoreSink(Sink):
                 self._overwrite = False
             return self._writer
 
-    def stored_schema(self, names: list[str], use_fp16: bool) -> Schema:
-        """The schema of the store being resumed, if it is what ``names``/``use_fp16`` ask for."""
+    def stored_schema(self, names: list[str] | None, use_fp16: bool) -> Schema:
+        """The schema of the store being resumed, if it is what ``names`` (None: any) and
+        ``use_fp16`` ask for."""
         stored = StoreReader(self.path).schema
         floats = [f for f in stored if f.dtype.kind == "f" and f.dtype.itemsize > 2]
-        if stored.names != names or any((f.codec == Fp16()) != use_fp16 for f in floats):
+        fp16 = [f.codec == Fp16() for f in floats]
+        if names not in (None, stored.names) or any(c != use_fp16 for c in fp16):
             raise StoreError(
                 f"the store at {self.path} holds {stored.describe()}, but this dump keeps "
                 f"{names} with use_fp16={use_fp16}; dump to another directory or pass "

@@ -46,7 +46,7 @@ from kdserve.errors import KdserveError, SchemaError
 from kdserve.online.replay import MIN_WINDOW_BYTES, ReplayWindow
 from kdserve.online.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.store import DEFAULT_SHARD_BYTES
-from kdserve.teacher.encoder import Encoder, Program, batch_length, knowledge_names
+from kdserve.teacher.encoder import Encoder, Keep, Program, batch_length, knowledge_names
 from kdserve.teacher.pipeline import Pipeline
 from kdserve.teacher.security import Pem, Security
 from kdserve.teacher.sinks import ServeSink, Sink, StoreSink
@@ -281,7 +281,7 @@ class Teacher:
     def start_knowledge_service(
         self,
         feed_list: Sequence[str],
-        schema: Sequence[str] | Mapping[str, Any] | Schema,
+        schema: Keep | None,
         program: Program,
         reader_config: Any,
         exe: Any = None,
@@ -295,7 +295,8 @@ class Teacher:
 
         ``schema`` names the fields to keep -- program outputs, or feeds passed through --
         or maps each knowledge name to the output or feed it is taken from (Pantheon's
-        ``{"name": variable}``), or is a :class:`Schema` that declares them (with codecs).
+        ``{"name": variable}``), or is a :class:`Schema` that declares them (with codecs);
+        None keeps every program output.
         ``exe`` is accepted for Pantheon's call shape and unused (the program runs
         itself). ``use_fp16`` stores float fields as float16. Online, ``times`` passes
         are served (each student call of its generator takes the next) and this returns
@@ -324,14 +325,15 @@ class Teacher:
             )
         if reader_config is None and server is None:
             raise ValueError("reader_config=None (queries only) needs out_port=")
-        names, _ = knowledge_names(schema)
+        names = None if schema is None else knowledge_names(schema)[0]
         if isinstance(schema, Schema):
             self._publish_schema(schema)
         elif self._store is not None and self._store.resume_rows and self.schema is None:
             # Resuming: check this run against the store now, even if it skips every sample.
             self._publish_schema(self._store.stored_schema(names, use_fp16))
+        keep = schema if schema is not None or self.schema is None else self.schema.names
         encoder = Encoder(
-            program, schema, use_fp16, feed_list, lambda: self.schema, self._publish_schema
+            program, keep, use_fp16, feed_list, lambda: self.schema, self._publish_schema
         )
         sinks: list[Sink] = [self._store] if self._store is not None else []
         if server is not None and reader_config is not None:

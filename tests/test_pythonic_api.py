@@ -1,0 +1,140 @@
+"""The Pythonic API beside Pantheon's: kd.dump, kd.serve / kd.Service, Student.add_store,
+Student.add_teacher and the re-iterable Student.loader, on real stores and sockets."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kdserve as kd
+
+N, B, D = 100, 16, 4
+X = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
+
+
+def batches() -> list[dict[str, np.ndarray]]:
+    return [{"x": X[i : i + B]} for i in range(0, N, B)]
+
+
+def program(feed: dict[str, Any]) -> dict[str, np.ndarray]:
+    x = np.asarray(feed["x"])
+    return {"logits": 2 * x, "norm": np.linalg.norm(x, axis=1).astype(np.float32)}
+
+
+def read(loader: kd.Loader) -> dict[str, np.ndarray]:
+    got = list(loader)
+    return {k: np.concatenate([b[k] for b in got]) for k in got[0]}
+
+
+def test_dump_keeps_every_output_and_a_loader_reads_passes(tmp_path: Path) -> None:
+    written = kd.dump(program, batches(), tmp_path / "t", progress=False)
+    assert written == N
+    assert kd.StoreReader(tmp_path / "t").complete
+    with kd.Student() as student:
+        student.add_store(tmp_path / "t")
+        loader = student.loader(batch_size=32)
+        assert len(loader) == 4  # 100 samples in batches of 32, the last one short
+        for _ in range(2):  # re-iterable: each iteration is one more pass
+            got = read(loader)
+            np.testing.assert_array_equal(got["sample_id"], np.arange(N))
+            np.testing.assert_array_equal(got["logits"], 2 * X)
+            np.testing.assert_allclose(got["norm"], np.linalg.norm(X, axis=1), rtol=1e-6)
+        assert len(student.loader(batch_size=32, drop_last=True)) == 3
+
+
+def test_dump_takes_tuples_with_feeds_a_one_shot_iterator_and_keep(tmp_path: Path) -> None:
+    def one_shot() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(0, N, B):
+            yield X[i : i + B], np.arange(i, min(i + B, N)) + 1000
+
+    assert (
+        kd.dump(program, one_shot(), tmp_path / "a", feeds=["x", "sample_id"], keep=["logits"]) == N
+    )
+    reader = kd.StoreReader(tmp_path / "a")
+    assert reader.schema.names == ["logits"]
+    np.testing.assert_array_equal(reader.sample_ids(), np.arange(N) + 1000)
+
+    generator = (b for b in batches())  # dict batches name their feeds, even one-shot
+    assert kd.dump(program, generator, tmp_path / "b", keep={"soft": "logits"}) == N
+    assert kd.StoreReader(tmp_path / "b").schema.names == ["soft"]
+
+
+def test_dump_refuses_what_it_cannot_name(tmp_path: Path) -> None:
+    with pytest.raises(kd.SchemaError, match=r"pass feeds=\[names\]"):
+        kd.dump(program, [(X[:4],)], tmp_path / "t")
+    with pytest.raises(kd.SchemaError, match="Pantheon reader config"):
+        kd.dump(program, {"batch_generator": batches}, tmp_path / "t")
+    with pytest.raises(kd.SchemaError, match="yielded no batches"):
+        kd.dump(program, [], tmp_path / "t")
+
+
+def test_a_failed_dump_leaves_the_store_incomplete_and_calling_again_completes_it(
+    tmp_path: Path,
+) -> None:
+    calls = 0
+
+    def flaky(feed: dict[str, Any]) -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("GPU fell off the bus")
+        return program(feed)
+
+    with pytest.raises(RuntimeError, match="fell off"):
+        kd.dump(flaky, batches(), tmp_path / "t", progress=False, buf_size=1)
+    assert not kd.StoreReader(tmp_path / "t").complete
+    kd.dump(program, batches(), tmp_path / "t", progress=False)
+    reader = kd.StoreReader(tmp_path / "t")
+    assert reader.complete and len(reader) == N
+    np.testing.assert_array_equal(np.sort(reader.sample_ids()), np.arange(N))
+
+
+def test_serve_runs_in_the_background_and_wait_returns_what_it_served() -> None:
+    with kd.serve(program, batches(), times=2, keep=["logits"], progress=False) as service:
+        student = kd.Student(connect_timeout=10.0)
+        student.add_teacher(service.address)
+        loader = student.loader(batch_size=25)
+        for _ in range(2):
+            got = read(loader)
+            np.testing.assert_array_equal(got["sample_id"], np.arange(N))
+            np.testing.assert_array_equal(got["logits"], 2 * X)
+        assert service.wait(timeout=30) == 2 * N
+        student.close()
+
+
+def test_serve_re_raises_the_services_error_from_wait() -> None:
+    def broken(feed: dict[str, Any]) -> dict[str, np.ndarray]:
+        raise ValueError("weights not found")
+
+    service = kd.serve(broken, batches(), progress=False)
+    try:
+        student = kd.Student(connect_timeout=10.0)
+        student.add_teacher(service.address)
+        with pytest.raises(kd.KdserveError):
+            list(student.loader(batch_size=10))
+        with pytest.raises(ValueError, match="weights not found"):
+            service.wait(timeout=30)
+        student.close()
+    finally:
+        service.close()
+
+
+def test_a_query_only_service_answers_until_closed() -> None:
+    service = kd.serve(program, None, feeds=["x"], keep=["logits"])
+    student = kd.Student(connect_timeout=10.0)
+    student.add_teacher(service.address)
+    student.start()
+    out = student.query(0, {"x": X[:5]})
+    np.testing.assert_array_equal(out["logits"], 2 * X[:5])
+    with pytest.raises(TimeoutError, match="still serving"):
+        service.wait(timeout=0.2)
+    student.close()
+    closer = threading.Thread(target=service.close)
+    closer.start()
+    assert service.wait(timeout=30) == 5
+    closer.join(30)
