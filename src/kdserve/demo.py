@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 import kdserve as kd
+from kdserve.core.wait import POLL
 from kdserve.log import show_status
 
 __all__ = ["await_child", "run_demo"]
@@ -36,7 +37,6 @@ _SEED = 0
 _LABELLED = 30  # images the label-only student may learn from (3 per class)
 _EPOCHS = 40
 _BATCH = 64
-_POLL = 0.5  # seconds between checks of a child process
 _STALL = 600.0  # seconds a child process may go without reporting progress
 
 
@@ -209,7 +209,7 @@ def await_child(
     status, since = "starting", float("inf")
     while True:
         message: dict[str, Any] | None = None
-        if conn.poll(_POLL):
+        if conn.poll(POLL):
             with contextlib.suppress(EOFError):  # the child closed its end: it is exiting
                 message = conn.recv()
         if message is not None and "status" not in message:

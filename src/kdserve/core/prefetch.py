@@ -14,12 +14,13 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
+from kdserve.core.wait import POLL
+
 __all__ = ["Prefetcher"]
 
 T = TypeVar("T")
-_POLL = 0.1  # seconds between checks of the other side while waiting
 _JOIN_WAIT = 30.0  # seconds close() waits for the producer's thread
-_log = logging.getLogger("kdserve")
+_log = logging.getLogger(__name__)
 _DONE = object()
 
 
@@ -42,7 +43,7 @@ class Prefetcher(Generic[T]):
     def _put(self, item: object) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=_POLL)
+                self._queue.put(item, timeout=POLL)
                 return True
             except queue.Full:
                 continue
@@ -66,7 +67,7 @@ class Prefetcher(Generic[T]):
         try:
             while True:
                 try:
-                    item = self._queue.get(timeout=_POLL)
+                    item = self._queue.get(timeout=POLL)
                 except queue.Empty:
                     if not self._thread.is_alive() and self._queue.empty():
                         return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-__all__ = ["POLL", "slices"]
+__all__ = ["POLL", "backoff", "slices"]
 
 POLL = 0.1  # seconds: how soon a waiting thread notices a stop signal
 
@@ -21,3 +21,12 @@ def slices(timeout: float | None, step: float = POLL) -> Iterator[float]:
         if left <= 0:
             return
         yield left
+
+
+def backoff(deadline: float, first: float = 0.05, most: float = 2.0) -> Iterator[float]:
+    """Retry delays that double from ``first`` up to ``most`` seconds, for as long as the
+    next one ends before ``deadline`` (a ``time.monotonic()`` value); then it ends."""
+    delay = first
+    while time.monotonic() + delay <= deadline:
+        yield delay
+        delay = min(delay * 2, most)

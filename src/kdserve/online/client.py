@@ -23,6 +23,7 @@ import pyarrow as pa
 from pyarrow import flight
 
 from kdserve.core.schema import Schema
+from kdserve.core.wait import backoff
 from kdserve.errors import AuthenticationError, ProtocolError, TeacherUnavailableError
 from kdserve.online import ask_query
 from kdserve.online.address import is_loopback, location, split_address
@@ -123,17 +124,17 @@ class TeacherClient:
 
     def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
         """Run ``fn`` with retries and backoff until it works or the deadline passes."""
-        deadline = deadline or time.monotonic() + self.connect_timeout
-        delay = 0.05
+        delays = backoff(deadline or time.monotonic() + self.connect_timeout, most=_MAX_BACKOFF)
         while True:
             try:
                 return fn()
             except (*TRANSIENT, _NoTokenYetError) as exc:
-                if isinstance(exc, _NoTokenYetError) and time.monotonic() + delay > deadline:
+                delay = next(delays, None)
+                if isinstance(exc, _NoTokenYetError) and delay is None:
                     raise AuthenticationError(
                         _no_token(self.name, self.address), teacher=self.name
                     ) from None
-                if time.monotonic() + delay > deadline:
+                if delay is None:
                     raise TeacherUnavailableError(
                         f"teacher {self.name!r} at {self.address} did not answer ({what}) for "
                         f"{self.connect_timeout:g} s: is it running, on that port, with TLS on "
@@ -141,7 +142,6 @@ class TeacherClient:
                         teacher=self.name,
                     ) from None
                 time.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF)
             except flight.FlightUnauthenticatedError as exc:
                 if not self._token_changed():
                     raise self.error(exc) from None
