@@ -127,16 +127,14 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             raise ValueError("KnowledgeDataset needs at least one teacher")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self._stores: list[str | None] = []  # per teacher: its store path, or None: online
-        self._addresses: list[str | None] = []
+        # Per teacher: the Student method that registers it, and its path or address.
+        self._teachers: list[tuple[str, str]] = []
         for t in teachers:
             where = os.fspath(t)
             if os.path.isdir(where):
-                self._stores.append(where)
-                self._addresses.append(None)
+                self._teachers.append(("add_store", where))
             elif split_address(where) is not None:
-                self._stores.append(None)
-                self._addresses.append(where)
+                self._teachers.append(("add_teacher", where))
             else:
                 raise ValueError(
                     f"teacher {where!r} is neither an existing store directory nor an online "
@@ -176,7 +174,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
     @property
     def online(self) -> bool:
         """Whether any teacher is an online teacher."""
-        return any(a is not None for a in self._addresses)
+        return any(add == "add_teacher" for add, _ in self._teachers)
 
     def set_epoch(self, epoch: int) -> None:
         """Read pass ``epoch`` from now on (a new epoch starts from its first batch)."""
@@ -233,11 +231,8 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             connect_timeout=self.connect_timeout,
         )
         try:
-            for store, address in zip(self._stores, self._addresses, strict=True):
-                if store is not None:
-                    student.register_teacher(in_path=store)
-                else:
-                    student.register_teacher(in_address=address)
+            for add, where in self._teachers:
+                getattr(student, add)(where)
             student.start()
         except BaseException:
             student.close()
