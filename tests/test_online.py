@@ -23,6 +23,7 @@ import pytest
 from pyarrow import flight
 
 import kdserve as kd
+from _helpers import Background, free_port
 from kdserve.online.messages import decode_message, encode_message
 
 TOKEN = "online-test-token"
@@ -201,23 +202,8 @@ def student(teachers: list[tuple[str, Any]], **kwargs: Any) -> kd.Student:
 
 
 def in_thread(fn: Callable[[], Any], timeout: float = JOIN) -> Any:
-    """``fn()`` run on a thread joined with a timeout: a hang fails, errors are raised here."""
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"{fn} hung"
-    if error:
-        raise error[0]
-    return result[0]
+    """``fn()`` run on a thread waited for with a timeout: a hang fails, errors are raised here."""
+    return Background(fn).result(timeout)
 
 
 def read_pass(s: kd.Student, batch_size: int = 24, passes: int = 1) -> list[list[dict[str, Any]]]:
@@ -280,13 +266,6 @@ def check_ab(batches: list[dict[str, Any]]) -> None:
         want = np.arange(2 * (LABEL[i] % 4), dtype=np.float32).reshape(-1, 2) * X[i, 0]
         np.testing.assert_array_equal(seq[i], want)
         np.testing.assert_array_equal(bseq[i], np.float32(np.float16(X[i, 1])))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # -- 1. online, offline and hybrid students agree ---------------------------------------

@@ -21,8 +21,6 @@ import json
 import logging
 import random
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +35,7 @@ from hypothesis import strategies as st
 from pyarrow import flight
 
 import kdserve as kd
+from _helpers import EXACT_TEACHER, ScriptProc, Scripts
 from kdserve.online.client import TeacherClient
 from kdserve.online.messages import (
     MAX_MESSAGE_BYTES,
@@ -53,50 +52,10 @@ AUTH = [(b"authorization", f"Bearer {TOKEN}".encode())]
 WIDTH = 4
 N = 200  # samples a teacher process serves, in batches of BATCH
 BATCH = 10
-STARTUP = 30.0  # seconds a teacher process may take to start serving
 JOIN = 20.0  # seconds a thread gets to finish
 BIG = 300 << 20  # bytes of the unauthenticated request
 RSS_LIMIT_KB = 10_000  # the teacher's peak RSS may grow by less than this (KiB)
-SERVING = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
 PORT_LINE = re.compile(r"^port (\d+)$", re.M)
-
-# A teacher process: sample i is x = i * WIDTH + arange(WIDTH) (exact in float32), its
-# knowledge logits = x * 0.5 - 3 (exact too); one pass; it also answers queries.
-TEACHER = """
-import json
-import sys
-
-import numpy as np
-
-import kdserve
-from kdserve.log import show_status
-
-show_status()  # "serving on HOST:PORT" on stderr, which the test waits for
-cfg = json.loads(sys.argv[1])
-WIDTH = cfg["width"]
-
-
-def samples():
-    for i in range(cfg["n"]):
-        yield np.arange(WIDTH, dtype=np.float32) + np.float32(i * WIDTH)
-
-
-def program(feed):
-    return {"logits": feed["x"] * np.float32(0.5) - np.float32(3)}
-
-
-teacher = kdserve.Teacher(out_port=0, token=cfg["token"], name="fz", progress=False)
-teacher.start()
-delivered = teacher.start_knowledge_service(
-    feed_list=["x"],
-    schema=["logits"],
-    program=program,
-    reader_config={"sample_generator": samples, "batch_size": cfg["batch"]},
-    times=1,
-)
-teacher.close()
-print(json.dumps({"delivered": delivered}), flush=True)
-"""
 
 # A bare TeacherServer with mutual TLS (kdserve.Teacher does not offer it yet): it
 # answers queries (the identity) until killed.
@@ -122,33 +81,8 @@ time.sleep(600)
 # -- processes and memory -------------------------------------------------------------
 
 
-class Proc:
+class Proc(ScriptProc):
     """A teacher process whose stderr goes to a file; killed and reaped at teardown."""
-
-    def __init__(self, folder: Path, script: str, cfg: dict[str, Any], tag: str) -> None:
-        path = folder / f"{tag}.py"
-        path.write_text(script)
-        self.err_path = folder / f"{tag}.err"
-        self.out_path = folder / f"{tag}.out"
-        with self.out_path.open("w") as out, self.err_path.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(path), json.dumps(cfg)], stdout=out, stderr=err
-            )
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def port(self, pattern: re.Pattern[str] = SERVING) -> int:
-        """Block (bounded) until the process listens; return its port."""
-        deadline = time.monotonic() + STARTUP
-        while time.monotonic() < deadline:
-            found = pattern.search(self.stderr())
-            if found:
-                return int(found.group(1))
-            if self.proc.poll() is not None:
-                pytest.fail(f"teacher exited with {self.proc.returncode}:\n{self.stderr()}")
-            time.sleep(0.02)
-        pytest.fail(f"teacher not serving after {STARTUP} s:\n{self.stderr()}")
 
     def memory_kb(self) -> dict[str, int]:
         """VmHWM (peak resident set) and VmRSS of the process, in KiB."""
@@ -159,34 +93,17 @@ class Proc:
                 found[key] = int(value.split()[0])
         return found
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def finish(self, timeout: float = 20.0) -> dict[str, Any]:
-        """Wait for the teacher to exit on its own, successfully; return its report."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"teacher still running {timeout} s after its student finished")
-        assert code == 0, f"teacher exited with {code}:\n{self.stderr()}"
-        report: dict[str, Any] = json.loads(self.out_path.read_text().splitlines()[-1])
-        return report
-
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
+def procs(scripts: Scripts) -> Callable[..., Proc]:
+    """Start a teacher process with ``cfg``: EXACT_TEACHER (one pass of exact values; it
+    answers queries too) or ``script``."""
 
-    def start(script: str = TEACHER, **cfg: Any) -> Proc:
-        base = {"width": WIDTH, "n": N, "batch": BATCH, "token": TOKEN}
-        started.append(Proc(tmp_path, script, base | cfg, f"p{len(started)}"))
-        return started[-1]
+    def start(script: str = EXACT_TEACHER, **cfg: Any) -> Proc:
+        base = {"name": "fz", "width": WIDTH, "n": N, "batch": BATCH, "token": TOKEN}
+        return scripts.start(Proc, script, base | cfg)
 
-    yield start
-    for p in started:
-        p.kill()
+    return start
 
 
 def call_options(timeout: float = 10.0, headers: Any = AUTH) -> flight.FlightCallOptions:
@@ -276,7 +193,7 @@ _BUFFERED = pytest.mark.xfail(
 )
 def test_unauthenticated_300mb_request_barely_grows_the_teacher(procs, method):
     teacher = procs()
-    port = teacher.port()
+    port = teacher.wait_serving()
     client = flight.FlightClient(f"grpc://127.0.0.1:{port}")
     try:
         wrong = call_options(timeout=120, headers=[(b"authorization", b"Bearer nope")])
@@ -302,7 +219,7 @@ def test_an_oversized_authenticated_action_body_is_not_copied_into_python(procs)
     growth = {}
     for who, headers in (("stranger", [(b"authorization", b"Bearer nope")]), ("student", AUTH)):
         teacher = procs()
-        client = flight.FlightClient(f"grpc://127.0.0.1:{teacher.port()}")
+        client = flight.FlightClient(f"grpc://127.0.0.1:{teacher.wait_serving()}")
         try:
             growth[who] = peak_growth(teacher, client, "do_action", call_options(120, headers))
         finally:
@@ -342,7 +259,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.parametrize("method", ["do_action", "do_get", "do_put", "do_exchange"])
 def test_mutual_tls_bounds_what_a_client_without_a_certificate_costs(procs, pki, method):
     teacher = procs(MUTUAL_TLS_SERVER, pem=pki["files"])
-    port = teacher.port(PORT_LINE)
+    port = teacher.wait_serving(PORT_LINE)
     location = f"grpc+tls://127.0.0.1:{port}"
     stranger = flight.FlightClient(location, tls_root_certs=pki["ca"])
     try:
@@ -497,7 +414,7 @@ BAD_POSITIONS = [
 @pytest.mark.parametrize(("body", "reason"), BAD_POSITIONS, ids=range(len(BAD_POSITIONS)))
 def test_bad_tickets_and_acks_get_one_line_protocol_errors(procs, body, reason):
     teacher = procs(n=20)
-    client = TeacherClient(f"127.0.0.1:{teacher.port()}", name="fz", token=TOKEN)
+    client = TeacherClient(f"127.0.0.1:{teacher.wait_serving()}", name="fz", token=TOKEN)
     try:
         client.teacher_info()  # the service runs
         for what, call in (
@@ -520,7 +437,7 @@ def test_bad_tickets_and_acks_get_one_line_protocol_errors(procs, body, reason):
 
 def test_tickets_and_acks_beyond_the_passes_are_refused(procs):
     teacher = procs(n=20)
-    client = TeacherClient(f"127.0.0.1:{teacher.port()}", name="fz", token=TOKEN)
+    client = TeacherClient(f"127.0.0.1:{teacher.wait_serving()}", name="fz", token=TOKEN)
     try:
         with pytest.raises(kd.ProtocolError, match=r"pass 1 was asked for.*times=1"):
             list(client.stream_pass(1, 0, 1, 4))
@@ -1128,7 +1045,7 @@ def fuzz_calls(fuzz: Fuzz, rng: random.Random) -> None:
 def test_fuzzed_requests_get_clean_errors_and_the_teacher_serves_on(procs):
     rng = random.Random(20250811)
     teacher = procs()
-    port = teacher.port()
+    port = teacher.wait_serving()
     TeacherClient(f"127.0.0.1:{port}", name="fz", token=TOKEN).teacher_info()  # the service runs
     fuzz = Fuzz(port)
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """Online mode under faults, with real teacher processes and real sockets on 127.0.0.1.
 
-A teacher subprocess serves a deterministic dataset: sample i is
+A teacher subprocess (_helpers.EXACT_TEACHER) serves a deterministic dataset: sample i is
 ``x = i * WIDTH + arange(WIDTH)`` (exact in float32) and the program computes
 ``logits = x * 0.5 - 3`` (exact too), so every value a student receives can be checked
 exactly from its sample id. The tests SIGKILL teachers mid-pass and restart them on the
@@ -13,12 +13,9 @@ running. Every wait is bounded: a hang fails the test instead of blocking the ru
 from __future__ import annotations
 
 import contextlib
-import json
 import random
-import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +26,7 @@ import numpy as np
 import pytest
 
 import kdserve as kd
+from _helpers import EXACT_TEACHER, STARTUP, Background, ScriptProc, Scripts, free_port
 
 TOKEN = "online-faults-token"
 WIDTH = 4
@@ -42,63 +40,9 @@ TEACHER_BUF = 4  # the teacher's buf_size: batches in its replay window per rank
 # with room to spare. A consumer between 0 and (its share of a pass) - AHEAD samples
 # into a pass means the teacher is in the middle of streaming that pass.
 AHEAD = 300
-STARTUP = 30.0  # seconds a teacher process may take to start serving (slow CI)
 POLL = 0.02  # seconds between checks while polling with a deadline
-SERVING = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
-
-# The teacher process: argv[1] is a JSON config. It appends to cfg["log"] the sample id
-# of the first sample of every batch its program runs on (one line per call).
-TEACHER = """
-import json
-import sys
-import time
-
-import numpy as np
-
-import kdserve
-from kdserve.log import show_status
-
-show_status()  # status lines, such as 'serving on HOST:PORT', on stderr
-cfg = json.loads(sys.argv[1])
-WIDTH = cfg["width"]
-log = open(cfg["log"], "a", buffering=1)
-
-
-def samples():
-    for i in range(cfg["n"]):
-        yield np.arange(WIDTH, dtype=np.float32) + np.float32(i * WIDTH)
-
-
-def program(feed):
-    print(int(feed["x"][0, 0]) // WIDTH, file=log)
-    time.sleep(cfg["sleep"])
-    return {"logits": feed["x"] * np.float32(0.5) - np.float32(3)}
-
-
-teacher = kdserve.Teacher(out_port=cfg["port"], token=cfg["token"], name="ft", progress=False)
-teacher.start()
-delivered = teacher.start_knowledge_service(
-    feed_list=["x"],
-    schema=["logits"],
-    program=program,
-    reader_config={"sample_generator": samples, "batch_size": cfg["batch"]},
-    buf_size=cfg["buf"],
-    times=cfg["times"],
-)
-teacher.close()
-log.close()
-print(json.dumps({"delivered": delivered}), flush=True)
-"""
-
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
@@ -118,106 +62,31 @@ def log_lines(path: Path) -> list[int]:
     return [int(line) for line in text[: text.rfind("\n") + 1].split()]
 
 
-class TeacherProc:
-    """One teacher process; stdout, stderr and its batch log go to files."""
+class TeacherProc(ScriptProc):
+    """One teacher process (EXACT_TEACHER); it logs its batches to the file ``log``."""
 
     def __init__(self, script: Path, cfg: dict[str, Any], tag: str) -> None:
-        folder = script.parent
-        self.cfg = {**cfg, "log": str(folder / f"{tag}.log")}
-        self.log = Path(self.cfg["log"])
-        self.out_path = folder / f"{tag}.out"
-        self.err_path = folder / f"{tag}.err"
-        with self.out_path.open("w") as out, self.err_path.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(script), json.dumps(self.cfg)], stdout=out, stderr=err
-            )
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def wait_serving(self) -> int:
-        """Block (bounded) until the teacher listens; return its port."""
-        deadline = time.monotonic() + STARTUP
-        while time.monotonic() < deadline:
-            match = SERVING.search(self.stderr())
-            if match:
-                return int(match.group(1))
-            if self.proc.poll() is not None:
-                pytest.fail(f"teacher exited with {self.proc.returncode}:\n{self.stderr()}")
-            time.sleep(POLL)
-        pytest.fail(f"teacher not serving after {STARTUP} s:\n{self.stderr()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL
-        self.proc.wait(timeout=10)
-
-    def finish(self, timeout: float = 15.0) -> dict[str, Any]:
-        """Wait for the teacher to exit on its own; it must succeed. Returns its report."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"teacher still running {timeout} s after its students finished")
-        assert code == 0, f"teacher exited with {code}:\n{self.stderr()}"
-        report: dict[str, Any] = json.loads(self.out_path.read_text().splitlines()[-1])
-        return report
+        self.log = script.parent / f"{tag}.log"
+        super().__init__(script, {**cfg, "log": str(self.log)}, tag)
 
 
 class Teachers:
-    """Starts teacher processes and, at teardown, kills and reaps every one of them."""
+    """Starts teacher processes; the ``scripts`` fixture kills and reaps them at teardown."""
 
-    def __init__(self, folder: Path) -> None:
-        self.script = folder / "teacher.py"
-        self.script.write_text(TEACHER)
+    def __init__(self, scripts: Scripts) -> None:
+        self.scripts = scripts
         self.procs: list[TeacherProc] = []
 
     def start(self, port: int = 0, **cfg: Any) -> TeacherProc:
-        base = {"width": WIDTH, "batch": BATCH, "buf": TEACHER_BUF, "token": TOKEN}
-        proc = TeacherProc(self.script, {**base, **cfg, "port": port}, f"t{len(self.procs)}")
+        base = {"name": "ft", "width": WIDTH, "batch": BATCH, "buf": TEACHER_BUF, "token": TOKEN}
+        proc = self.scripts.start(TeacherProc, EXACT_TEACHER, {**base, **cfg, "port": port})
         self.procs.append(proc)
         return proc
 
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.proc.poll() is None:
-                proc.proc.kill()  # SIGKILL every one first, then reap them
-        for proc in self.procs:
-            proc.proc.wait(timeout=10)
-
 
 @pytest.fixture
-def teachers(tmp_path: Path) -> Iterator[Teachers]:
-    started = Teachers(tmp_path)
-    try:
-        yield started
-    finally:
-        started.kill_all()
-
-
-class Worker:
-    """Runs ``fn`` on a daemon thread, so that the test can wait for it with a bound."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.done = threading.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as exc:  # handed to result()
-            self._error = exc
-        finally:
-            self.done.set()
-
-    def result(self, timeout: float) -> Any:
-        if not self.done.wait(timeout):
-            pytest.fail(f"still running after {timeout} s: a hang")
-        if self._error is not None:
-            raise self._error
-        return self._value
+def teachers(scripts: Scripts) -> Teachers:
+    return Teachers(scripts)
 
 
 def make_student(
@@ -349,11 +218,11 @@ def test_teacher_killed_and_restarted_mid_pass_loses_and_repeats_nothing(
     cfg = {"n": n, "sleep": 0.01, "times": times}
     first = teachers.start(**cfg)
     student = make_student(first.wait_serving(), connect_timeout=20.0)
-    Worker(student.start).result(timeout=STARTUP)
+    Background(student.start).result(timeout=STARTUP)
     progress = Progress()
     loop = KillLoop(teachers, first, progress, cfg)
-    consumer = Worker(lambda: consume_passes(student, times, progress, 0, loop.stop))
-    killer = Worker(lambda: loop.run(kills=12))
+    consumer = Background(lambda: consume_passes(student, times, progress, 0, loop.stop))
+    killer = Background(lambda: loop.run(kills=12))
     try:
         passes = consumer.result(timeout=120)
     finally:
@@ -386,14 +255,14 @@ def test_two_ranks_lose_and_repeat_nothing_across_teacher_restarts(teachers: Tea
         make_student(port, connect_timeout=20.0, rank=r, world_size=world) for r in range(world)
     ]
     for s in students:
-        Worker(s.start).result(timeout=STARTUP)
+        Background(s.start).result(timeout=STARTUP)
     progress = Progress(world)
     loop = KillLoop(teachers, first, progress, cfg, world)
     consumers = [
-        Worker(lambda r=r: consume_passes(students[r], times, progress, r, loop.stop))
+        Background(lambda r=r: consume_passes(students[r], times, progress, r, loop.stop))
         for r in range(world)
     ]
-    killer = Worker(lambda: loop.run(kills=6))
+    killer = Background(lambda: loop.run(kills=6))
     try:
         got = [c.result(timeout=120) for c in consumers]
     finally:
@@ -420,7 +289,7 @@ def test_teacher_killed_for_good_raises_unavailable_within_connect_timeout(
     teacher = teachers.start(n=n, sleep=0.01, times=1)
     port = teacher.wait_serving()
     student = make_student(port, connect_timeout=connect_timeout, name="gone")
-    Worker(student.start).result(timeout=STARTUP)
+    Background(student.start).result(timeout=STARTUP)
     gen = student.get_knowledge_generator(STUDENT_BATCH)
     got: list[int] = []
     first = threading.Event()
@@ -435,7 +304,7 @@ def test_teacher_killed_for_good_raises_unavailable_within_connect_timeout(
             raised_at.append(time.monotonic())
             raise
 
-    consumer = Worker(consume)
+    consumer = Background(consume)
     assert first.wait(STARTUP), "no knowledge arrived"
     killed_at = time.monotonic()
     teacher.kill()
@@ -459,14 +328,14 @@ def test_student_started_before_its_teacher_connects_when_it_comes(
     n, times = 500, 2
     port = free_port()
     student = make_student(port, connect_timeout=30.0)
-    starting = Worker(student.start)
+    starting = Background(student.start)
     # No teacher yet: start() keeps retrying instead of returning or failing.
     assert not starting.done.wait(1.0), "start() ended with no teacher running"
     teacher = teachers.start(port, n=n, sleep=0.0, times=times)
     starting.result(timeout=STARTUP + 30)
     gen = student.get_knowledge_generator(STUDENT_BATCH)
     for p in range(times):
-        ids = Worker(lambda: read_pass(gen)).result(timeout=30)
+        ids = Background(lambda: read_pass(gen)).result(timeout=30)
         assert ids == list(range(n)), f"pass {p}"
     assert teacher.finish()["delivered"] == n * times
 
@@ -477,7 +346,7 @@ def test_start_without_any_teacher_raises_unavailable_within_connect_timeout() -
     student = make_student(port, connect_timeout=connect_timeout, name="nobody")
     began = time.monotonic()
     with pytest.raises(kd.TeacherUnavailableError) as failure:
-        Worker(student.start).result(timeout=connect_timeout + 15)
+        Background(student.start).result(timeout=connect_timeout + 15)
     elapsed = time.monotonic() - began
     assert connect_timeout / 2 <= elapsed <= connect_timeout + 3, elapsed
     assert failure.value.teacher == "nobody"
@@ -574,7 +443,7 @@ def test_cut_connections_resume_from_the_replay_window(teachers: Teachers) -> No
     proxy = Proxy(teacher.wait_serving())
     try:
         student = make_student(proxy.port, connect_timeout=20.0)
-        Worker(student.start).result(timeout=STARTUP)
+        Background(student.start).result(timeout=STARTUP)
         gen = student.get_knowledge_generator(STUDENT_BATCH)
         rng = random.Random(7)
         cuts: list[int] = []  # live connections each cut broke
@@ -593,7 +462,7 @@ def test_cut_connections_resume_from_the_replay_window(teachers: Teachers) -> No
                 passes.append(ids)
             return passes
 
-        passes = Worker(consume).result(timeout=60)
+        passes = Background(consume).result(timeout=60)
         for p, ids in enumerate(passes):
             assert ids == list(range(n)), f"pass {p}: samples lost, repeated or out of order"
         assert len(cuts) >= 8 and all(c >= 1 for c in cuts), cuts
@@ -623,16 +492,16 @@ def test_teacher_returns_once_every_rank_has_the_last_pass(teachers: Teachers) -
     ]
     gens = []
     for s in students:
-        Worker(s.start).result(timeout=STARTUP)
+        Background(s.start).result(timeout=STARTUP)
         gens.append(s.get_knowledge_generator(STUDENT_BATCH))
 
-    first = [Worker(lambda g=g: read_pass(g)) for g in gens]  # pass 0, ranks together
+    first = [Background(lambda g=g: read_pass(g)) for g in gens]  # pass 0, ranks together
     got = [[w.result(timeout=30)] for w in first]
-    got[0].append(Worker(lambda: read_pass(gens[0])).result(timeout=30))
+    got[0].append(Background(lambda: read_pass(gens[0])).result(timeout=30))
     # Rank 0 has the last pass, rank 1 not yet: the teacher must still be serving.
     with pytest.raises(subprocess.TimeoutExpired):
         teacher.proc.wait(timeout=0.5)
-    got[1].append(Worker(lambda: read_pass(gens[1])).result(timeout=30))
+    got[1].append(Background(lambda: read_pass(gens[1])).result(timeout=30))
     assert teacher.finish()["delivered"] == n * times
 
     for p in range(times):
@@ -646,7 +515,7 @@ def test_student_stopping_early_stops_its_thread_and_can_go_on(teachers: Teacher
     teacher = teachers.start(n=n, sleep=0.005, times=times)
     port = teacher.wait_serving()
     student = make_student(port, connect_timeout=20.0)
-    Worker(student.start).result(timeout=STARTUP)
+    Background(student.start).result(timeout=STARTUP)
     gen = student.get_knowledge_generator(STUDENT_BATCH)
     before = set(threading.enumerate())
 
@@ -667,10 +536,10 @@ def test_student_stopping_early_stops_its_thread_and_can_go_on(teachers: Teacher
                 break
         return ids, running
 
-    ids, running = Worker(read_some).result(timeout=30)
+    ids, running = Background(read_some).result(timeout=30)
     assert ids == list(range(5 * STUDENT_BATCH))
     assert running == 1, "the student reads in one background thread"
     wait_for(lambda: not ours(), 10, "the student's background thread to stop")
     # The rest of pass 0 is skipped; the next pass comes whole and the teacher ends.
-    assert Worker(lambda: read_pass(gen)).result(timeout=30) == list(range(n))
+    assert Background(lambda: read_pass(gen)).result(timeout=30) == list(range(n))
     teacher.finish()

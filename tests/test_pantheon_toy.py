@@ -10,22 +10,17 @@ no ``with``, no token), and online they may start before or after the student.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _helpers import free_port
+
 TOY = Path(__file__).parent / "pantheon_toy"
 MAX_N = 300
 WAIT = 120  # seconds any toy process may take
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(script: str, *args: str) -> subprocess.Popen[str]:

@@ -4,15 +4,14 @@ longer than a check needs."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pytest
 
 import kdserve as kd
+from _helpers import Background
 from kdserve.online.replay import ReplayWindow, WindowStoppedError
 
 JOIN = 5.0  # seconds a thread gets to finish
@@ -21,34 +20,6 @@ BLOCKED = 0.2  # seconds after which a waiting thread is taken to be blocked
 
 def batch(rows: int = 2) -> pa.RecordBatch:
     return pa.record_batch([pa.array(range(rows))], names=["v"])
-
-
-class Background:
-    """``fn()`` on a thread; its result or error for :meth:`result`."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.value: list[Any] = []
-        self.error: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self.thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self.value.append(fn())
-        except BaseException as exc:
-            self.error.append(exc)
-
-    def blocked(self) -> bool:
-        """Whether it is still waiting after BLOCKED seconds."""
-        self.thread.join(BLOCKED)
-        return self.thread.is_alive()
-
-    def result(self) -> Any:
-        self.thread.join(JOIN)
-        assert not self.thread.is_alive(), "the thread did not finish"
-        if self.error:
-            raise self.error[0]
-        return self.value[0]
 
 
 @pytest.fixture
@@ -77,9 +48,9 @@ def test_the_producer_blocks_while_the_window_is_full(window):
     window.put((0, 0), batch())
     window.put((0, 1), batch())
     third = Background(lambda: window.put((0, 2), batch()))
-    assert third.blocked(), "a third batch went into a window of buf_size 2"
+    assert third.blocked(BLOCKED), "a third batch went into a window of buf_size 2"
     window.ack(0, 1, (0, 1))  # frees batch 0
-    third.result()
+    third.result(JOIN)
     assert window.ready(0, 2)
 
 
@@ -103,7 +74,7 @@ def test_a_pass_ends_for_each_rank_with_its_share_of_rows():
     for seq, n in enumerate(rows):
         window.put((0, seq), batch(n))
     window.end_pass(0, len(rows))
-    got = [[(s, b.num_rows) for s, b in rank.result()] for rank in ranks]
+    got = [[(s, b.num_rows) for s, b in rank.result(JOIN)] for rank in ranks]
     assert got == [[(0, 3), (2, 4), (4, 5)], [(1, 1), (3, 1)]]
     assert window.rank_rows(0, 2, timeout=0.0) == [12, 2]
 
@@ -112,9 +83,9 @@ def test_acks_through_the_last_pass_drain_the_window(window):
     assert not window.wait_drained(timeout=0.05)
     drained = Background(lambda: window.wait_drained(timeout=JOIN))
     window.ack(0, 2, (2, 0))
-    assert drained.blocked()  # rank 1 is not through yet
+    assert drained.blocked(BLOCKED)  # rank 1 is not through yet
     window.ack(1, 2, (2, 1))
-    assert drained.result() is True
+    assert drained.result(JOIN) is True
 
 
 def test_a_restarted_teacher_learns_where_each_rank_stands(window):
@@ -131,7 +102,7 @@ def test_a_restarted_teacher_learns_where_each_rank_stands(window):
     assert not window.ready(1, 2)
     waiting = Background(lambda: next(window.stream(1, 4, 0, 2)))
     window.put((1, 4), batch())
-    assert waiting.result()[0] == 4
+    assert waiting.result(JOIN)[0] == 4
 
 
 def test_stop_wakes_every_waiter_with_its_reason(window):
@@ -146,13 +117,13 @@ def test_stop_wakes_every_waiter_with_its_reason(window):
         "drain": Background(empty.wait_drained),
         "students": Background(lambda: window.wait_for_students(grace=JOIN)),
     }
-    assert all(w.blocked() for w in waiters.values())
+    assert all(w.blocked(BLOCKED) for w in waiters.values())
     started = time.monotonic()
     for w in (full, empty, window):
         w.stop("the producer failed")
     for name, waiter in waiters.items():
         with pytest.raises(WindowStoppedError, match="the producer failed"):
-            waiter.result()
+            waiter.result(JOIN)
         assert time.monotonic() - started < 2.0, name
     with pytest.raises(WindowStoppedError):  # and later waits fail at once
         full.put((0, 1), batch())
@@ -160,12 +131,12 @@ def test_stop_wakes_every_waiter_with_its_reason(window):
 
 def test_wait_for_students_gives_other_ranks_a_grace_period(window):
     waiting = Background(lambda: window.wait_for_students(grace=JOIN))
-    assert waiting.blocked()  # nobody asked yet
+    assert waiting.blocked(BLOCKED)  # nobody asked yet
     window.ack(0, 3, (0, 0))
-    assert waiting.blocked()  # two of three ranks are unknown
+    assert waiting.blocked(BLOCKED)  # two of three ranks are unknown
     window.ack(1, 3, (0, 1))
     window.ack(2, 3, (0, 2))
-    assert waiting.result() == 3  # every rank known: no need to wait out the grace
+    assert waiting.result(JOIN) == 3  # every rank known: no need to wait out the grace
 
 
 def test_wait_for_students_goes_on_without_ranks_that_do_not_come(window):

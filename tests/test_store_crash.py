@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import kdserve as kd
-from _store_helpers import run_script, spawn_script, wait_for_line
+from _helpers import run_script, spawn_script, wait_for_line
 
 N = 4000  # samples in the dataset; sample ids are reader positions 0..N-1
 BATCH = 6

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdserve as kd
-from _store_helpers import run_script, spawned_until
+from _helpers import run_script, spawned_until
 from kdserve.core.idset import IdSet
 from kdserve.store import DAMAGED, LOCK, MANIFEST, damage, repair, stored_rows
 
