@@ -70,7 +70,8 @@ from report import fmt
 
 import kdserve as kd
 from kdserve.online.client import TeacherClient
-from kdserve.online.server import DEFAULT_CHUNK_BYTES, slice_rows
+from kdserve.online.serve_pass import slice_rows
+from kdserve.online.server import DEFAULT_CHUNK_BYTES
 
 MB = 1_000_000
 MIB = 1 << 20
