@@ -1,5 +1,6 @@
-"""PyTorch: a trained teacher dumps logits to a store; a smaller student learns from them
-with KnowledgeDataset + DataLoader (2 workers) and the Hinton loss kd_loss (T = 2).
+"""PyTorch: a trained teacher (an ``nn.Module`` wrapped by ``teacher_program``) dumps its
+logits over a DataLoader with ``kd.dump``; a smaller student learns from them with
+KnowledgeDataset + DataLoader (2 workers) and the Hinton loss kd_loss (T = 2).
 
 Run: python examples/torch_training.py --out /tmp/kd-torch
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import kdserve as kd
 from kdserve.torch import KnowledgeDataset, kd_loss, teacher_program
@@ -35,20 +36,18 @@ def train_teacher() -> nn.Module:
     return model
 
 
-def samples():
-    for x in inputs:
-        yield (x,)
-
-
 def main(out: Path) -> None:
     store = out / "teacher"
-    with kd.Teacher(store, overwrite=True, progress=False) as teacher:
-        teacher.start_knowledge_service(
-            feed_list=["x"],
-            schema=["x", "logits"],  # keep the input feed too: the student trains on it
-            program=teacher_program(train_teacher(), devices=["cpu"]),  # module(x) -> logits
-            reader_config={"sample_generator": samples, "batch_size": 256},
-        )
+    # The teacher's data is a DataLoader: its batches are tuples, so feeds= names them.
+    data = DataLoader(TensorDataset(torch.from_numpy(inputs)), batch_size=256)
+    kd.dump(
+        teacher_program(train_teacher(), devices=["cpu"]),  # module(x) -> logits
+        data,
+        store,
+        feeds=["x"],
+        keep=["x", "logits"],  # keep the input feed too: the student trains on it
+        overwrite=True,
+    )
 
     student = nn.Linear(DIM, CLASSES)  # the (smaller) student
     opt = torch.optim.SGD(student.parameters(), lr=0.5)

@@ -1,4 +1,5 @@
-"""Two teachers dump knowledge to stores offline; a student merges them (mean).
+"""Two teachers dump their knowledge to stores with ``kd.dump``; a student merges the
+stores by sample id (mean of the logits) and reads one shuffled pass with ``loader``.
 
 Run: python examples/two_teachers_offline.py --out /tmp/kd-offline
 """
@@ -13,12 +14,8 @@ import kdserve as kd
 
 N, DIM, CLASSES = 500, 16, 10
 inputs = np.random.default_rng(0).normal(size=(N, DIM)).astype(np.float32)
-
-
-def samples():
-    """Pantheon-style sample generator: one tuple per sample, in feed_list order."""
-    for x in inputs:
-        yield (x,)
+# The teachers' data: any iterable of batches; dict batches name their feeds.
+batches = [{"x": inputs[i : i + 64]} for i in range(0, N, 64)]
 
 
 def make_program(seed):
@@ -28,30 +25,24 @@ def make_program(seed):
 
 
 def main(out: Path) -> None:
-    stores = []
-    for name, seed in (("teacher_a", 1), ("teacher_b", 2)):
-        store = out / name
-        # overwrite=True starts the store over (the default resumes an interrupted dump).
-        with kd.Teacher(store, overwrite=True, progress=False) as teacher:
-            teacher.start_knowledge_service(
-                feed_list=["x"],
-                schema=["logits"],  # the fields to keep
-                program=make_program(seed),
-                reader_config={"sample_generator": samples, "batch_size": 64},
-            )
-        stores.append(store)
+    stores = [out / "teacher_a", out / "teacher_b"]
+    for seed, store in enumerate(stores, start=1):
+        # The store is complete when dump returns; overwrite=True starts it over
+        # (the default resumes an interrupted dump).
+        written = kd.dump(make_program(seed), batches, store, overwrite=True)
+        assert written == N, written
 
     # The student aligns both stores by sample id and averages their logits.
     with kd.Student(merge_strategy={"logits": "mean"}, shuffle=True, seed=0) as student:
         for store in stores:
-            student.register_teacher(in_path=store)
-        student.start()
-        reader = student.get_knowledge_generator(batch_size=32)
+            student.add_store(store)
+        loader = student.loader(batch_size=32)  # each `for` over it is one more pass
         rows, ids = 0, []
-        for batch in reader():  # one pass; call reader() again for the next one
+        for batch in loader:
             rows += len(batch["sample_id"])
             ids.append(batch["sample_id"])
             assert batch["logits"].shape[1] == CLASSES
+        assert len(loader) == -(-N // 32)  # batches per pass, known for stores
     assert rows == N and sorted(np.concatenate(ids).tolist()) == list(range(N))
     print(f"offline: merged {rows} samples from 2 teachers in one pass")
 

@@ -1,25 +1,22 @@
-"""Two online teachers (Arrow Flight on 127.0.0.1, any free port) served from background
-threads; one student merges them (mean) for 2 passes.
+"""Two online teachers served in the background with ``kd.serve`` (Arrow Flight on
+127.0.0.1, any free port); one student merges them (mean of the logits) for 2 passes.
+
+On 127.0.0.1 each teacher generates a token and publishes it for this user; the student
+finds it. Beyond loopback, pass the same ``token=`` to ``kd.serve`` and ``kd.Student``.
 
 Run: python examples/two_teachers_online.py
 """
 
 import argparse
-import secrets
-import threading
 
 import numpy as np
 
 import kdserve as kd
 
 N, DIM, CLASSES, PASSES = 400, 16, 10, 2
-TOKEN = secrets.token_urlsafe(16)  # shared by teachers and student; every call is checked
 inputs = np.random.default_rng(0).normal(size=(N, DIM)).astype(np.float32)
-
-
-def samples():
-    for x in inputs:
-        yield (x,)
+# Re-iterable (a list, not a generator): each pass reads the data again.
+batches = [{"x": inputs[i : i + 50]} for i in range(0, N, 50)]
 
 
 def make_program(seed):
@@ -27,49 +24,23 @@ def make_program(seed):
     return lambda feed: {"logits": feed["x"] @ w}
 
 
-def serve(teacher, seed, errors):
-    """The teacher's knowledge service: returns once the student has read every pass."""
-    try:
-        teacher.start_knowledge_service(
-            feed_list=["x"],
-            schema=["logits"],
-            program=make_program(seed),
-            reader_config={"sample_generator": samples, "batch_size": 50},
-            times=PASSES,
-        )
-    except Exception as exc:  # a thread's exception is otherwise only printed
-        errors.append(exc)
-
-
 def main() -> None:
-    # out_port=0 picks a free port; start() binds it, so teacher.address is known.
-    teachers = [
-        kd.Teacher(out_port=0, token=TOKEN, name=f"teacher_{i}", progress=False) for i in (1, 2)
-    ]
-    threads, errors = [], []
-    try:
-        for seed, teacher in enumerate(teachers, start=1):
-            teacher.start()
-            thread = threading.Thread(target=serve, args=(teacher, seed, errors), daemon=True)
-            thread.start()
-            threads.append(thread)
-
-        with kd.Student(merge_strategy={"logits": "mean"}, token=TOKEN) as student:
-            for teacher in teachers:
-                student.register_teacher(in_address=teacher.address)
-            student.start()
-            reader = student.get_knowledge_generator(batch_size=32)
+    # serve() returns once students can connect; leaving `with` stops the service.
+    with (
+        kd.serve(make_program(1), batches, times=PASSES, name="teacher_1") as teacher_1,
+        kd.serve(make_program(2), batches, times=PASSES, name="teacher_2") as teacher_2,
+    ):
+        with kd.Student(merge_strategy={"logits": "mean"}) as student:
+            student.add_teacher(teacher_1.address)
+            student.add_teacher(teacher_2.address)
+            loader = student.loader(batch_size=32)
             for epoch in range(PASSES):
-                ids = np.concatenate([batch["sample_id"] for batch in reader()])
+                ids = np.concatenate([batch["sample_id"] for batch in loader])
                 assert sorted(ids.tolist()) == list(range(N)), f"pass {epoch} lost samples"
                 print(f"online: pass {epoch}: {len(ids)} merged samples")
-        for thread in threads:
-            thread.join(timeout=30)
-            assert not thread.is_alive(), "a teacher did not finish its service"
-        assert not errors, errors
-    finally:
-        for teacher in teachers:  # always close: stops serving, frees the port
-            teacher.close()
+        # wait() returns what a teacher served, or re-raises the error that stopped it.
+        for teacher in (teacher_1, teacher_2):
+            assert teacher.wait(timeout=30) == PASSES * N
     print(f"online: merged 2 teachers for {PASSES} passes")
 
 
