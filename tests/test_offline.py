@@ -131,8 +131,8 @@ def test_student_usage_errors(stores):
         student.start()
     with pytest.raises(kd.KdserveError, match="needs one of in_path="):
         student.register_teacher()
-    with pytest.raises(kd.KdserveError, match="call start"):
-        student.get_knowledge_desc()
+    with pytest.raises(kd.KdserveError, match="register at least one teacher"):
+        student.get_knowledge_desc()  # any use starts the student
     student.register_teacher(in_path=stores / "nope")
     with pytest.raises(kd.StoreError, match="does not exist"):
         student.start()

@@ -138,3 +138,15 @@ def test_a_query_only_service_answers_until_closed() -> None:
     closer.start()
     assert service.wait(timeout=30) == 5
     closer.join(30)
+
+
+def test_any_use_starts_the_student_and_registration_then_ends(tmp_path: Path) -> None:
+    kd.dump(program, batches(), tmp_path / "t", progress=False)
+    student = kd.Student()
+    student.add_store(tmp_path / "t")
+    assert student.get_knowledge_desc()["logits"]["shape"] == [-1, D]  # no start() needed
+    with pytest.raises(kd.KdserveError, match="register every teacher before start"):
+        student.add_store(tmp_path / "t", name="again")
+    student.close()
+    with pytest.raises(kd.KdserveError, match="closed"):
+        student.loader(batch_size=8)

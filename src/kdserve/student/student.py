@@ -234,10 +234,11 @@ class Student:
         return [t for t in self._served if t.streams]
 
     def _check_ready(self) -> None:
+        """Refuse a closed student; start one that was not started (``start()`` is
+        Pantheon's step, implied by any use)."""
         if self._closed:
             raise KdserveError("this student is closed; create a new Student")
-        if not self._ready:
-            raise KdserveError("call start() first")
+        self.start()
 
     def _started(self) -> Merger:
         self._check_ready()
@@ -313,9 +314,7 @@ class Student:
     def loader(
         self, batch_size: int, drop_last: bool = False, *, epoch: int | None = None
     ) -> Loader:
-        """The passes as a re-iterable: each ``for batch in loader`` reads one more pass.
-        Starts the student if :meth:`start` was not called."""
-        self.start()
+        """The passes as a re-iterable: each ``for batch in loader`` reads one more pass."""
         passes = self.get_knowledge_generator(batch_size, drop_last, epoch=epoch)
         return Loader(self, passes, batch_size, drop_last)
 
