@@ -107,11 +107,6 @@ def test_an_error_in_the_producer_is_raised_in_the_consumer():
     assert gone("pf-error")
 
 
-@pytest.mark.xfail(
-    reason="Prefetcher._run calls iter(self._produce()) outside its try: the error goes to "
-    "threading.excepthook and the consumer sees an empty, normal end",
-    raises=(pytest.fail.Exception, pytest.PytestUnhandledThreadExceptionWarning),
-)
 def test_an_error_from_produce_itself_is_raised_in_the_consumer():
     # produce() fails before it returns an iterable (a reader that cannot open its data).
     def produce() -> Iterator[int]:

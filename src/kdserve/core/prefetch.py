@@ -50,8 +50,9 @@ class Prefetcher(Generic[T]):
         return False
 
     def _run(self) -> None:
-        items = iter(self._produce())
+        items: Iterator[T] = iter(())
         try:
+            items = iter(self._produce())  # a reader that cannot open fails here
             for item in items:
                 if not self._put(item):
                     return
