@@ -89,6 +89,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``ready()`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 # -- threads ----------------------------------------------------------------------------
 
 

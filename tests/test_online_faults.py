@@ -26,7 +26,15 @@ import numpy as np
 import pytest
 
 import kdserve as kd
-from _helpers import EXACT_TEACHER, STARTUP, Background, ScriptProc, Scripts, free_port
+from _helpers import (
+    EXACT_TEACHER,
+    STARTUP,
+    Background,
+    ScriptProc,
+    Scripts,
+    free_port,
+    wait_for,
+)
 
 TOKEN = "online-faults-token"
 WIDTH = 4
@@ -40,18 +48,8 @@ TEACHER_BUF = 4  # the teacher's buf_size: batches in its replay window per rank
 # with room to spare. A consumer between 0 and (its share of a pass) - AHEAD samples
 # into a pass means the teacher is in the middle of streaming that pass.
 AHEAD = 300
-POLL = 0.02  # seconds between checks while polling with a deadline
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``ready()`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL)
 
 
 def log_lines(path: Path) -> list[int]:

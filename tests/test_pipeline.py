@@ -8,7 +8,6 @@ to every sink and re-raised, and readers that yield nothing. Every wait is bound
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from _helpers import Background
+from _helpers import Background, wait_for
 from kdserve.core.batch import from_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import KdserveError, SchemaError
@@ -155,10 +154,7 @@ def pipeline_threads() -> list[threading.Thread]:
 
 def assert_threads_end() -> None:
     """The pipeline's reading/inference thread and its encoding pool end, within WAIT s."""
-    deadline = time.monotonic() + WAIT
-    while pipeline_threads():
-        assert time.monotonic() < deadline, f"still running: {pipeline_threads()}"
-        time.sleep(0.01)
+    wait_for(lambda: not pipeline_threads(), WAIT, "the pipeline's threads to end")
 
 
 def store_sink(path: Path) -> StoreSink:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from _helpers import Background
+from _helpers import Background, wait_for
 from kdserve.core import prefetch
 from kdserve.core.prefetch import Prefetcher
 
@@ -19,22 +19,13 @@ WAIT = 5.0  # seconds a thread gets to do what it must
 SETTLE = 0.1  # seconds a producer that could run further gets to do so
 
 
-def wait_until(ready, timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def producer_thread(name: str) -> threading.Thread | None:
     return next((t for t in threading.enumerate() if t.name == name), None)
 
 
-def gone(name: str) -> bool:
-    """Whether the thread ``name`` ends within WAIT seconds."""
-    return wait_until(lambda: producer_thread(name) is None)
+def assert_gone(name: str) -> None:
+    """The thread ``name`` ends within WAIT seconds."""
+    wait_for(lambda: producer_thread(name) is None, WAIT, f"thread {name} to end")
 
 
 class Counted:
@@ -60,7 +51,7 @@ def test_items_arrive_in_order_and_the_producer_ends():
     produce = Counted(500)
     assert list(Prefetcher(produce, 4, name="pf-order")) == list(range(500))
     assert produce.cleaned.is_set()
-    assert gone("pf-order")
+    assert_gone("pf-order")
 
 
 def test_buf_size_must_be_positive():
@@ -75,7 +66,7 @@ def test_a_slow_consumer_holds_the_producer_buf_size_ahead(buf):
     work = Prefetcher(produce, buf, name=f"pf-bound-{buf}")
     # Nothing consumed: the queue fills to buf_size, and the producer holds one more item
     # that it cannot put.
-    assert wait_until(lambda: work.qsize() == buf), work.qsize()
+    wait_for(lambda: work.qsize() == buf, WAIT, f"{buf} items queued")
     time.sleep(SETTLE)
     assert work.qsize() == buf
     assert produce.produced == buf + 1
@@ -84,7 +75,7 @@ def test_a_slow_consumer_holds_the_producer_buf_size_ahead(buf):
         assert item == consumed
         consumed += 1
         ahead = min(n, consumed + buf + 1)
-        assert wait_until(lambda a=ahead: produce.produced >= a), (produce.produced, ahead)
+        wait_for(lambda a=ahead: produce.produced >= a, WAIT, f"{ahead} items produced")
         time.sleep(SETTLE)  # a slow consumer: the producer must not run further meanwhile
         assert produce.produced == ahead, f"{produce.produced} produced, {consumed} consumed"
         if n - consumed >= buf:  # (later the queue holds the end-of-stream marker too)
@@ -104,7 +95,7 @@ def test_an_error_in_the_producer_is_raised_in_the_consumer():
         for item in Prefetcher(produce, 2, name="pf-error"):
             got.append(item)
     assert got == [0, 1]
-    assert gone("pf-error")
+    assert_gone("pf-error")
 
 
 def test_an_error_from_produce_itself_is_raised_in_the_consumer():
@@ -114,7 +105,7 @@ def test_an_error_from_produce_itself_is_raised_in_the_consumer():
 
     with pytest.raises(OSError, match="no such dataset"):
         list(Prefetcher(produce, 2, name="pf-error-early"))
-    assert gone("pf-error-early")
+    assert_gone("pf-error-early")
 
 
 def test_breaking_out_of_the_loop_stops_the_producer_and_runs_its_cleanup(caplog):
@@ -125,7 +116,7 @@ def test_breaking_out_of_the_loop_stops_the_producer_and_runs_its_cleanup(caplog
             if item == 3:
                 break
         assert produce.cleaned.wait(WAIT), "the producer's finally did not run"
-        assert gone("pf-break")
+        assert_gone("pf-break")
     assert time.monotonic() - started < 2.0
     assert not caplog.records  # an orderly stop is not a warning
 
@@ -133,7 +124,7 @@ def test_breaking_out_of_the_loop_stops_the_producer_and_runs_its_cleanup(caplog
 def test_close_stops_a_producer_that_nobody_consumes():
     produce = Counted()
     work = Prefetcher(produce, 2, name="pf-close")
-    assert wait_until(lambda: work.qsize() == 2)
+    wait_for(lambda: work.qsize() == 2, WAIT, "2 items queued")
     started = time.monotonic()
     work.close()
     assert time.monotonic() - started < 2.0
@@ -162,7 +153,7 @@ def test_close_from_the_producer_thread_itself_does_not_deadlock():
     assert items[:2] == [0, 1]
     assert items == list(range(len(items)))  # a prefix: nothing lost or reordered
     assert len(items) <= 3  # the producer stops at its next item after the close
-    assert gone("pf-self-close")
+    assert_gone("pf-self-close")
 
 
 def test_a_join_that_times_out_is_logged(monkeypatch, caplog):
@@ -195,5 +186,5 @@ def test_a_join_that_times_out_is_logged(monkeypatch, caplog):
         assert producer_thread("pf-stuck") is not None  # it was really still running
     finally:
         release.set()
-    assert gone("pf-stuck"), "the producer did not stop at its next item"
+    assert_gone("pf-stuck")
     assert cleaned.is_set()

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 import kdserve as kd
+from _helpers import wait_for
 
 TOKEN = "student-safety-token"
 JOIN = 20.0
@@ -49,10 +50,7 @@ def test_close_stops_the_threads_of_abandoned_passes(tmp_path):
     time.sleep(0.2)
     assert len(set(student_threads()) - before) >= 2
     student.close()
-    deadline = time.monotonic() + JOIN
-    while set(student_threads()) - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not set(student_threads()) - before
+    wait_for(lambda: not set(student_threads()) - before, JOIN, "the passes' threads to end")
 
 
 @pytest.mark.parametrize("even", ["pad", "drop"])
