@@ -188,3 +188,11 @@ def test_a_join_that_times_out_is_logged(monkeypatch, caplog):
         release.set()
     assert_gone("pf-stuck")
     assert cleaned.is_set()
+
+
+def test_qsize_counts_items_not_the_end_of_the_stream():
+    prefetcher = Prefetcher(lambda: iter([1, 2]), 4, name="pf-qsize")
+    wait_for(lambda: producer_thread("pf-qsize") is None, WAIT, "the producer to finish")
+    assert prefetcher.qsize() == 2  # both items are queued, and the end marker after them
+    assert list(prefetcher) == [1, 2]
+    assert prefetcher.qsize() == 0

@@ -32,13 +32,14 @@ class Prefetcher(Generic[T]):
             raise ValueError(f"buf_size must be >= 1, got {buf_size}")
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buf_size)
         self._stop = threading.Event()
+        self._ended = 0  # 1 once the end of the stream (or its error) is queued
         self._produce = produce
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def qsize(self) -> int:
-        """Items produced and not yet consumed."""
-        return self._queue.qsize()
+        """Items produced and not yet consumed (not counting the end of the stream)."""
+        return max(0, self._queue.qsize() - self._ended)
 
     def _put(self, item: object) -> bool:
         while not self._stop.is_set():
@@ -56,8 +57,10 @@ class Prefetcher(Generic[T]):
             for item in items:
                 if not self._put(item):
                     return
+            self._ended = 1
             self._put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._ended = 1
             self._put(exc)
         finally:
             close = getattr(items, "close", None)  # a generator's cleanup runs now, here
