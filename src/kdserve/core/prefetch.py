@@ -57,11 +57,9 @@ class Prefetcher(Generic[T]):
             for item in items:
                 if not self._put(item):
                     return
-            self._ended = 1
-            self._put(_DONE)
+            self._ended = int(self._put(_DONE))
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            self._ended = 1
-            self._put(exc)
+            self._ended = int(self._put(exc))
         finally:
             close = getattr(items, "close", None)  # a generator's cleanup runs now, here
             if close is not None:
