@@ -394,7 +394,7 @@ def wait_until_serving(address: str) -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if client.info()["stream"]:
+                if client.teacher_info().stream:
                     client.schema()
                     return
             except kd.KdserveError:
@@ -441,9 +441,9 @@ def kdserve_stream(job: Job, address: str, barrier: Any, done: Any) -> dict[str,
     """``TeacherClient.stream_pass``: the parts as they arrive, no merge, no prefetch."""
     warm_pyarrow()
     client = TeacherClient(address, name="bench", token=TOKEN)
-    info = client.info()
+    info = client.teacher_info()
     schema = client.schema()
-    ack_every = max(1, int(info["buf_size"]) // 2)  # what the Student uses
+    ack_every = max(1, info.buf_size // 2)  # what the Student uses
     for pass_ in (0, 1):
         if pass_:
             barrier.wait(TIMEOUT)
