@@ -150,3 +150,19 @@ def test_any_use_starts_the_student_and_registration_then_ends(tmp_path: Path) -
     student.close()
     with pytest.raises(kd.KdserveError, match="closed"):
         student.loader(batch_size=8)
+
+
+def test_limits_bound_what_students_may_send_and_the_teacher_serves_on() -> None:
+    with pytest.raises(ValueError, match=r"Limits\(query_bytes=\.\.\.\) must be an int >= 1"):
+        kd.Limits(query_bytes=0)
+    limits = kd.Limits(message_bytes=2000, query_bytes=10_000)
+    with (
+        kd.serve(program, None, feeds=["x"], keep=["logits"], limits=limits) as service,
+        kd.Student(connect_timeout=10.0) as student,
+    ):
+        student.add_teacher(service.address)
+        with pytest.raises(kd.ProtocolError, match="over the limit of 10000"):
+            student.query(0, {"x": np.zeros((1000, D), np.float32)})  # 16 kB
+        with pytest.raises(kd.ProtocolError, match="message refused"):
+            student.send({"blob": "x" * 5000})
+        np.testing.assert_array_equal(student.query(0, {"x": X[:4]})["logits"], 2 * X[:4])

@@ -30,6 +30,7 @@ from kdserve.errors import (
     TeacherUnavailableError,
 )
 from kdserve.log import show_status
+from kdserve.online.limits import Limits
 from kdserve.store import StoreReader, StoreWriter
 from kdserve.student import Loader, Student
 from kdserve.teacher import Service, Teacher, dump, serve
@@ -50,6 +51,7 @@ __all__ = [
     "Int8",
     "KdserveError",
     "Knowledge",
+    "Limits",
     "Loader",
     "Max",
     "Mean",

@@ -57,6 +57,7 @@ from pyarrow import flight
 
 from kdserve.errors import KdserveError, ProtocolError, TeacherUnavailableError
 from kdserve.online.guard import TokenCheck, guard_stream, guarded, peer
+from kdserve.online.limits import DEFAULT_MAX_INBOX_BYTES
 from kdserve.online.mailbox import Inbox, Outbox
 from kdserve.online.messages import MAX_MESSAGE_BYTES, MAX_MESSAGE_DEPTH
 from kdserve.online.protocol import (
@@ -78,7 +79,6 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "MAX_POSITION", "MAX_WORLD_SIZE", "TeacherServ
 
 MAX_MESSAGE_WAIT = 1.0  # seconds one "recv" call may wait for a message
 DEFAULT_CHUNK_BYTES = 16 << 20  # a batch travels in slices of about this size (measured best)
-DEFAULT_MAX_INBOX_BYTES = 64 << 20
 MAX_ACTION_NAME = 64
 _ACTIONS = [
     ("ack", "a rank has its batches before a position"),

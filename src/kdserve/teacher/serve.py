@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kdserve.core.wait import slices
+from kdserve.online.limits import Limits
 from kdserve.teacher.encoder import Keep, Program
 from kdserve.teacher.feeds import named_feeds
 from kdserve.teacher.security import Pem
@@ -100,14 +101,15 @@ def serve(
     buf_size: int = 10,
     threads: int = 2,
     inference_threads: int = 1,
+    limits: Limits | None = None,
 ) -> Service:
     """Serve ``program``'s knowledge over ``data`` on ``port`` (0: any free port) for
     ``times`` passes, in the background; returns once students can connect.
 
     ``data``, ``feeds``, ``keep`` and the thread options are as for :func:`dump`;
     ``data=None`` answers queries only (``feeds`` then names what a query must hold).
-    ``path`` also writes the knowledge to a store in the first pass. Security options
-    are :class:`~kdserve.Teacher`'s: on 127.0.0.1 a token is generated and published for
+    ``path`` also writes the knowledge to a store in the first pass. Security options and
+    ``limits`` are :class:`~kdserve.Teacher`'s: on 127.0.0.1 a token is generated and published for
     students of this user, elsewhere ``token=`` is required.
     """
     feed_list, reader = (list(feeds or []), None) if data is None else named_feeds(data, feeds)
@@ -122,6 +124,7 @@ def serve(
         name=name,
         model=model,
         progress=progress,
+        limits=limits,
     )
     teacher.start()
 

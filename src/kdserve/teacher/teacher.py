@@ -43,6 +43,7 @@ from kdserve.core.batch import to_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.core.wait import POLL, slices
 from kdserve.errors import KdserveError, SchemaError
+from kdserve.online.limits import Limits
 from kdserve.online.replay import MIN_WINDOW_BYTES, ReplayWindow
 from kdserve.online.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.store import DEFAULT_SHARD_BYTES
@@ -82,7 +83,8 @@ class Teacher:
     every student for a certificate signed by that CA (mutual TLS), which refuses
     strangers before they send a byte. The teacher runs up to ``buf_size`` batches ahead
     of its students, or ``window_bytes`` (64 MiB) when its batches are smaller than that
-    in all; each batch travels in slices of ``chunk_bytes`` (16 MiB).
+    in all; each batch travels in slices of ``chunk_bytes`` (16 MiB). ``limits``
+    (:class:`~kdserve.Limits`) bounds what students may send.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Teacher:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window_bytes: int = MIN_WINDOW_BYTES,
         student_grace: float = 2.0,
+        limits: Limits | None = None,
     ) -> None:
         if out_path is None and out_port is None:
             raise KdserveError("a Teacher needs out_path= (a store), out_port= (serving), or both")
@@ -116,6 +119,7 @@ class Teacher:
         self.chunk_bytes = chunk_bytes
         self.window_bytes = window_bytes
         self.student_grace = student_grace
+        self.limits = limits or Limits()
         self.schema: Schema | None = None
         self._security = Security(token, tls_cert, tls_key, tls_client_ca)
         self._store: StoreSink | None = None
@@ -162,6 +166,7 @@ class Teacher:
             tls=self._security.tls,
             tls_client_ca=self._security.client_ca,
             chunk_bytes=self.chunk_bytes,
+            **self.limits.server_options(),
         )
         if self.name == f"teacher:{self.out_port}":  # the default name: use the real port
             self.name = self._server.name = f"teacher:{self._server.port}"
