@@ -15,7 +15,7 @@ import pyarrow as pa
 from kdserve.core.idset import IdSet, repeats
 from kdserve.core.schema import Schema
 from kdserve.errors import AlignmentError, SchemaError, StoreError
-from kdserve.store.files import TMP, fsync, fsync_and_crc32
+from kdserve.store.files import TMP, ShardFile, fsync
 from kdserve.store.lock import StoreLock
 from kdserve.store.manifest import (
     FORMAT,
@@ -66,7 +66,7 @@ class StoreWriter:
         self._teacher = dict(teacher or {})
         self._shards: list[ShardInfo] = []
         self._created = timestamp()
-        self._open_shard: tuple[pa.NativeFile, pa.ipc.RecordBatchFileWriter, Path] | None = None
+        self._open_shard: tuple[ShardFile, pa.ipc.RecordBatchFileWriter, Path] | None = None
         self._batch_rows: list[int] = []  # of the shard in progress
         self._shard_ids: tuple[int, int] | None = None
         self._ids = IdSet()  # every sample id in the store, the shard in progress included
@@ -151,14 +151,14 @@ class StoreWriter:
         if self._open_shard is None:
             self._open_new_shard()
         assert self._open_shard is not None
-        sink, writer, _ = self._open_shard
+        shard, writer, _ = self._open_shard
         writer.write_batch(batch)
         lo, hi = int(ids.min()), int(ids.max())
         if self._shard_ids is not None:
             lo, hi = min(lo, self._shard_ids[0]), max(hi, self._shard_ids[1])
         self._shard_ids = (lo, hi)
         self._batch_rows.append(batch.num_rows)
-        if sink.tell() >= self.shard_bytes:
+        if shard.size >= self.shard_bytes:
             self._finish_shard()
 
     def _refuse_repeats(self, ids: np.ndarray) -> NoReturn:
@@ -208,20 +208,19 @@ class StoreWriter:
         name = f"shard-{self._next_index:05d}.arrow"
         self._next_index += 1
         tmp = self.path / (name + TMP)
-        sink = pa.OSFile(str(tmp), "wb")
-        writer = pa.ipc.new_file(sink, self._arrow_schema)
-        self._open_shard = (sink, writer, tmp)
+        shard = ShardFile(tmp)
+        writer = pa.ipc.new_file(pa.PythonFile(shard, mode="w"), self._arrow_schema)
+        self._open_shard = (shard, writer, tmp)
         self._batch_rows = []
         self._shard_ids = None
 
     def _finish_shard(self) -> None:
         """Make the shard in progress durable, give it its name, then list it."""
         assert self._open_shard is not None
-        sink, writer, tmp = self._open_shard
+        shard, writer, tmp = self._open_shard
         writer.close()
-        size = sink.tell()
-        sink.close()
-        crc32 = fsync_and_crc32(tmp)
+        size = shard.size
+        crc32 = shard.finish()
         final = tmp.with_name(tmp.name[: -len(TMP)])
         os.replace(tmp, final)
         fsync(self.path)

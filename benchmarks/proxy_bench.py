@@ -1,0 +1,249 @@
+"""CPU proxy for "kdserve never slows the accelerator": kdserve's rate as a fraction of the
+bare loop a user would write without it, with the device's work stood in for by a call
+that releases the GIL for a fixed time per batch (``time.sleep``: a GPU kernel the host
+waits for). What kdserve adds on the host -- encoding, writing, reading, merging,
+re-batching, prefetching -- must hide behind that time, as it must behind a real GPU.
+
+Teacher side (batches of ``--batch`` feeds, float32 logits of width ``--width``):
+
+* bare loop: ``for feed in data: program(feed)`` (the device time, then the logits
+  are on the host), knowledge kept in memory;
+* ``kd.dump``: the same program over the same data into a store (fp16 knowledge);
+* ``kd.serve``: the same program served to a student in another process (times=1).
+
+Student side (knowledge of 1, 2 or 4 teachers in stores, merged with "mean"):
+
+* bare loop: the knowledge already in memory, one device step per batch;
+* ``Student.loader``: the stores read, aligned, merged and re-batched by kdserve, the same
+  step per batch.
+
+Rates are samples per second; each is the median of ``--repeats`` runs in alternating
+order, and the ratio is kdserve's median over the bare loop's, measured in the same run.
+Goals (issue #10): >= 0.97 with one teacher, >= 0.9 with four.
+
+    python benchmarks/proxy_bench.py            # full run, about a minute on 2 cores
+    python benchmarks/proxy_bench.py --quick    # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from report import fmt
+
+import kdserve as kd
+
+GOALS = {1: 0.97, 2: 0.9, 4: 0.9}  # teachers merged -> the student's goal
+
+
+def make_data(args: argparse.Namespace) -> list[dict[str, np.ndarray]]:
+    """The teacher's feeds: ``--batches`` batches of ``--batch`` small input vectors."""
+    rng = np.random.default_rng(0)
+    return [
+        {"x": rng.standard_normal((args.batch, 16)).astype(np.float32)} for _ in range(args.batches)
+    ]
+
+
+def make_program(args: argparse.Namespace, seed: int) -> Callable[[dict[str, Any]], Any]:
+    """A teacher whose device time is ``--device-ms`` per batch (the GIL released)."""
+    pool = np.random.default_rng(seed).standard_normal((4, args.batch, args.width))
+    pool = pool.astype(np.float32)
+    seconds = args.device_ms / 1000
+    calls = [0]
+
+    def program(feed: dict[str, Any]) -> dict[str, np.ndarray]:
+        time.sleep(seconds)  # the forward pass, on the device
+        calls[0] += 1
+        return {"logits": pool[calls[0] % len(pool)][: len(feed["x"])]}
+
+    return program
+
+
+# --- teacher ---------------------------------------------------------------------------
+
+
+def teacher_bare(args: argparse.Namespace, workdir: Path) -> float:
+    data, program = make_data(args), make_program(args, 1)
+    start = time.perf_counter()
+    kept = [program(feed)["logits"] for feed in data]
+    seconds = time.perf_counter() - start
+    assert len(kept) == len(data)
+    return len(data) * args.batch / seconds
+
+
+def teacher_dump(args: argparse.Namespace, workdir: Path) -> float:
+    data, program = make_data(args), make_program(args, 1)
+    path = workdir / "dump"
+    shutil.rmtree(path, ignore_errors=True)
+    start = time.perf_counter()
+    written = kd.dump(program, data, path, use_fp16=True, progress=False, overwrite=True)
+    seconds = time.perf_counter() - start
+    assert written == len(data) * args.batch
+    return written / seconds
+
+
+def _read_all(address: str, batch: int, done: Any) -> None:
+    """The student process of ``teacher_serve``: reads one pass as fast as it can."""
+    with kd.Student(connect_timeout=30) as student:
+        student.add_teacher(address)
+        for _ in student.loader(batch_size=batch):
+            pass
+    done.set()
+
+
+def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
+    data, program = make_data(args), make_program(args, 1)
+    ctx = mp.get_context("spawn")
+    with kd.serve(program, data, keep=["logits"], use_fp16=True, progress=False) as service:
+        done = ctx.Event()
+        student = ctx.Process(target=_read_all, args=(service.address, args.batch, done))
+        student.start()
+        start = time.perf_counter()  # the teacher waits for its student before the first batch
+        served = service.wait(timeout=300)
+        seconds = time.perf_counter() - start
+        student.join(60)
+    assert served == len(data) * args.batch and done.is_set()
+    return served / seconds
+
+
+# --- student ---------------------------------------------------------------------------
+
+
+def prepare_stores(args: argparse.Namespace, workdir: Path, teachers: int) -> list[Path]:
+    """``teachers`` stores of the same samples (no device time: they are only read)."""
+    quick = argparse.Namespace(**{**vars(args), "device_ms": 0})
+    paths = []
+    for t in range(teachers):
+        path = workdir / f"store-{t}"
+        if not path.exists():
+            kd.dump(make_program(quick, t), make_data(args), path, progress=False)
+        paths.append(path)
+    return paths
+
+
+def student_bare(args: argparse.Namespace, paths: list[Path]) -> float:
+    """The knowledge in memory (merged already), one device step per batch."""
+    merged = [
+        {"logits": np.random.default_rng(0).standard_normal((args.batch, args.width))}
+        for _ in range(args.batches)
+    ]
+    step = args.device_ms / 1000
+    start = time.perf_counter()
+    for batch in merged:
+        _ = batch["logits"][0, 0]
+        time.sleep(step)  # the training step on the device
+    return len(merged) * args.batch / (time.perf_counter() - start)
+
+
+def student_loader(args: argparse.Namespace, paths: list[Path]) -> float:
+    step = args.device_ms / 1000
+    with kd.Student(merge_strategy={"logits": "mean"}) as student:
+        for path in paths:
+            student.add_store(path)
+        loader = student.loader(batch_size=args.batch)
+        start = time.perf_counter()
+        rows = 0
+        for batch in loader:
+            _ = batch["logits"][0, 0]
+            rows += len(batch["sample_id"])
+            time.sleep(step)
+        seconds = time.perf_counter() - start
+    assert rows == args.batches * args.batch
+    return rows / seconds
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def measure(
+    pair: tuple[Callable[[], float], Callable[[], float]], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Both sides ``repeats`` times, alternating which goes first."""
+    bare: list[float] = []
+    ours: list[float] = []
+    for r in range(repeats):
+        order = [(0, pair[0]), (1, pair[1])]
+        for side, fn in order if r % 2 == 0 else reversed(order):
+            (bare if side == 0 else ours).append(fn())
+    return bare, ours
+
+
+def row(name: str, bare: list[float], ours: list[float], goal: float | None) -> str:
+    ratio = statistics.median(ours) / statistics.median(bare)
+    verdict = "" if goal is None else ("PASS" if ratio >= goal else "FAIL") + f" >= {goal}"
+    return (
+        f"{name:<34} {fmt(statistics.median(bare)):>9} {fmt(statistics.median(ours)):>9} "
+        f"{fmt(min(ours))}..{fmt(max(ours)):<9} {ratio:>6.3f}  {verdict}"
+    )
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[str]:
+    lines = [
+        f"{'what (samples/s)':<34} {'bare':>9} {'kdserve':>9} {'kdserve min..max':<19} "
+        f"{'ratio':>6}  goal"
+    ]
+    teacher = {"teacher: kd.dump (store, fp16)": teacher_dump}
+    if not args.quick:
+        teacher["teacher: kd.serve -> a student process"] = teacher_serve
+    for name, fn in teacher.items():
+        bare, ours = measure(
+            (lambda: teacher_bare(args, workdir), lambda f=fn: f(args, workdir)), args.repeats
+        )
+        lines.append(row(name, bare, ours, GOALS[1]))
+    for teachers in args.teachers:
+        paths = prepare_stores(args, workdir, teachers)
+        bare, ours = measure(
+            (lambda p=paths: student_bare(args, p), lambda p=paths: student_loader(args, p)),
+            args.repeats,
+        )
+        label = f"student: {teachers} teacher(s), merged"
+        lines.append(row(label, bare, ours, GOALS.get(teachers)))
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small, 1 repeat: a smoke test")
+    p.add_argument("--repeats", type=int, default=5, help="runs per side (5)")
+    p.add_argument("--batches", type=int, default=100, help="batches per pass (100)")
+    p.add_argument("--batch", type=int, default=256, help="samples per batch (256)")
+    p.add_argument("--width", type=int, default=1000, help="logits per sample (1000)")
+    p.add_argument("--device-ms", type=float, default=10.0, help="device time per batch")
+    p.add_argument("--teachers", type=int, nargs="+", default=[1, 2, 4])
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batches, args.teachers = 1, 10, [1, 2]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(
+        f"kdserve {kd.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
+        f"{mp.cpu_count()} CPUs; {args.batches} batches of {args.batch} x {args.width} float32 "
+        f"logits, {args.device_ms:g} ms of device time per batch, {args.repeats} repeat(s)"
+    )
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="kdserve-proxy-"))
+    try:
+        lines = run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(lines))
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
