@@ -93,28 +93,34 @@ def teacher_dump(args: argparse.Namespace, workdir: Path) -> float:
     return written / seconds
 
 
-def _read_all(address: str, batch: int, done: Any) -> None:
-    """The student process of ``teacher_serve``: reads one pass as fast as it can."""
+def _read_all(address: str, batch: int, ready: Any, go: Any) -> None:
+    """The student process of ``teacher_serve``: connects, then reads one pass."""
     with kd.Student(connect_timeout=30) as student:
         student.add_teacher(address)
+        student.start()
+        ready.set()
+        go.wait(60)
         for _ in student.loader(batch_size=batch):
             pass
-    done.set()
 
 
 def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
+    """Timed from the moment the student process (started, connected) asks for the pass;
+    the first batch, computed while the teacher waited for its student, is not counted."""
     data, program = make_data(args), make_program(args, 1)
     ctx = mp.get_context("spawn")
     with kd.serve(program, data, keep=["logits"], use_fp16=True, progress=False) as service:
-        done = ctx.Event()
-        student = ctx.Process(target=_read_all, args=(service.address, args.batch, done))
+        ready, go = ctx.Event(), ctx.Event()
+        student = ctx.Process(target=_read_all, args=(service.address, args.batch, ready, go))
         student.start()
-        start = time.perf_counter()  # the teacher waits for its student before the first batch
+        assert ready.wait(60), "the student process did not connect"
+        start = time.perf_counter()
+        go.set()
         served = service.wait(timeout=300)
         seconds = time.perf_counter() - start
         student.join(60)
-    assert served == len(data) * args.batch and done.is_set()
-    return served / seconds
+    assert served == len(data) * args.batch and student.exitcode == 0
+    return (served - args.batch) / seconds
 
 
 # --- student ---------------------------------------------------------------------------
