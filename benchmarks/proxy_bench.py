@@ -15,7 +15,11 @@ Student side (knowledge of 1, 2 or 4 teachers in stores, merged with "mean"):
 
 * bare loop: the knowledge already in memory, one device step per batch;
 * ``Student.loader``: the stores read, aligned, merged and re-batched by kdserve, the same
-  step per batch.
+  step per batch;
+* (with PyTorch) ``KnowledgeDataset`` in a ``DataLoader`` with 0 and 2 worker processes,
+  against tensors already in memory; and, for reference, a plain torch
+  ``IterableDataset`` of in-memory tensors with 2 workers: the cost of torch's worker
+  processes themselves.
 
 Rates are samples per second; each is the median of ``--repeats`` runs in alternating
 order, and the ratio is kdserve's median over the bare loop's, measured in the same run.
@@ -35,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +64,14 @@ def make_program(args: argparse.Namespace, seed: int) -> Callable[[dict[str, Any
     pool = np.random.default_rng(seed).standard_normal((4, args.batch, args.width))
     pool = pool.astype(np.float32)
     seconds = args.device_ms / 1000
-    calls = [0]
+    ends: list[float] = []  # when each call's device work ended
 
     def program(feed: dict[str, Any]) -> dict[str, np.ndarray]:
         time.sleep(seconds)  # the forward pass, on the device
-        calls[0] += 1
-        return {"logits": pool[calls[0] % len(pool)][: len(feed["x"])]}
+        ends.append(time.perf_counter())
+        return {"logits": pool[len(ends) % len(pool)][: len(feed["x"])]}
 
+    program.ends = ends  # type: ignore[attr-defined]
     return program
 
 
@@ -105,8 +110,11 @@ def _read_all(address: str, batch: int, ready: Any, go: Any) -> None:
 
 
 def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
-    """Timed from the moment the student process (started, connected) asks for the pass;
-    the first batch, computed while the teacher waited for its student, is not counted."""
+    """The device's rate while serving: from the moment the student process (started,
+    connected) asks for the pass to the end of the last batch's device work. The first
+    batch, computed while the teacher waited for its student, is not counted; what follows
+    the last batch (the student reads it, acknowledges, the service ends) is not device
+    time."""
     data, program = make_data(args), make_program(args, 1)
     ctx = mp.get_context("spawn")
     with kd.serve(program, data, keep=["logits"], use_fp16=True, progress=False) as service:
@@ -117,10 +125,9 @@ def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
         start = time.perf_counter()
         go.set()
         served = service.wait(timeout=300)
-        seconds = time.perf_counter() - start
         student.join(60)
     assert served == len(data) * args.batch and student.exitcode == 0
-    return (served - args.batch) / seconds
+    return (served - args.batch) / (program.ends[-1] - start)  # type: ignore[attr-defined]
 
 
 # --- student ---------------------------------------------------------------------------
@@ -169,6 +176,67 @@ def student_loader(args: argparse.Namespace, paths: list[Path]) -> float:
     return rows / seconds
 
 
+def dataset_bare(args: argparse.Namespace, paths: list[Path]) -> float:
+    """Tensors already in memory, one device step per batch (torch rows)."""
+    import torch
+
+    tensors = [torch.zeros(args.batch, args.width) for _ in range(args.batches)]
+    step = args.device_ms / 1000
+    start = time.perf_counter()
+    for t in tensors:
+        _ = t[0, 0]
+        time.sleep(step)
+    return len(tensors) * args.batch / (time.perf_counter() - start)
+
+
+def dataset_loader(args: argparse.Namespace, paths: list[Path] | None, workers: int) -> float:
+    """``KnowledgeDataset`` (or, with ``paths=None``, the in-memory reference dataset) in a
+    ``DataLoader`` with ``workers`` processes; the second of two passes is timed (workers
+    persist, as in a training run)."""
+    from torch.utils.data import DataLoader
+
+    from kdserve.torch import KnowledgeDataset
+
+    dataset = (
+        _in_memory_dataset(args)
+        if paths is None
+        else KnowledgeDataset([str(p) for p in paths], batch_size=args.batch)
+    )
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0
+    )
+    step = args.device_ms / 1000
+    for _warm_then_timed in range(2):
+        start, rows = time.perf_counter(), 0
+        for batch in loader:
+            _ = batch["logits"][0, 0]
+            rows += len(batch["sample_id"])
+            time.sleep(step)
+        seconds = time.perf_counter() - start
+    assert rows == args.batches * args.batch
+    return rows / seconds
+
+
+def _in_memory_dataset(args: argparse.Namespace) -> Any:
+    """A plain torch IterableDataset over tensors in memory, split over loader workers:
+    what torch's worker processes cost without kdserve (the reference row)."""
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class InMemory(IterableDataset):  # type: ignore[type-arg]
+        def __init__(self) -> None:
+            self.pool = [torch.zeros(args.batch, args.width) for _ in range(4)]
+            self.ids = torch.arange(args.batch)
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            info = get_worker_info()
+            workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+            for i in range(worker, args.batches, workers):
+                yield {"sample_id": self.ids, "logits": self.pool[i % 4]}
+
+    return InMemory()
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -215,6 +283,23 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         )
         label = f"student: {teachers} teacher(s), merged"
         lines.append(row(label, bare, ours, GOALS.get(teachers)))
+    if args.torch:
+        paths = prepare_stores(args, workdir, 1)
+        for workers in (0, 2):
+            bare, ours = measure(
+                (
+                    lambda: dataset_bare(args, paths),
+                    lambda w=workers: dataset_loader(args, paths, w),
+                ),
+                args.repeats,
+            )
+            label = f"student: KnowledgeDataset, {workers} workers"
+            lines.append(row(label, bare, ours, GOALS[1]))
+        bare, ours = measure(
+            (lambda: dataset_bare(args, paths), lambda: dataset_loader(args, None, 2)),
+            args.repeats,
+        )
+        lines.append(row("reference: torch, in memory, 2 workers", bare, ours, None))
     return lines
 
 
@@ -227,9 +312,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1000, help="logits per sample (1000)")
     p.add_argument("--device-ms", type=float, default=10.0, help="device time per batch")
     p.add_argument("--teachers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument(
+        "--no-torch", dest="torch", action="store_false", help="skip the KnowledgeDataset rows"
+    )
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.batches, args.teachers = 1, 10, [1, 2]
+        args.repeats, args.batches, args.teachers, args.torch = 1, 10, [1, 2], False
     return args
 
 

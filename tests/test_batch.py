@@ -1,5 +1,8 @@
 """dict <-> Arrow RecordBatch: round trips, zero-copy by buffer address, and clear errors."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -169,3 +172,21 @@ def test_any_numeric_tensor_round_trips_exactly(arrays):
     back = kd.from_record_batch(kd.to_record_batch({"x": arrays}, schema, ids), schema)
     assert back["x"].dtype == arrays.dtype and back["x"].shape == arrays.shape
     np.testing.assert_array_equal(back["x"], arrays)
+
+
+def test_reading_knowledge_never_imports_pandas():
+    """pyarrow imports pandas (~0.2 s, holding the GIL) on a process's first
+    Array.to_numpy; kdserve reads ids and values without it, so no stream stalls."""
+    code = """
+import sys, numpy as np, kdserve as kd
+s = kd.Schema([kd.Field("x", "float32", (3,), codec="fp16"), kd.Field("n", "int16", ())])
+data = {"x": np.ones((4, 3), np.float32), "n": np.arange(4, dtype=np.int16)}
+out = kd.from_record_batch(kd.to_record_batch(data, s, np.arange(4)), s)
+assert out["sample_id"].tolist() == [0, 1, 2, 3] and out["n"].tolist() == [0, 1, 2, 3]
+assert not out["sample_id"].flags.writeable
+assert "pandas" not in sys.modules, "pandas was imported"
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

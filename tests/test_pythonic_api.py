@@ -166,3 +166,18 @@ def test_limits_bound_what_students_may_send_and_the_teacher_serves_on() -> None
         with pytest.raises(kd.ProtocolError, match="message refused"):
             student.send({"blob": "x" * 5000})
         np.testing.assert_array_equal(student.query(0, {"x": X[:4]})["logits"], 2 * X[:4])
+
+
+def test_a_loaders_transform_runs_on_the_prefetch_thread(tmp_path: Path) -> None:
+    kd.dump(program, batches(), tmp_path / "t", progress=False)
+    threads: set[str] = set()
+
+    def transform(batch: dict[str, Any]) -> int:
+        threads.add(threading.current_thread().name)
+        return len(batch["sample_id"])
+
+    with kd.Student() as student:
+        student.add_store(tmp_path / "t")
+        sizes = list(student.loader(batch_size=30, transform=transform))
+    assert sizes == [30, 30, 30, 10]
+    assert threads == {"kdserve-student"}  # not the training loop's thread

@@ -227,6 +227,21 @@ def _primitive_to_numpy(name: str, array: pa.Array) -> np.ndarray:
             f"(was the data edited by another tool?)",
             field=name,
         )
-    zero_copy = not pa.types.is_boolean(array.type)
-    result: np.ndarray = array.to_numpy(zero_copy_only=zero_copy)
-    return result
+    t = array.type
+    if pa.types.is_boolean(t):  # bits, not bytes: a copy is unavoidable
+        result: np.ndarray = array.to_numpy(zero_copy_only=False)
+        return result
+    kind = "f" if pa.types.is_floating(t) else "i" if pa.types.is_signed_integer(t) else "u"
+    dtype = np.dtype(f"<{kind}{t.bit_width // 8}")
+    # A view of the values buffer: no copy, and not Array.to_numpy, whose first call in a
+    # process imports pandas (~0.2 s holding the GIL, mid-stream).
+    view = np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
+    )
+    view.flags.writeable = False  # Arrow memory is shared (a store's mmap, a received batch)
+    return view
+
+
+def sample_ids(batch: pa.RecordBatch) -> np.ndarray:
+    """A knowledge batch's sample ids (its first column), as a read-only int64 view."""
+    return _primitive_to_numpy(SAMPLE_ID, batch.column(0))

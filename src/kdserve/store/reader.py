@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdserve.core.batch import concat_batches
+from kdserve.core.batch import concat_batches, sample_ids
 from kdserve.core.sampler import Block
 from kdserve.errors import StoreError
 from kdserve.store.damage import repair_advice
@@ -170,7 +170,8 @@ class StoreReader:
         """Rows ``[start, stop)`` as one batch (zero-copy when they lie in one stored batch)."""
         pieces = list(self.iter_range(start, stop))
         if not pieces:
-            return pa.RecordBatch.from_pylist([], schema=self._arrow_schema)
+            empty = [pa.nulls(0, f.type) for f in self._arrow_schema]  # not from_pylist:
+            return pa.RecordBatch.from_arrays(empty, schema=self._arrow_schema)  # pandas
         return concat_batches(pieces)
 
     def take(self, rows: np.ndarray) -> pa.RecordBatch:
@@ -213,7 +214,7 @@ class StoreReader:
         """Every row's sample id, in row order."""
         if len(self) == 0:
             return np.zeros(0, np.int64)
-        return np.concatenate([b.column(0).to_numpy() for b in self.iter_range()])
+        return np.concatenate([sample_ids(b) for b in self.iter_range()])
 
     def verify(self) -> None:
         """Check every shard's size and crc32 and that it parses; raise StoreError if not."""

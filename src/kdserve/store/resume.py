@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from kdserve.core.batch import sample_ids
 from kdserve.core.idset import IdSet
 from kdserve.errors import StoreError
 from kdserve.store.damage import last_shard_problem, repair_advice, set_aside, shard_problem
@@ -99,8 +100,7 @@ def _read_sample_ids(store: Path, info: ShardInfo) -> np.ndarray:
         with pa.memory_map(str(f)) as source:
             reader = pa.ipc.open_file(source)
             parts = [
-                np.array(reader.get_batch(i).column(0).to_numpy(), dtype=np.int64)
-                for i in range(reader.num_record_batches)
+                np.array(sample_ids(reader.get_batch(i))) for i in range(reader.num_record_batches)
             ]
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise StoreError(

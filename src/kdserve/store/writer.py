@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 import numpy as np
 import pyarrow as pa
 
+from kdserve.core.batch import sample_ids
 from kdserve.core.idset import IdSet, repeats
 from kdserve.core.schema import Schema
 from kdserve.errors import AlignmentError, SchemaError, StoreError
@@ -145,7 +146,7 @@ class StoreWriter:
             )
         if batch.num_rows == 0:
             return
-        ids = np.asarray(batch.column(0).to_numpy(), dtype=np.int64)
+        ids = sample_ids(batch)
         if not self._ids.add_new(ids):
             self._refuse_repeats(ids)
         if self._open_shard is None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 
+from kdserve.core.batch import sample_ids
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.rebatch import rebatch
 from kdserve.core.sampler import Sampler
@@ -68,7 +69,7 @@ def served_pass(
                     sample_ids=(None, None),
                 )
             step = {t.name: b for t, b in zip(teachers, batches, strict=True)}
-            ids = step[driver.name].column(0).to_numpy()
+            ids = sample_ids(step[driver.name])
             for store in stores:
                 step[store.name] = store.lookup(ids, driver.name)
             yield step

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdserve.core.align import rows_of
+from kdserve.core.batch import sample_ids
 from kdserve.core.idset import IdSet, repeats
 from kdserve.core.sampler import Block, Sampler
 from kdserve.core.schema import Schema
@@ -177,7 +178,7 @@ class TeacherSource(Source):
         held: pa.RecordBatch | None = None  # dropping may cut the last batch
         shares: list[int] = []  # every rank's rows, told at the end of the pass
         for batch in self._client.stream_pass(epoch, rank, world, ack_every, shares):
-            ids = batch.column(0).to_numpy()
+            ids = sample_ids(batch)
             if not seen.add_new(ids):
                 self._refuse_repeated(ids, seen, epoch)
             rows += batch.num_rows

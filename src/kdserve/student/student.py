@@ -300,11 +300,20 @@ class Student:
                 raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
             self._epoch = epoch
 
-        def one_pass() -> Iterator[Knowledge]:
+        return self._generator(batch_size, drop_last, None)
+
+    def _generator(
+        self, batch_size: int, drop_last: bool, transform: Callable[[Knowledge], Any] | None
+    ) -> Callable[[], Iterator[Any]]:
+        """Each call: one more pass, prefetched (and transformed) on a background thread."""
+
+        def one_pass() -> Iterator[Any]:
             epoch = self._epoch
             self._epoch += 1
             self._prefetcher = Prefetcher(
-                lambda: self._pass(epoch, batch_size, drop_last), self.buf_size, "kdserve-student"
+                lambda: self._pass(epoch, batch_size, drop_last, transform),
+                self.buf_size,
+                "kdserve-student",
             )
             self._passes.add(self._prefetcher)
             yield from self._prefetcher
@@ -312,13 +321,28 @@ class Student:
         return one_pass
 
     def loader(
-        self, batch_size: int, drop_last: bool = False, *, epoch: int | None = None
+        self,
+        batch_size: int,
+        drop_last: bool = False,
+        *,
+        epoch: int | None = None,
+        transform: Callable[[Knowledge], Any] | None = None,
     ) -> Loader:
-        """The passes as a re-iterable: each ``for batch in loader`` reads one more pass."""
-        passes = self.get_knowledge_generator(batch_size, drop_last, epoch=epoch)
-        return Loader(self, passes, batch_size, drop_last)
+        """The passes as a re-iterable: each ``for batch in loader`` reads one more pass.
+        ``transform`` is applied to each batch on the prefetch thread, off the training
+        loop's (e.g. :func:`kdserve.torch.to_tensors`, which can pin memory)."""
+        self.get_knowledge_generator(batch_size, drop_last, epoch=epoch)  # checks, epoch
+        return Loader(
+            self, self._generator(batch_size, drop_last, transform), batch_size, drop_last
+        )
 
-    def _pass(self, epoch: int, batch_size: int, drop_last: bool) -> Iterator[Knowledge]:
+    def _pass(
+        self,
+        epoch: int,
+        batch_size: int,
+        drop_last: bool,
+        transform: Callable[[Knowledge], Any] | None = None,
+    ) -> Iterator[Any]:
         """One pass of merged batches (run on the prefetch thread)."""
         streaming = self._streaming()
         steps: Iterator[Step]
@@ -331,7 +355,8 @@ class Student:
         merger = self._started()
         schemas = {s.name: s.schema for s in self._sources}
         for step in steps:
-            yield merger.merge({n: from_record_batch(b, schemas[n]) for n, b in step.items()})
+            batch = merger.merge({n: from_record_batch(b, schemas[n]) for n, b in step.items()})
+            yield batch if transform is None else transform(batch)
 
     # -- messages and queries -------------------------------------------------------
 
@@ -379,7 +404,7 @@ class Loader:
     def __init__(
         self,
         student: Student,
-        passes: Callable[[], Iterator[Knowledge]],
+        passes: Callable[[], Iterator[Any]],
         batch_size: int,
         drop_last: bool,
     ) -> None:
@@ -388,7 +413,7 @@ class Loader:
         self._student = student
         self._passes = passes
 
-    def __iter__(self) -> Iterator[Knowledge]:
+    def __iter__(self) -> Iterator[Any]:
         return self._passes()
 
     def __len__(self) -> int:

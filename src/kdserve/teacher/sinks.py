@@ -71,9 +71,10 @@ class StoreSink(Sink):
         self._lock = threading.RLock()  # one thread writes, completes or closes
 
     def open(self, schema: Schema) -> None:
-        """Fix the schema and open the writer (a wrong schema fails now, not mid-dump)."""
+        """Fix the schema. The writer opens with the first rows (on the thread that writes,
+        not the one that feeds the device); a resumed store's schema was checked already
+        (:meth:`stored_schema`)."""
         self._schema = schema
-        self._open()
 
     def _open(self) -> StoreWriter:
         assert self._schema is not None

@@ -26,6 +26,7 @@ the middle of a pass of offline teachers (stores are read deterministically).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -100,7 +101,12 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
     batches per pass, whatever its loader's workers. The shuffle order of
     a pass derives from ``(seed, epoch)`` only, so every rank and worker agrees on it;
     call :meth:`set_epoch` before each epoch, like ``DistributedSampler``.
-    ``pin_memory`` pins the tensors (which copies them).
+    ``pin_memory`` pins the tensors (which copies them) on a background thread of the
+    main process, ready for ``.to(device, non_blocking=True)``; in ``DataLoader`` workers
+    pinning is left to ``DataLoader(pin_memory=True)``, which pins in the main process
+    (pinning inside a worker process fails on CUDA). Tensors are made, and merging,
+    re-batching and decoding done, on the student's prefetch thread, off the training
+    loop's.
     """
 
     def __init__(
@@ -246,12 +252,15 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._batches = skip
         epoch = self._epoch
         student = self._student(self.rank * workers + worker, self.world_size * workers)
+        # Tensors are made (and pinned) on the student's prefetch thread, off the training
+        # loop's. Pinning happens in the main process only, as torch's DataLoader does it:
+        # in a loader worker it is left to DataLoader(pin_memory=True).
+        convert = functools.partial(to_tensors, pin_memory=self.pin_memory and info is None)
         try:
-            reader = student.get_knowledge_generator(self.batch_size, self.drop_last, epoch=epoch)
-            for i, batch in enumerate(reader()):
+            loader = student.loader(self.batch_size, self.drop_last, epoch=epoch, transform=convert)
+            for i, tensors in enumerate(loader):
                 if i < skip:  # read before a resume: offline teachers repeat them exactly
                     continue
-                tensors = to_tensors(batch, self.pin_memory)
                 self._batches += 1  # before yielding: a state taken now counts this batch
                 yield tensors
         finally:
