@@ -283,3 +283,29 @@ def test_output_dtype_casts_on_the_device_before_the_copy(tmp_path):
     assert kd.StoreReader(tmp_path / "s").schema["logits"].dtype == np.float16
     with pytest.raises(TypeError, match="numpy has no bfloat16"):
         teacher_program(model, output_dtype=torch.bfloat16)
+
+
+def test_streams_run_two_calls_on_one_replica_at_once(tmp_path):
+    log = []
+    model = _Sleepy(log)
+    program = teacher_program(model, devices=["cpu"], streams=2)
+    assert program.replicas == [model]  # one copy of the weights, two lanes
+    model.meet = threading.Barrier(2)  # every forward waits for a partner call
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    schema = kd.Schema([kd.Field("logits", "float32", (2,))])
+    with kd.Teacher(tmp_path / "store", progress=False) as teacher:
+        teacher.start_knowledge_service(
+            ["x"],
+            schema,
+            program,
+            [(x[i : i + 10],) for i in range(0, 40, 10)],
+            num_inference_threads=2,
+        )
+    assert not model.meet.broken and len(log) == 4
+    assert len({t for _, t in log}) == 2  # two threads ran the one module concurrently
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "store").read(0, 40))
+    with torch.inference_mode():
+        expected = model.lin(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(stored["logits"], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="streams must be an int >= 1"):
+        teacher_program(model, devices=["cpu"], streams=0)

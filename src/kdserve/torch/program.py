@@ -56,6 +56,11 @@ class TeacherProgram:
     from several threads run concurrently on different replicas: each replica runs one call
     at a time, and a call that finds every replica busy waits for the first one freed.
 
+    **Streams.** ``streams=2`` lets each replica run two calls at once, each on its own
+    CUDA stream (on a CPU: two threads), so that one batch's copy to the device and the
+    copy of its outputs back overlap another batch's forward pass. Give the teacher that
+    many inference threads: ``num_inference_threads = len(devices) * streams``.
+
     **Autocast.** With ``autocast`` (e.g. ``torch.bfloat16``) the forward pass runs under
     ``torch.autocast(device_type, dtype=autocast)`` and floating outputs are returned as
     float32 arrays. (bfloat16 outputs, which numpy cannot hold, always become float32.)
@@ -78,6 +83,7 @@ class TeacherProgram:
         devices: Sequence[str | torch.device] | None = None,
         autocast: torch.dtype | None = None,
         output_dtype: torch.dtype | None = None,
+        streams: int = 1,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -110,10 +116,18 @@ class TeacherProgram:
             raise ValueError("devices must name at least one device, e.g. ['cuda:0', 'cuda:1']")
         self.module = module
         module.eval()
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise ValueError(f"streams must be an int >= 1, got {streams!r}")
         replicas = [module.to(self.devices[0])]
         replicas += [copy.deepcopy(module).to(d).eval() for d in self.devices[1:]]
         self.replicas: list[nn.Module] = replicas
-        self._locks = [threading.Lock() for _ in replicas]
+        # Lanes: (replica, CUDA stream or None); a call holds one lane.
+        self._lanes = [
+            (r, torch.cuda.Stream(d) if d.type == "cuda" else None)  # type: ignore[no-untyped-call]
+            for _ in range(streams)
+            for r, d in enumerate(self.devices)
+        ]
+        self._locks = [threading.Lock() for _ in self._lanes]
         self._freed = threading.Condition()
         self._turn = itertools.count()
 
@@ -125,9 +139,11 @@ class TeacherProgram:
 
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
         args_np = self._select(feed)
-        with self._replica() as index:
+        with self._lane() as lane:
+            index, stream = self._lanes[lane]
             device = self.devices[index]
-            with torch.inference_mode(), self._autocast(device):
+            on_stream = nullcontext() if stream is None else torch.cuda.stream(stream)
+            with on_stream, torch.inference_mode(), self._autocast(device):
                 args = [_to_tensor(name, value, device) for name, value in args_np]
                 result = self.replicas[index](*args)
                 named = self._name(result)
@@ -149,9 +165,9 @@ class TeacherProgram:
     # -- replicas ---------------------------------------------------------------------
 
     @contextmanager
-    def _replica(self) -> Iterator[int]:
-        """Hold a free replica: round-robin first, else any free one, else wait."""
-        n = len(self.replicas)
+    def _lane(self) -> Iterator[int]:
+        """Hold a free lane: round-robin first, else any free one, else wait."""
+        n = len(self._lanes)
         start = next(self._turn) % n
         while True:
             for k in range(n):
@@ -263,5 +279,5 @@ def _to_tensor(name: str, value: Any, device: torch.device) -> Tensor:
 
 teacher_program = TeacherProgram
 """``teacher_program(module, inputs=..., outputs=..., devices=..., autocast=...,
-output_dtype=...)``: the
+output_dtype=..., streams=...)``: the
 name to call it by, as a function (see :class:`TeacherProgram`)."""
