@@ -148,9 +148,15 @@ def _check_length(f: Field, length: int, n: int) -> None:
 
 def _check_rows(f: Field, rows: np.ndarray, what: str) -> np.ndarray:
     if rows.ndim == 0 or rows.shape[1:] != f.inner_shape:
+        hint = ""
+        if rows.ndim >= 2 and f.inner_shape and rows.shape[2:] == f.inner_shape[1:]:
+            hint = (  # a padded sequence whose length changed from batch to batch
+                f"; sequences of varying length are given as a kd.Ragged, a list of arrays, "
+                f"or (from a program) padded with {f.name}_lengths or {f.name}_mask beside it"
+            )
         raise SchemaError(
             f"field {f.name!r}: {what} must have shape {f.inner_shape}, got "
-            f"{rows.shape[1:] if rows.ndim else 'a scalar'} (array shape {rows.shape})",
+            f"{rows.shape[1:] if rows.ndim else 'a scalar'} (array shape {rows.shape}){hint}",
             field=f.name,
         )
     if rows.dtype != f.dtype:

@@ -58,6 +58,11 @@ class Ragged:
         return cls(np.concatenate(arrays), _offsets_from_lengths(lengths))
 
     @classmethod
+    def from_lengths(cls, values: Any, lengths: Any) -> Ragged:
+        """Sequences packed one after another in ``values``, of ``lengths`` steps each."""
+        return cls(np.asarray(values), _offsets_from_lengths(np.asarray(lengths, np.int64)))
+
+    @classmethod
     def from_padded(cls, padded: np.ndarray, lengths: Any) -> Ragged:
         """Pack a padded ``(batch, max_len, ...)`` array, keeping ``lengths[i]`` steps of row i."""
         padded = np.asarray(padded)

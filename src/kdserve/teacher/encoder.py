@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdserve.core.batch import from_record_batch, to_record_batch
+from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import SchemaError
 from kdserve.teacher.feeds import FeedBatch
@@ -63,7 +64,7 @@ class Encoder:
         knowledge = {}
         for n, source in zip(self.names, self.sources, strict=True):
             if source in outputs:
-                knowledge[n] = _to_numpy(outputs[source])
+                knowledge[n] = _knowledge_value(outputs, source)
             elif source in feed:
                 knowledge[n] = feed[source]
             else:
@@ -152,9 +153,31 @@ def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
     return schema.with_codecs(dict.fromkeys(floats, "fp16"))
 
 
+def _knowledge_value(outputs: Mapping[str, Any], name: str) -> Any:
+    """Output ``name`` as knowledge. Sequences may come the way language models give them:
+    padded ``(batch, max_len, ...)`` with ``<name>_lengths`` (one length per row) or
+    ``<name>_mask`` (``(batch, max_len)``, true at real positions; left or right padding)
+    beside it, or as a :class:`Ragged` or a list of arrays."""
+    value = _to_numpy(outputs[name])
+    lengths, mask = outputs.get(f"{name}_lengths"), outputs.get(f"{name}_mask")
+    if lengths is not None:
+        return Ragged.from_padded(value, np.asarray(_to_numpy(lengths)))
+    if mask is None:
+        return value
+    keep = np.asarray(_to_numpy(mask)).astype(bool)
+    padded = np.asarray(value)
+    if padded.ndim < 2 or keep.shape != padded.shape[:2]:
+        raise SchemaError(
+            f"output {name!r} has shape {padded.shape} but {name}_mask has shape {keep.shape}; "
+            f"the mask must be (batch, max_len), true at the real positions",
+            field=name,
+        )
+    return Ragged.from_lengths(padded[keep], keep.sum(axis=1))
+
+
 def _to_numpy(value: Any) -> Any:
-    """Program outputs may be framework tensors; numpy arrays and lists pass through."""
-    if isinstance(value, (np.ndarray, list)):
+    """Program outputs may be framework tensors; numpy arrays, lists and Ragged pass through."""
+    if isinstance(value, (np.ndarray, list, Ragged)):
         return value
     if hasattr(value, "detach"):  # a torch tensor, possibly on a device
         value = value.detach().cpu()
