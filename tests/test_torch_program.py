@@ -138,8 +138,10 @@ def test_mismatched_outputs_and_inputs_raise_clear_errors():
 
     with pytest.raises(TypeError, match=r"returned a int; .*Tensor"):
         teacher_program(Scalar(), devices=["cpu"])(feed)
-    with pytest.raises(TypeError, match=r"ragged"):
-        teacher_program(_mlp(), devices=["cpu"])({"x": [np.ones(2), np.ones(3)]})
+    with pytest.raises(ValueError, match=r"ragged input 'y' has row lengths \[1, 3\]"):
+        teacher_program(_Dict(), devices=["cpu"])(
+            {"x": [np.ones(2), np.ones(3)], "y": [np.ones(1), np.ones(3)]}
+        )
     with pytest.raises(TypeError, match=r"nn\.Module"):
         teacher_program(lambda f: f)
     with pytest.raises(TypeError, match=r"floating torch\.dtype"):
@@ -309,3 +311,43 @@ def test_streams_run_two_calls_on_one_replica_at_once(tmp_path):
     np.testing.assert_allclose(stored["logits"], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="streams must be an int >= 1"):
         teacher_program(model, devices=["cpu"], streams=0)
+
+
+class _CausalLM(nn.Module):
+    """A tiny causal LM: embedding, causal attention over the prefix, logits per position."""
+
+    def __init__(self, vocab=11, dim=8):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, vocab)
+        self.masks = []
+
+    def forward(self, tokens, attention_mask=None):
+        self.masks.append(attention_mask)
+        h = self.emb(tokens)
+        steps = tokens.shape[1]
+        causal = torch.ones(steps, steps).tril()
+        h = (causal / causal.sum(-1, keepdim=True)) @ h  # each position: mean of its prefix
+        return self.out(h)
+
+
+def test_ragged_token_feeds_are_padded_masked_and_stored_without_padding(tmp_path):
+    model = _CausalLM()
+    seqs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9])]
+    program = teacher_program(
+        model, inputs=["tokens"], devices=["cpu"], mask_arg="attention_mask", pad_value=0
+    )
+    out = program({"tokens": seqs})
+    assert out["logits"].shape == (3, 5, 11) and out["logits_lengths"].tolist() == [3, 1, 5]
+    mask = model.masks[-1]
+    assert mask.dtype == torch.int64 and mask.tolist()[1] == [1, 0, 0, 0, 0]
+    kd.dump(program, [{"tokens": seqs}], tmp_path / "s", progress=False)
+    reader = kd.StoreReader(tmp_path / "s")
+    assert reader.schema.names == ["logits"]  # logits_lengths only describes logits
+    stored = kd.from_record_batch(reader.read(0, 3))["logits"]
+    assert isinstance(stored, kd.Ragged) and stored.lengths.tolist() == [3, 1, 5]
+    for i, s in enumerate(seqs):  # position j: the distribution after token j (causal)
+        with torch.inference_mode():
+            alone = model(torch.as_tensor(s)[None])[0].numpy()
+        np.testing.assert_allclose(stored[i], alone, rtol=1e-5, atol=1e-6)

@@ -60,7 +60,7 @@ class Encoder:
                 f"program must return a dict of output arrays, got {type(outputs).__name__}"
             )
         if not self.names:  # keep every output, in the program's order (first batch only)
-            self.names, self.sources = knowledge_names(list(outputs))
+            self.names, self.sources = knowledge_names(_outputs_to_keep(outputs))
         knowledge = {}
         for n, source in zip(self.names, self.sources, strict=True):
             if source in outputs:
@@ -151,6 +151,14 @@ def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
         return schema
     floats = [f.name for f in schema if f.dtype.kind == "f" and f.dtype.itemsize > 2]
     return schema.with_codecs(dict.fromkeys(floats, "fp16"))
+
+
+def _outputs_to_keep(outputs: Mapping[str, Any]) -> list[str]:
+    """Every output but the ``<name>_lengths``/``<name>_mask`` that describe another."""
+    suffixes = ("_lengths", "_mask")
+    return [
+        o for o in outputs if not any(o.endswith(x) and o[: -len(x)] in outputs for x in suffixes)
+    ]
 
 
 def _knowledge_value(outputs: Mapping[str, Any], name: str) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID
 
 __all__ = ["TeacherProgram", "teacher_program"]
@@ -39,6 +40,16 @@ class TeacherProgram:
     order (the teacher's ``feed_list`` order) except kdserve's ``sample_id``. Feeds not
     named in ``inputs`` (labels, ids) are not passed. A module that takes keyword arguments
     or needs feed preprocessing can be wrapped in a small ``nn.Module`` that does it.
+
+    **Sequences.** A ragged input (token sequences of different lengths: a list of arrays
+    or a :class:`~kdserve.Ragged`) is padded on the right with ``pad_value`` to
+    ``(batch, max_len, ...)``; with ``mask_arg`` (e.g. ``"attention_mask"`` for a Hugging
+    Face model) the module also gets the padding mask as that keyword (int64, 1 at real
+    tokens). Every output of shape ``(batch, max_len, ...)`` comes back with
+    ``<name>_lengths``, so the store keeps only the real positions. Positions are not
+    shifted: for a causal LM, knowledge position ``i`` is the distribution after token
+    ``i``, predicting token ``i + 1``. Right padding leaves a causal model's real
+    positions exact even without a mask (they never attend to later positions).
 
     **Outputs.** What the module returns is named by ``outputs``:
 
@@ -84,6 +95,8 @@ class TeacherProgram:
         autocast: torch.dtype | None = None,
         output_dtype: torch.dtype | None = None,
         streams: int = 1,
+        mask_arg: str | None = None,
+        pad_value: int | float = 0,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -107,6 +120,8 @@ class TeacherProgram:
                 f"got {output_dtype!r}"
             )
         self.output_dtype = output_dtype
+        self.mask_arg = mask_arg
+        self.pad_value = pad_value
         if devices is None:
             devices = ["cuda" if torch.cuda.is_available() else "cpu"]
         elif isinstance(devices, (str, torch.device)):
@@ -138,16 +153,27 @@ class TeacherProgram:
         )
 
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        args_np = self._select(feed)
+        args_np, lengths = _pad_sequences(self._select(feed), self.pad_value)
         with self._lane() as lane:
             index, stream = self._lanes[lane]
             device = self.devices[index]
             on_stream = nullcontext() if stream is None else torch.cuda.stream(stream)
             with on_stream, torch.inference_mode(), self._autocast(device):
                 args = [_to_tensor(name, value, device) for name, value in args_np]
-                result = self.replicas[index](*args)
+                kwargs = {}
+                if lengths is not None and self.mask_arg is not None:
+                    steps = torch.arange(_longest(lengths), device=device)
+                    mask = steps < torch.as_tensor(lengths, device=device)[:, None]
+                    kwargs[self.mask_arg] = mask.long()  # 1 at real tokens, as HF expects
+                result = self.replicas[index](*args, **kwargs)
                 named = self._name(result)
-                return {name: self._to_numpy(name, value) for name, value in named.items()}
+                out = {name: self._to_numpy(name, value) for name, value in named.items()}
+        if lengths is not None:  # (batch, max_len, ...) outputs: keep the real positions
+            n, longest = len(lengths), _longest(lengths)
+            for name, value in list(out.items()):
+                if value.ndim >= 3 and value.shape[:2] == (n, longest):
+                    out[f"{name}_lengths"] = lengths
+        return out
 
     # -- feeds ------------------------------------------------------------------------
 
@@ -258,6 +284,44 @@ def _names(what: str, names: Sequence[str]) -> list[str]:
     if len(set(out)) != len(out):
         raise ValueError(f"{what} names {out} repeat a name; each must appear once")
     return out
+
+
+def _pad_sequences(
+    args: list[tuple[str, Any]], pad_value: int | float
+) -> tuple[list[tuple[str, Any]], np.ndarray | None]:
+    """Ragged inputs (a :class:`Ragged` or a list of arrays of different lengths) padded on
+    the right to ``(batch, max_len, ...)`` with ``pad_value``; their lengths (None: no
+    ragged input). Several ragged inputs must agree on every row's length."""
+    lengths: np.ndarray | None = None
+    out = []
+    for name, value in args:
+        ragged = _as_ragged(value)
+        if ragged is None:
+            out.append((name, value))
+            continue
+        if lengths is not None and not np.array_equal(lengths, ragged.lengths):
+            raise ValueError(
+                f"ragged input {name!r} has row lengths {ragged.lengths.tolist()}, unlike the "
+                f"other ragged inputs ({lengths.tolist()}); sequences fed together must align"
+            )
+        lengths = ragged.lengths
+        out.append((name, ragged.to_padded(pad_value)))
+    return out, lengths
+
+
+def _longest(lengths: np.ndarray) -> int:
+    return int(lengths.max()) if len(lengths) else 0
+
+
+def _as_ragged(value: Any) -> Ragged | None:
+    """``value`` as a Ragged if it holds sequences of different lengths, else None."""
+    if isinstance(value, Ragged):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        arrays = [np.asarray(v) for v in value]
+        if all(a.ndim >= 1 for a in arrays) and len({a.shape[0] for a in arrays}) > 1:
+            return Ragged.from_list(arrays)
+    return None
 
 
 def _to_tensor(name: str, value: Any, device: torch.device) -> Tensor:
