@@ -181,3 +181,27 @@ def test_a_loaders_transform_runs_on_the_prefetch_thread(tmp_path: Path) -> None
         sizes = list(student.loader(batch_size=30, transform=transform))
     assert sizes == [30, 30, 30, 10]
     assert threads == {"kdserve-student"}  # not the training loop's thread
+
+
+def test_decode_false_delivers_top_k_compactly_and_refuses_to_merge_it(tmp_path: Path) -> None:
+    vocab, k = 50, 4
+    logits = np.random.default_rng(1).standard_normal((N, vocab)).astype(np.float32)
+    keep = kd.Schema([kd.Field("logits", "float32", (vocab,), codec=kd.TopK(k))])
+    data = [
+        {"x": logits[i : i + B], "sample_id": np.arange(i, min(i + B, N))} for i in range(0, N, B)
+    ]
+    for name in ("a", "b"):
+        kd.dump(lambda f: {"logits": f["x"]}, data, tmp_path / name, keep=keep, progress=False)
+    with kd.Student() as student:
+        student.add_store(tmp_path / "a")
+        batches = list(student.loader(batch_size=32, decode=False))
+    parts = batches[0]["logits"]
+    assert set(parts) == {"values", "indices", "tail"} and parts["indices"].shape == (32, k)
+    top = np.argsort(-logits[:32], axis=1)[:, :k]
+    np.testing.assert_array_equal(np.sort(parts["indices"], 1), np.sort(top, 1))
+    with kd.Student(merge_strategy={"logits": "mean"}) as student:
+        student.add_store(tmp_path / "a")
+        student.add_store(tmp_path / "b")
+        with pytest.raises(kd.KdserveError, match=r"decode=False cannot merge coded field"):
+            student.loader(batch_size=32, decode=False)
+        assert next(iter(student.loader(batch_size=32)))["logits"].shape == (32, vocab)

@@ -293,6 +293,11 @@ class Merger:
                     field=name,
                 )
 
+    @property
+    def owners(self) -> dict[str, list[str]]:
+        """Each merged field, and the teachers that give it."""
+        return {name: list(owners) for name, owners in self._owners.items()}
+
     def merge(self, batches: Mapping[str, Knowledge]) -> Knowledge:
         """Merge one batch per teacher (same sample ids) into one batch."""
         missing = [t for t in self.teachers if t not in batches]
@@ -351,6 +356,8 @@ def _align(reference: str, ids: np.ndarray, teacher: str, batch: Knowledge) -> K
 
 
 def _take_rows(value: Any, rows: np.ndarray) -> Any:
+    if isinstance(value, dict):  # a coded field's components (decode=False)
+        return {k: _take_rows(v, rows) for k, v in value.items()}
     if isinstance(value, Ragged):
         lengths = value.lengths[rows]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)

@@ -284,13 +284,21 @@ class Student:
         return sum(len(b) for b in self._sampler.plan(len(self._stores[0])))
 
     def get_knowledge_generator(
-        self, batch_size: int, drop_last: bool = False, *, epoch: int | None = None
+        self,
+        batch_size: int,
+        drop_last: bool = False,
+        *,
+        epoch: int | None = None,
+        decode: bool = True,
     ) -> Callable[[], Iterator[Knowledge]]:
         """A callable; each call yields one more pass of merged batches of ``batch_size``.
 
         Passes are numbered from 0 per student; ``epoch`` makes the next call read pass
         ``epoch`` instead (its shuffle order, or that pass of online teachers), e.g. for a
-        fresh student that resumes training at a later epoch.
+        fresh student that resumes training at a later epoch. ``decode=False`` delivers
+        coded fields in their compact form, a dict of the codec's components (for
+        :class:`~kdserve.TopK`: ``values``, ``indices``, ``tail``, ready for
+        ``topk_kd_loss``), never expanded to dense arrays.
         """
         self._started()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -300,10 +308,25 @@ class Student:
                 raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
             self._epoch = epoch
 
-        return self._generator(batch_size, drop_last, None)
+        merger = self._started()
+        if not decode:
+            shared = [n for n, owners in merger.owners.items() if len(owners) > 1]
+            coded = [f.name for t in self._sources for f in t.schema if f.codec is not None]
+            mixed = sorted(set(shared) & set(coded))
+            if mixed:
+                raise KdserveError(
+                    f"decode=False cannot merge coded field(s) {mixed} of several teachers "
+                    f"(their compact forms do not add up); read them with decode=True, or "
+                    f"register one teacher per coded field"
+                )
+        return self._generator(batch_size, drop_last, None, decode)
 
     def _generator(
-        self, batch_size: int, drop_last: bool, transform: Callable[[Knowledge], Any] | None
+        self,
+        batch_size: int,
+        drop_last: bool,
+        transform: Callable[[Knowledge], Any] | None,
+        decode: bool = True,
     ) -> Callable[[], Iterator[Any]]:
         """Each call: one more pass, prefetched (and transformed) on a background thread."""
 
@@ -311,7 +334,7 @@ class Student:
             epoch = self._epoch
             self._epoch += 1
             self._prefetcher = Prefetcher(
-                lambda: self._pass(epoch, batch_size, drop_last, transform),
+                lambda: self._pass(epoch, batch_size, drop_last, transform, decode),
                 self.buf_size,
                 "kdserve-student",
             )
@@ -326,15 +349,16 @@ class Student:
         drop_last: bool = False,
         *,
         epoch: int | None = None,
+        decode: bool = True,
         transform: Callable[[Knowledge], Any] | None = None,
     ) -> Loader:
         """The passes as a re-iterable: each ``for batch in loader`` reads one more pass.
-        ``transform`` is applied to each batch on the prefetch thread, off the training
-        loop's (e.g. :func:`kdserve.torch.to_tensors`, which can pin memory)."""
-        self.get_knowledge_generator(batch_size, drop_last, epoch=epoch)  # checks, epoch
-        return Loader(
-            self, self._generator(batch_size, drop_last, transform), batch_size, drop_last
-        )
+        ``decode`` is :meth:`get_knowledge_generator`'s. ``transform`` is applied to each
+        batch on the prefetch thread, off the training loop's (e.g.
+        :func:`kdserve.torch.to_tensors`, which can pin memory)."""
+        self.get_knowledge_generator(batch_size, drop_last, epoch=epoch, decode=decode)
+        passes = self._generator(batch_size, drop_last, transform, decode)
+        return Loader(self, passes, batch_size, drop_last)
 
     def _pass(
         self,
@@ -342,6 +366,7 @@ class Student:
         batch_size: int,
         drop_last: bool,
         transform: Callable[[Knowledge], Any] | None = None,
+        decode: bool = True,
     ) -> Iterator[Any]:
         """One pass of merged batches (run on the prefetch thread)."""
         streaming = self._streaming()
@@ -355,7 +380,9 @@ class Student:
         merger = self._started()
         schemas = {s.name: s.schema for s in self._sources}
         for step in steps:
-            batch = merger.merge({n: from_record_batch(b, schemas[n]) for n, b in step.items()})
+            batch = merger.merge(
+                {n: from_record_batch(b, schemas[n], decode=decode) for n, b in step.items()}
+            )
             yield batch if transform is None else transform(batch)
 
     # -- messages and queries -------------------------------------------------------
