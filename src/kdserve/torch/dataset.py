@@ -54,28 +54,44 @@ _STATE_KEYS = ("epoch", "batches")
 def to_tensors(batch: Knowledge, pin_memory: bool = False) -> dict[str, torch.Tensor]:
     """A kdserve batch as tensors: arrays are wrapped without copying (where torch can:
     native byte order, non-negative strides), a :class:`Ragged` field ``name`` becomes a
-    zero-padded tensor ``name`` plus an int64 ``name_lengths``. The wrapped tensors share
-    read-only memory: do not modify them in place."""
+    zero-padded tensor ``name`` plus an int64 ``name_lengths`` and a bool ``name_mask``
+    (true at real positions: padding is never mistaken for data, even where 0 is a real
+    token id). A coded field read with ``decode=False`` gives one tensor per component,
+    ``name_values``, ``name_indices``, ``name_tail`` for :class:`~kdserve.TopK`. The
+    wrapped tensors share read-only memory: do not modify them in place."""
     out: dict[str, torch.Tensor] = {}
     for name, value in batch.items():
-        if isinstance(value, Ragged):
-            lengths_name = f"{name}_lengths"
-            if lengths_name in batch:
-                raise ValueError(
-                    f"field {name!r} is a sequence field, whose lengths go to "
-                    f"{lengths_name!r}, but the batch already has a field of that name"
-                )
-            out[name] = torch.from_numpy(value.to_padded())  # a fresh, writable copy
-            out[lengths_name] = torch.from_numpy(value.lengths.astype(np.int64, copy=False))
-        elif isinstance(value, np.ndarray):
-            out[name] = _wrap(value)
-        else:
-            raise TypeError(
-                f"field {name!r} holds a {type(value).__name__}; expected an ndarray or a Ragged"
-            )
+        parts = value if isinstance(value, dict) else {"": value}
+        for part, piece in parts.items():
+            _add_tensor(out, batch, f"{name}_{part}" if part else name, piece, name)
     if pin_memory:
         out = {name: t.pin_memory() for name, t in out.items()}
     return out
+
+
+def _add_tensor(
+    out: dict[str, torch.Tensor], batch: Knowledge, key: str, value: Any, field: str
+) -> None:
+    """``value`` under ``key`` (a Ragged padded, with ``<field>_lengths``/``_mask``)."""
+    if isinstance(value, Ragged):
+        extra = {f"{field}_lengths", f"{field}_mask"}
+        taken = sorted(extra & set(batch))
+        if taken:
+            raise ValueError(
+                f"field {field!r} is a sequence field, whose lengths and mask go to "
+                f"{sorted(extra)}, but the batch already has field(s) {taken}"
+            )
+        out[key] = torch.from_numpy(value.to_padded())  # a fresh, writable copy
+        lengths = torch.from_numpy(value.lengths.astype(np.int64, copy=False))
+        out[f"{field}_lengths"] = lengths
+        steps = torch.arange(out[key].shape[1] if out[key].dim() > 1 else 0)
+        out[f"{field}_mask"] = steps < lengths[:, None]
+    elif isinstance(value, np.ndarray):
+        out[key] = _wrap(value)
+    else:
+        raise TypeError(
+            f"field {field!r} holds a {type(value).__name__}; expected an ndarray or a Ragged"
+        )
 
 
 def _wrap(array: np.ndarray) -> torch.Tensor:
@@ -101,6 +117,8 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
     batches per pass, whatever its loader's workers. The shuffle order of
     a pass derives from ``(seed, epoch)`` only, so every rank and worker agrees on it;
     call :meth:`set_epoch` before each epoch, like ``DistributedSampler``.
+    ``decode=False`` keeps coded fields compact (see :func:`to_tensors`: for top-k
+    knowledge ``name_values``, ``name_indices``, ``name_tail``, for ``topk_kd_loss``).
     ``pin_memory`` pins the tensors (which copies them) on a background thread of the
     main process, ready for ``.to(device, non_blocking=True)``; in ``DataLoader`` workers
     pinning is left to ``DataLoader(pin_memory=True)``, which pins in the main process
@@ -120,6 +138,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         seed: int = 0,
         block_rows: int = 4096,
         pin_memory: bool = False,
+        decode: bool = True,
         token: str | None = None,
         connect_timeout: float = 60.0,
         rank: int | None = None,
@@ -166,6 +185,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             )
             pin_memory = False
         self.pin_memory = pin_memory
+        self.decode = decode
         self.token = token
         self.connect_timeout = connect_timeout
         self._epoch = 0
@@ -257,7 +277,9 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         # in a loader worker it is left to DataLoader(pin_memory=True).
         convert = functools.partial(to_tensors, pin_memory=self.pin_memory and info is None)
         try:
-            loader = student.loader(self.batch_size, self.drop_last, epoch=epoch, transform=convert)
+            loader = student.loader(
+                self.batch_size, self.drop_last, epoch=epoch, decode=self.decode, transform=convert
+            )
             for i, tensors in enumerate(loader):
                 if i < skip:  # read before a resume: offline teachers repeat them exactly
                     continue

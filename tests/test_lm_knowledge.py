@@ -1,0 +1,80 @@
+"""Language-model knowledge end to end (issue #11): a causal LM's top-k over ragged token
+sequences, stored compactly, read back by KnowledgeDataset with decode=False as padded
+tensors with masks, and used by topk_kd_loss without densifying."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import kdserve as kd
+from kdserve.torch import KnowledgeDataset, teacher_program, topk_kd_loss
+
+VOCAB, K = 40, 5
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cumsum(self.emb(tokens), dim=1))  # causal: a prefix sum
+
+
+def corpus() -> list[dict[str, object]]:
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, VOCAB, rng.integers(2, 9)) for _ in range(24)]
+    return [{"tokens": seqs[i : i + 6], "sample_id": np.arange(i, i + 6)} for i in range(0, 24, 6)]
+
+
+def test_top_k_sequence_knowledge_reaches_the_loss_compact_and_masked(tmp_path: Path) -> None:
+    model = TinyLM()
+    keep = kd.Schema(
+        [
+            kd.Field("tokens", "int64", (None,)),
+            kd.Field("logits", "float32", (None, VOCAB), codec=kd.TopK(K)),
+        ]
+    )
+    program = teacher_program(model, inputs=["tokens"], devices=["cpu"])
+    kd.dump(program, corpus(), tmp_path / "lm", keep=keep, progress=False)
+
+    dataset = KnowledgeDataset([tmp_path / "lm"], batch_size=8, decode=False)
+    batches = list(DataLoader(dataset, batch_size=None))
+    assert len(batches) == 3
+    first = batches[0]
+    lengths = first["tokens_lengths"]
+    assert first["logits_values"].shape == (8, int(lengths.max()), K)
+    assert first["logits_indices"].shape == (8, int(lengths.max()), K)
+    assert first["logits_tail"].shape == (8, int(lengths.max()))
+    assert torch.equal(first["logits_lengths"], lengths)
+    assert torch.equal(first["tokens_mask"], first["logits_mask"])
+    assert first["tokens_mask"].sum() == lengths.sum()  # padding is masked, never data
+
+    seqs = [s for b in corpus() for s in b["tokens"]]
+    for row in range(8):  # the stored top-k are the model's own top-k at each position
+        with torch.inference_mode():
+            full = model(torch.as_tensor(seqs[row])[None])[0]
+        n = int(lengths[row])
+        expected = torch.topk(full, K, dim=-1).indices.sort(-1).values
+        got = first["logits_indices"][row, :n].long().sort(-1).values
+        assert torch.equal(got, expected)
+
+    student_logits = torch.zeros(8, int(lengths.max()), VOCAB, requires_grad=True)
+    loss = topk_kd_loss(
+        student_logits,
+        first["logits_values"],
+        first["logits_indices"],
+        first["logits_tail"],
+        mask=first["logits_mask"],
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    pad = ~first["logits_mask"]
+    assert torch.all(student_logits.grad[pad] == 0)  # padding positions get no gradient
