@@ -86,9 +86,20 @@ def topk_kd_loss(
     else summed into one bucket. This avoids the decoded form's invented spread of the
     tail over the other classes and costs O(k) memory for the teacher instead of O(vocab).
 
-    ``kind="logits"``: the top-k probabilities are ``softmax(values / T) * (1 - tail)``.
-    The tail was measured at ``T = 1``, so for ``T != 1`` keeping it unchanged is the
-    standard approximation (the exact tempered tail needs the full teacher logits).
+    ``kind="logits"`` (values are logits, or log-probabilities: the same up to a constant),
+    with ``K`` the stored classes, ``v`` their values, ``tau`` the tail mass and ``z`` the
+    student's logits::
+
+        p_i   = (1 - tau) * exp(v_i / T) / sum_{j in K} exp(v_j / T)      (i in K)
+        q_i   = softmax(z / T)_i,    q_tail = sum_{j not in K} softmax(z / T)_j
+        loss  = T**2 * ( sum_{i in K} p_i * log(p_i / q_i)  +  tau * log(tau / q_tail) )
+
+    With ``tau == 0`` (k = vocab) this is exactly :func:`kd_loss` at every ``T`` (tested).
+    The tail was measured at ``T = 1``; for ``T != 1`` it keeps that mass (the tempered
+    tail needs the teacher's full logits), the usual approximation. :func:`kd_loss` on
+    *decoded* top-k knowledge is another teacher altogether: decoding spreads ``tau``
+    evenly over the other classes, so the two losses differ when ``tau > 0``; prefer this
+    one for top-k knowledge.
     ``kind="probs"``: ``values`` are probabilities, sharpened as ``values**(1/T)`` and
     renormalised to ``1 - tail``. With ``tail=None`` (a ``TopK(..., tail=False)`` codec)
     there is no bucket: teacher and student are both renormalised over the k classes.
