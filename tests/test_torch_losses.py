@@ -388,3 +388,33 @@ def test_feature_bad_arguments() -> None:
         FeatureProjector(0, 4)
     with pytest.raises(ValueError, match="teacher_dim must be a positive int"):
         FeatureProjector(4, 2.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_reverse_kl_and_generalized_jsd_match_their_formulas(temperature):
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    p = torch.softmax(teacher / temperature, -1)
+    q = torch.softmax(student / temperature, -1)
+    t2 = temperature**2
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1).mean()
+
+    reverse = kd_loss(student, teacher, temperature=temperature, divergence="reverse")
+    torch.testing.assert_close(reverse, t2 * kl(q, p))
+    for beta in (0.1, 0.5, 0.9):
+        m = beta * p + (1 - beta) * q
+        jsd = kd_loss(student, teacher, temperature=temperature, divergence="jsd", beta=beta)
+        torch.testing.assert_close(jsd, t2 * (beta * kl(p, m) + (1 - beta) * kl(q, m)))
+    same = kd_loss(teacher, teacher, divergence="jsd")
+    torch.testing.assert_close(same, torch.zeros((), dtype=torch.float64))
+
+
+def test_divergence_options_are_checked():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="divergence must be 'forward', 'reverse' or 'jsd'"):
+        kd_loss(x, x, divergence="js")
+    with pytest.raises(ValueError, match="beta must lie strictly between 0 and 1"):
+        kd_loss(x, x, divergence="jsd", beta=1.0)

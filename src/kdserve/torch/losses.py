@@ -32,6 +32,8 @@ def kd_loss(
     temperature: float = 1.0,
     teacher_is_probs: bool = False,
     mask: Tensor | None = None,
+    divergence: Literal["forward", "reverse", "jsd"] = "forward",
+    beta: float = 0.5,
 ) -> Tensor:
     """Hinton soft-target loss ``T**2 * KL(p_T || q_S)`` over the last dimension.
 
@@ -41,6 +43,14 @@ def kd_loss(
     The ``T**2`` factor keeps gradient magnitudes comparable across temperatures
     (Hinton et al., 2015). Returns the mean over (masked) positions of each position's
     KL, summed over classes; teacher probabilities of zero contribute nothing.
+
+    ``divergence`` picks what is measured between ``p = p_T`` and ``q = q_S`` (still times
+    ``T**2``): ``"forward"`` ``KL(p || q)`` (mode-covering, the classic), ``"reverse"``
+    ``KL(q || p)`` (mode-seeking, as in MiniLLM and on-policy distillation), ``"jsd"``
+    the generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024) with
+    ``m = beta * p + (1 - beta) * q`` and ``beta * KL(p || m) + (1 - beta) * KL(q || m)``,
+    ``0 < beta < 1`` (TRL's ``generalized_jsd_loss``, whose ``beta`` 0 and 1 are the
+    forward and reverse KL).
     """
     t = _check_temperature(temperature)
     if student_logits.shape != teacher.shape:
@@ -62,8 +72,27 @@ def kd_loss(
     else:
         log_p = F.log_softmax(teacher.to(work) / t, dim=-1)
         p = log_p.exp()
-    per_position = _kl_terms(p, log_p, log_q).sum(dim=-1)
+    per_position = _divergence(divergence, beta, p, log_p, log_q).sum(dim=-1)
     return t * t * _masked_mean(per_position, mask)
+
+
+def _divergence(kind: str, beta: object, p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Element-wise terms of the chosen divergence between p (teacher) and q (student)."""
+    if kind == "forward":
+        return _kl_terms(p, log_p, log_q)
+    q = log_q.exp()
+    if kind == "reverse":
+        return _kl_terms(q, log_q, log_p)
+    if kind != "jsd":
+        raise ValueError(f"divergence must be 'forward', 'reverse' or 'jsd', got {kind!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < float(beta) < 1:
+        raise ValueError(
+            f"beta must lie strictly between 0 and 1 for divergence='jsd', got {beta!r} "
+            f"(beta 0 and 1 are divergence='forward' and 'reverse')"
+        )
+    b = float(beta)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(b), log_q + math.log(1 - b)]), dim=0)
+    return b * _kl_terms(p, log_p, log_m) + (1 - b) * _kl_terms(q, log_q, log_m)
 
 
 def topk_kd_loss(
