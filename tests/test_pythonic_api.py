@@ -205,3 +205,24 @@ def test_decode_false_delivers_top_k_compactly_and_refuses_to_merge_it(tmp_path:
         with pytest.raises(kd.KdserveError, match=r"decode=False cannot merge coded field"):
             student.loader(batch_size=32, decode=False)
         assert next(iter(student.loader(batch_size=32)))["logits"].shape == (32, vocab)
+
+
+def test_an_online_teachers_reader_learns_which_pass_it_serves() -> None:
+    seen: list[int] = []
+
+    def shuffled(epoch: int) -> list[dict[str, np.ndarray]]:
+        seen.append(epoch)
+        order = np.random.default_rng(epoch).permutation(N)
+        return [{"x": X[order[i : i + B]], "sample_id": order[i : i + B]} for i in range(0, N, B)]
+
+    with kd.serve(program, shuffled, times=2, keep=["logits"], progress=False) as service:
+        with kd.Student(connect_timeout=10.0) as student:
+            student.add_teacher(service.address)
+            loader = student.loader(batch_size=B)
+            passes = [read(loader) for _ in range(2)]
+        assert service.wait(timeout=30) == 2 * N
+    for epoch, got in enumerate(passes):
+        order = np.random.default_rng(epoch).permutation(N)
+        np.testing.assert_array_equal(got["sample_id"], order)  # the pass's own order
+        np.testing.assert_array_equal(got["logits"], 2 * X[order])
+    assert 0 in seen and 1 in seen

@@ -219,7 +219,9 @@ class Student:
         if streaming and self._sampler.shuffle:
             raise KdserveError(
                 "shuffle=True needs offline teachers only: online teachers stream in their "
-                "reader's order (shuffle the teachers' readers instead)"
+                "reader's order. Shuffle on the teacher instead: its reader function may take "
+                "the pass number (kd.serve(program, lambda epoch: batches(epoch), ...)); "
+                "give each sample its sample_id"
             )
         if not streaming:
             for store in self._stores[1:]:

@@ -15,6 +15,7 @@ or a dict; a batch is a tuple/list of per-feed arrays or a dict.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -30,13 +31,24 @@ FeedBatch = dict[str, Any]
 _FORMS = ("sample_generator", "sample_list_generator", "batch_generator")
 
 
-def _call(source: Callable[[], Iterable[Any]] | Iterable[Any]) -> Iterable[Any]:
-    """Pantheon passes generator functions; a plain iterable is accepted too."""
-    return source() if callable(source) else source
+def _call(source: Callable[..., Iterable[Any]] | Iterable[Any], pass_: int) -> Iterable[Any]:
+    """Pantheon passes generator functions; a plain iterable is accepted too. A function
+    that takes an argument is given the pass it serves (0, 1, ...), so that it can, say,
+    shuffle each pass its own way."""
+    if not callable(source):
+        return source
+    try:
+        takes_pass = bool(inspect.signature(source).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        takes_pass = False
+    return source(pass_) if takes_pass else source()
 
 
-def iter_feed_batches(reader_config: Any, feed_list: Sequence[str]) -> Iterator[FeedBatch]:
-    """Turn any supported reader config into feed batches keyed by ``feed_list``."""
+def iter_feed_batches(
+    reader_config: Any, feed_list: Sequence[str], pass_: int = 0
+) -> Iterator[FeedBatch]:
+    """Turn any supported reader config into feed batches keyed by ``feed_list``, for pass
+    ``pass_`` (given to reader functions that take an argument)."""
     feed_list = list(feed_list)
     if not feed_list or not all(isinstance(n, str) for n in feed_list):
         raise SchemaError(f"feed_list must be a non-empty list of names, got {feed_list!r}")
@@ -59,17 +71,19 @@ def iter_feed_batches(reader_config: Any, feed_list: Sequence[str]) -> Iterator[
                 raise SchemaError(
                     f"sample_generator needs 'batch_size' (an int >= 1), got {batch_size!r}"
                 )
-            samples = _call(source)
+            samples = _call(source, pass_)
             yield from _batch_samples(
                 samples, batch_size, bool(reader_config.get("drop_last")), feed_list
             )
         elif form == "sample_list_generator":
-            for samples in _call(source):
+            for samples in _call(source, pass_):
                 yield _stack_samples(list(samples), feed_list)
         else:
-            for batch in _call(source):
+            for batch in _call(source, pass_):
                 yield _as_feed_batch(batch, feed_list)
         return
+    if callable(reader_config) and not isinstance(reader_config, Iterable):
+        reader_config = _call(reader_config, pass_)  # a function returning batches
     if isinstance(reader_config, Mapping) or not isinstance(reader_config, Iterable):
         raise SchemaError(
             f"reader_config must be a dict with one of {list(_FORMS)}, or an iterable of "
@@ -139,6 +153,10 @@ def named_feeds(data: Any, feeds: Sequence[str] | None) -> tuple[list[str], Any]
         return list(feeds), data
     if isinstance(data, Mapping) and any(k in data for k in _FORMS):
         raise SchemaError("a Pantheon reader config yields unnamed samples: pass feeds=[names]")
+    if callable(data) and not isinstance(data, Iterable):  # a function of the pass
+        first_pass = _call(data, 0)
+        names, _ = named_feeds(first_pass if isinstance(first_pass, Iterable) else [], None)
+        return names, data
     if not isinstance(data, Iterable):
         raise SchemaError(
             f"data must be an iterable of batches (e.g. a list of dicts or a DataLoader), got "

@@ -100,7 +100,9 @@ class Pipeline:
                     continue  # every student is past this pass (a restarted teacher)
                 count = 0
                 self.position = self.base
-                for seq, feed in enumerate(iter_feed_batches(self.reader_config, self.feed_list)):
+                for seq, feed in enumerate(
+                    iter_feed_batches(self.reader_config, self.feed_list, p)
+                ):
                     if self.stop.is_set():
                         return
                     count += 1
