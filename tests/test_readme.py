@@ -51,7 +51,7 @@ def run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_every_snippet_is_covered_here() -> None:
     markers = ["kd.dump(make_teacher", "pyarrow.dataset", "# teacher.py", "# student.py"]
-    markers += ["kd.Schema([", "teacher_program(big_model"]
+    markers += ["schema = kd.Schema([", "teacher_program(big_model", "topk_kd_loss(student("]
     assert len(BLOCKS) == len(markers)
     for m in markers:
         block(m)
@@ -90,7 +90,11 @@ def test_online_quickstart_in_two_processes_without_a_token(tmp_path: Path) -> N
 
 
 def test_knowledge_core(tmp_path: Path) -> None:
-    run(CORE + block("kd.Schema(["), tmp_path)
+    run(CORE + block("schema = kd.Schema(["), tmp_path)
+
+
+def test_language_models(tmp_path: Path) -> None:
+    run(block("topk_kd_loss(student("), tmp_path)
 
 
 def test_pytorch(tmp_path: Path) -> None:
