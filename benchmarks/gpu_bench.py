@@ -55,7 +55,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -67,7 +66,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from report import fmt
+from report import alternate, ratio_row, read_one_pass
 from torch import nn
 
 import kdserve as kd
@@ -208,7 +207,9 @@ class Teacher:
         ctx = mp.get_context("spawn")
         with kd.serve(program, self.data, use_fp16=True, progress=False) as service:
             ready, go = ctx.Event(), ctx.Event()
-            student = ctx.Process(target=_read_all, args=(service.address, self.batch, ready, go))
+            student = ctx.Process(
+                target=read_one_pass, args=(service.address, self.batch, ready, go, 60.0)
+            )
             student.start()
             assert ready.wait(120), "the student process did not connect"
             start = time.perf_counter()
@@ -217,17 +218,6 @@ class Teacher:
             student.join(120)
         assert served == self.rows and student.exitcode == 0, (served, student.exitcode)
         return (served - len(self.data[0]["x"])) / (ends[-1] - start)
-
-
-def _read_all(address: str, batch: int, ready: Any, go: Any) -> None:
-    """The student process of ``Teacher.serve``: connects, then reads one pass."""
-    with kd.Student(connect_timeout=60) as student:
-        student.add_teacher(address)
-        student.start()
-        ready.set()
-        go.wait(120)
-        for _ in student.loader(batch_size=batch):
-            pass
 
 
 # --- student ---------------------------------------------------------------------------
@@ -329,30 +319,6 @@ class StudentRun:
 # --- the run ---------------------------------------------------------------------------
 
 
-def measure(
-    pair: tuple[Callable[[], float], Callable[[], float]], repeats: int
-) -> tuple[list[float], list[float]]:
-    """Both sides once untimed (warm-up), then ``repeats`` times, alternating the order."""
-    for fn in pair:
-        fn()
-    bare: list[float] = []
-    ours: list[float] = []
-    for r in range(repeats):
-        order = [(0, pair[0]), (1, pair[1])]
-        for side, fn in order if r % 2 == 0 else reversed(order):
-            (bare if side == 0 else ours).append(fn())
-    return bare, ours
-
-
-def row(name: str, bare: list[float], ours: list[float]) -> str:
-    ratio = statistics.median(ours) / statistics.median(bare)
-    verdict = ("PASS" if ratio >= GOAL else "FAIL") + f" >= {GOAL}"
-    return (
-        f"{name:<52} {fmt(statistics.median(bare)):>9} {fmt(statistics.median(ours)):>9} "
-        f"{fmt(min(ours)) + '..' + fmt(max(ours)):<19} {ratio:>6.3f}  {verdict}"
-    )
-
-
 def run(args: argparse.Namespace, images: np.ndarray, workdir: Path) -> list[str]:
     lines = [
         f"{'what (images/s)':<52} {'bare':>9} {'kdserve':>9} {'kdserve min..max':<19} "
@@ -361,8 +327,8 @@ def run(args: argparse.Namespace, images: np.ndarray, workdir: Path) -> list[str
 
     def add(name: str, pair: tuple[Callable[[], float], Callable[[], float]]) -> None:
         started = time.perf_counter()
-        bare, ours = measure(pair, args.repeats)
-        lines.append(row(name, bare, ours))
+        bare, ours = alternate(pair, args.repeats, warm_up=True)
+        lines.append(ratio_row(name, bare, ours, GOAL, 52))
         print(f"  {lines[-1]}   ({time.perf_counter() - started:.0f} s)", flush=True)
 
     if "teacher" in args.parts:

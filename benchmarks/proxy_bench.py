@@ -35,7 +35,6 @@ import argparse
 import multiprocessing as mp
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from report import fmt
+from report import alternate, ratio_row, read_one_pass
 
 import kdserve as kd
 
@@ -98,17 +97,6 @@ def teacher_dump(args: argparse.Namespace, workdir: Path) -> float:
     return written / seconds
 
 
-def _read_all(address: str, batch: int, ready: Any, go: Any) -> None:
-    """The student process of ``teacher_serve``: connects, then reads one pass."""
-    with kd.Student(connect_timeout=30) as student:
-        student.add_teacher(address)
-        student.start()
-        ready.set()
-        go.wait(60)
-        for _ in student.loader(batch_size=batch):
-            pass
-
-
 def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
     """The device's rate while serving: from the moment the student process (started,
     connected) asks for the pass to the end of the last batch's device work. The first
@@ -119,7 +107,9 @@ def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
     ctx = mp.get_context("spawn")
     with kd.serve(program, data, keep=["logits"], use_fp16=True, progress=False) as service:
         ready, go = ctx.Event(), ctx.Event()
-        student = ctx.Process(target=_read_all, args=(service.address, args.batch, ready, go))
+        student = ctx.Process(
+            target=read_one_pass, args=(service.address, args.batch, ready, go, 30.0)
+        )
         student.start()
         assert ready.wait(60), "the student process did not connect"
         start = time.perf_counter()
@@ -240,28 +230,6 @@ def _in_memory_dataset(args: argparse.Namespace) -> Any:
 # --- the run ---------------------------------------------------------------------------
 
 
-def measure(
-    pair: tuple[Callable[[], float], Callable[[], float]], repeats: int
-) -> tuple[list[float], list[float]]:
-    """Both sides ``repeats`` times, alternating which goes first."""
-    bare: list[float] = []
-    ours: list[float] = []
-    for r in range(repeats):
-        order = [(0, pair[0]), (1, pair[1])]
-        for side, fn in order if r % 2 == 0 else reversed(order):
-            (bare if side == 0 else ours).append(fn())
-    return bare, ours
-
-
-def row(name: str, bare: list[float], ours: list[float], goal: float | None) -> str:
-    ratio = statistics.median(ours) / statistics.median(bare)
-    verdict = "" if goal is None else ("PASS" if ratio >= goal else "FAIL") + f" >= {goal}"
-    return (
-        f"{name:<34} {fmt(statistics.median(bare)):>9} {fmt(statistics.median(ours)):>9} "
-        f"{fmt(min(ours))}..{fmt(max(ours)):<9} {ratio:>6.3f}  {verdict}"
-    )
-
-
 def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     lines = [
         f"{'what (samples/s)':<34} {'bare':>9} {'kdserve':>9} {'kdserve min..max':<19} "
@@ -271,22 +239,22 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     if not args.quick:
         teacher["teacher: kd.serve -> a student process"] = teacher_serve
     for name, fn in teacher.items():
-        bare, ours = measure(
+        bare, ours = alternate(
             (lambda: teacher_bare(args, workdir), lambda f=fn: f(args, workdir)), args.repeats
         )
-        lines.append(row(name, bare, ours, GOALS[1]))
+        lines.append(ratio_row(name, bare, ours, GOALS[1], 34))
     for teachers in args.teachers:
         paths = prepare_stores(args, workdir, teachers)
-        bare, ours = measure(
+        bare, ours = alternate(
             (lambda p=paths: student_bare(args, p), lambda p=paths: student_loader(args, p)),
             args.repeats,
         )
         label = f"student: {teachers} teacher(s), merged"
-        lines.append(row(label, bare, ours, GOALS.get(teachers)))
+        lines.append(ratio_row(label, bare, ours, GOALS.get(teachers), 34))
     if args.torch:
         paths = prepare_stores(args, workdir, 1)
         for workers in (0, 2):
-            bare, ours = measure(
+            bare, ours = alternate(
                 (
                     lambda: dataset_bare(args, paths),
                     lambda w=workers: dataset_loader(args, paths, w),
@@ -294,12 +262,12 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
                 args.repeats,
             )
             label = f"student: KnowledgeDataset, {workers} workers"
-            lines.append(row(label, bare, ours, GOALS[1]))
-        bare, ours = measure(
+            lines.append(ratio_row(label, bare, ours, GOALS[1], 34))
+        bare, ours = alternate(
             (lambda: dataset_bare(args, paths), lambda: dataset_loader(args, None, 2)),
             args.repeats,
         )
-        lines.append(row("reference: torch, in memory, 2 workers", bare, ours, None))
+        lines.append(ratio_row("reference: torch, in memory, 2 workers", bare, ours, None, 34))
     return lines
 
 

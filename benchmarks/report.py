@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
+from typing import Any
+
 
 def fmt(value: float) -> str:
     """A number with three significant figures or so, aligned by the caller."""
@@ -12,3 +16,47 @@ def fmt(value: float) -> str:
     if value >= 1:
         return f"{value:.2f}"
     return f"{value:.3f}"
+
+
+def alternate(
+    pair: tuple[Callable[[], float], Callable[[], float]], repeats: int, warm_up: bool = False
+) -> tuple[list[float], list[float]]:
+    """The bare side and kdserve's, ``repeats`` times each, alternating which goes first
+    (after one untimed run of each with ``warm_up``)."""
+    if warm_up:
+        for fn in pair:
+            fn()
+    bare: list[float] = []
+    ours: list[float] = []
+    for r in range(repeats):
+        order = [(0, pair[0]), (1, pair[1])]
+        for side, fn in order if r % 2 == 0 else reversed(order):
+            (bare if side == 0 else ours).append(fn())
+    return bare, ours
+
+
+def ratio_row(
+    name: str, bare: list[float], ours: list[float], goal: float | None, width: int
+) -> str:
+    """A table row: medians, kdserve's spread, their ratio and the verdict against ``goal``."""
+    ratio = statistics.median(ours) / statistics.median(bare)
+    verdict = "" if goal is None else ("PASS" if ratio >= goal else "FAIL") + f" >= {goal}"
+    spread = f"{fmt(min(ours))}..{fmt(max(ours))}"
+    return (
+        f"{name:<{width}} {fmt(statistics.median(bare)):>9} {fmt(statistics.median(ours)):>9} "
+        f"{spread:<19} {ratio:>6.3f}  {verdict}"
+    )
+
+
+def read_one_pass(address: str, batch: int, ready: Any, go: Any, timeout: float) -> None:
+    """A student process for timing a served teacher: connects, says ``ready``, waits for
+    ``go``, then reads one pass as fast as it can."""
+    import kdserve as kd
+
+    with kd.Student(connect_timeout=timeout) as student:
+        student.add_teacher(address)
+        student.start()
+        ready.set()
+        go.wait(2 * timeout)
+        for _ in student.loader(batch_size=batch):
+            pass
