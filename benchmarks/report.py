@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,25 @@ def ratio_row(
         f"{name:<{width}} {fmt(statistics.median(bare)):>9} {fmt(statistics.median(ours)):>9} "
         f"{spread:<19} {ratio:>6.3f}  {verdict}"
     )
+
+
+def serve_one_pass(service: Any, batch: int, timeout: float) -> tuple[int, float]:
+    """Have a student process (spawned, connected first) read one pass from ``service``;
+    return the samples served and when the student asked for the pass."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    args = (service.address, batch, ready, go, timeout)
+    student = ctx.Process(target=read_one_pass, args=args)
+    student.start()
+    assert ready.wait(2 * timeout), "the student process did not connect"
+    start = time.perf_counter()
+    go.set()
+    served = service.wait(timeout=10 * timeout)
+    student.join(2 * timeout)
+    assert student.exitcode == 0, f"the student process exited with {student.exitcode}"
+    return int(served), start
 
 
 def read_one_pass(address: str, batch: int, ready: Any, go: Any, timeout: float) -> None:
