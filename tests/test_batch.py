@@ -190,3 +190,45 @@ assert "pandas" not in sys.modules, "pandas was imported"
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        kd.Field("logits", "float32", (12,), codec=kd.TopK(3)),
+        kd.Field("logits", "float32", (None, 12), codec=kd.TopK(3)),
+        kd.Field("emb", "float32", (4,), codec="fp16"),
+    ],
+)
+def test_a_field_given_as_its_codecs_components_is_stored_as_is(field):
+    schema = kd.Schema([field])
+    rng = np.random.default_rng(0)
+    if field.is_sequence:
+        value = [rng.standard_normal((n, 12)).astype(np.float32) for n in (2, 0, 5)]
+    else:
+        value = rng.standard_normal((3, *field.shape)).astype(np.float32)
+    encoded = kd.to_record_batch({field.name: value}, schema, np.arange(3))
+    parts = kd.from_record_batch(encoded, decode=False)[field.name]
+    again = kd.to_record_batch({field.name: parts}, schema, np.arange(3))
+    assert again.equals(encoded)
+
+
+def test_components_are_checked():
+    schema = kd.Schema([kd.Field("logits", "float32", (12,), codec=kd.TopK(3))])
+    ok = {
+        "values": np.zeros((2, 3), np.float32),
+        "indices": np.zeros((2, 3), np.uint16),
+        "tail": np.zeros(2, np.float32),
+    }
+    with pytest.raises(
+        kd.SchemaError, match=r"takes the components \['values', 'indices', 'tail'\]"
+    ):
+        kd.to_record_batch({"logits": {"values": ok["values"]}}, schema, np.arange(2))
+    with pytest.raises(kd.SchemaError, match=r"component 'indices' must be uint16"):
+        bad = {**ok, "indices": np.zeros((2, 4), np.uint16)}
+        kd.to_record_batch({"logits": bad}, schema, np.arange(2))
+    with pytest.raises(kd.SchemaError, match="has 2 samples but the batch has 3"):
+        kd.to_record_batch({"logits": ok}, schema, np.arange(3))
+    plain = kd.Schema([kd.Field("x", "float32", (3,))])
+    with pytest.raises(kd.SchemaError, match="has no codec"):
+        kd.to_record_batch({"x": {"data": np.zeros((2, 3))}}, plain, np.arange(2))

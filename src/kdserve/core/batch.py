@@ -101,6 +101,8 @@ def _sample_ids(value: Any) -> np.ndarray:
 
 
 def _field_to_arrow(f: Field, value: Any, n: int) -> pa.Array:
+    if isinstance(value, Mapping):
+        return _coded_to_arrow(f, value, n)
     if f.is_sequence:
         ragged = _as_ragged(f, value)
         _check_length(f, len(ragged), n)
@@ -170,8 +172,58 @@ def _check_rows(f: Field, rows: np.ndarray, what: str) -> np.ndarray:
     return rows
 
 
+def _coded_to_arrow(f: Field, parts: Mapping[str, Any], n: int) -> pa.Array:
+    """A field given already coded, as its codec's components (what ``decode=False``
+    returns; e.g. top-k computed on the teacher's device): checked, then stored as is."""
+    if f.codec is None:
+        raise SchemaError(
+            f"field {f.name!r} has no codec, so it takes arrays, not a dict of components",
+            field=f.name,
+        )
+    layout = f.codec.layout(f.dtype, f.inner_shape)
+    if set(parts) != set(layout):
+        raise SchemaError(
+            f"field {f.name!r} ({f.codec.name}) takes the components {list(layout)}, got "
+            f"{sorted(parts)}",
+            field=f.name,
+        )
+    offsets: np.ndarray | None = None
+    rows: dict[str, np.ndarray] = {}
+    for name, (dtype, shape) in layout.items():
+        value = parts[name]
+        if f.is_sequence:
+            ragged = _as_ragged(f, value)
+            if offsets is not None and not np.array_equal(offsets, ragged.offsets):
+                raise SchemaError(
+                    f"field {f.name!r}: the components' sequences differ in length",
+                    field=f.name,
+                )
+            offsets, value = ragged.offsets, ragged.values
+        array = np.asarray(value)
+        if array.shape[1:] != shape or not np.can_cast(array.dtype, dtype, "same_kind"):
+            raise SchemaError(
+                f"field {f.name!r}: component {name!r} must be {dtype} of shape (rows, *{shape}), "
+                f"got {array.dtype} {array.shape}",
+                field=f.name,
+            )
+        rows[name] = array.astype(dtype, copy=False)
+    struct = _parts_to_arrow(rows)
+    if offsets is None:
+        _check_length(f, len(struct), n)
+        return struct
+    _check_length(f, len(offsets) - 1, n)
+    arrow_offsets = pa.py_buffer(np.ascontiguousarray(offsets, dtype=np.int32))
+    return pa.ListArray.from_buffers(
+        pa.list_(struct.type), n, [None, arrow_offsets], children=[struct]
+    )
+
+
 def _rows_to_arrow(f: Field, rows: np.ndarray) -> pa.Array:
     parts = {"data": rows} if f.codec is None else f.codec.encode(rows, f.name)
+    return _parts_to_arrow(parts)
+
+
+def _parts_to_arrow(parts: Mapping[str, np.ndarray]) -> pa.Array:
     arrays = [_tensor_to_arrow(p) for p in parts.values()]
     if len(arrays) == 1:
         return arrays[0]
