@@ -78,3 +78,23 @@ def test_top_k_sequence_knowledge_reaches_the_loss_compact_and_masked(tmp_path: 
     assert torch.isfinite(loss) and loss > 0
     pad = ~first["logits_mask"]
     assert torch.all(student_logits.grad[pad] == 0)  # padding positions get no gradient
+
+
+def test_top_k_on_the_teachers_device_stores_what_host_coding_stores(tmp_path: Path) -> None:
+    model = TinyLM()
+    keep = kd.Schema([kd.Field("logits", "float32", (None, VOCAB), codec=kd.TopK(K))])
+    dense = teacher_program(model, inputs=["tokens"], devices=["cpu"])
+    coded = teacher_program(model, inputs=["tokens"], devices=["cpu"], topk={"logits": K})
+    out = coded({"tokens": corpus()[0]["tokens"]})
+    assert set(out["logits"]) == {"values", "indices", "tail"}  # no dense logits to the host
+    assert out["logits"]["indices"].dtype == np.uint16
+    kd.dump(dense, corpus(), tmp_path / "host", keep=keep, progress=False)
+    kd.dump(coded, corpus(), tmp_path / "device", keep=keep, progress=False)
+    host = kd.from_record_batch(kd.StoreReader(tmp_path / "host").read(0, 24))
+    device = kd.from_record_batch(kd.StoreReader(tmp_path / "device").read(0, 24))
+    np.testing.assert_array_equal(host["logits"].lengths, device["logits"].lengths)
+    # The same distribution: log-probabilities and logits differ by a constant per position.
+    probs = [torch.softmax(torch.from_numpy(d["logits"].values), -1) for d in (host, device)]
+    torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
+    with np.testing.assert_raises(kd.SchemaError):
+        kd.dump(coded, corpus(), tmp_path / "undeclared", progress=False)

@@ -146,6 +146,14 @@ def batch_length(data: Mapping[str, Any]) -> int:
 
 def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
     """The schema of a first batch of knowledge; ``use_fp16`` stores wide floats as fp16."""
+    coded = [name for name, value in knowledge.items() if isinstance(value, Mapping)]
+    if coded:
+        raise SchemaError(
+            f"output(s) {coded} come already coded (a dict of components, e.g. from "
+            f"teacher_program(topk=)); declare them, e.g. keep=kd.Schema([kd.Field("
+            f"{coded[0]!r}, 'float16', (None, vocab), codec=kd.TopK(k))])",
+            field=coded[0],
+        )
     schema = Schema.from_arrays(knowledge)
     if not use_fp16:
         return schema
@@ -165,9 +173,17 @@ def _knowledge_value(outputs: Mapping[str, Any], name: str) -> Any:
     """Output ``name`` as knowledge. Sequences may come the way language models give them:
     padded ``(batch, max_len, ...)`` with ``<name>_lengths`` (one length per row) or
     ``<name>_mask`` (``(batch, max_len)``, true at real positions; left or right padding)
-    beside it, or as a :class:`Ragged` or a list of arrays."""
-    value = _to_numpy(outputs[name])
+    beside it, or as a :class:`Ragged` or a list of arrays. A dict is a field already coded
+    (its codec's components, e.g. top-k from ``teacher_program(topk=)``)."""
+    value = outputs[name]
     lengths, mask = outputs.get(f"{name}_lengths"), outputs.get(f"{name}_mask")
+    if isinstance(value, Mapping):
+        return {k: _unpad(_to_numpy(v), lengths, mask, name) for k, v in value.items()}
+    return _unpad(_to_numpy(value), lengths, mask, name)
+
+
+def _unpad(value: Any, lengths: Any, mask: Any, name: str) -> Any:
+    """A padded array as the sequences its lengths or mask say (as is without either)."""
     if lengths is not None:
         return Ragged.from_padded(value, np.asarray(_to_numpy(lengths)))
     if mask is None:
@@ -185,7 +201,7 @@ def _knowledge_value(outputs: Mapping[str, Any], name: str) -> Any:
 
 def _to_numpy(value: Any) -> Any:
     """Program outputs may be framework tensors; numpy arrays, lists and Ragged pass through."""
-    if isinstance(value, (np.ndarray, list, Ragged)):
+    if isinstance(value, (np.ndarray, list, Ragged, Mapping)):
         return value
     if hasattr(value, "detach"):  # a torch tensor, possibly on a device
         value = value.detach().cpu()

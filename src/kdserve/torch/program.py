@@ -76,6 +76,11 @@ class TeacherProgram:
     ``torch.autocast(device_type, dtype=autocast)`` and floating outputs are returned as
     float32 arrays. (bfloat16 outputs, which numpy cannot hold, always become float32.)
 
+    **Top-k.** ``topk={"logits": 64}`` codes that output as :class:`~kdserve.TopK` on the
+    device: log-probabilities (T=1) of its 64 largest entries, their indices and the tail
+    mass come back as a dict of those components, which a store with a declared
+    ``kd.TopK(64)`` field takes as is -- the full logits never reach the host.
+
     **Output dtype.** ``output_dtype=torch.float16`` casts floating outputs on the device,
     before they are copied to the host: half the bytes cross PCIe and nothing is left to
     convert on the host (the store then holds float16 knowledge, as ``use_fp16`` would).
@@ -97,6 +102,7 @@ class TeacherProgram:
         streams: int = 1,
         mask_arg: str | None = None,
         pad_value: int | float = 0,
+        topk: Mapping[str, int] | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -122,6 +128,14 @@ class TeacherProgram:
         self.output_dtype = output_dtype
         self.mask_arg = mask_arg
         self.pad_value = pad_value
+        self.topk = dict(topk or {})
+        bad = {
+            n: k
+            for n, k in self.topk.items()
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1
+        }
+        if bad:
+            raise ValueError(f"topk maps output names to k >= 1, got {bad}")
         if devices is None:
             devices = ["cuda" if torch.cuda.is_available() else "cpu"]
         elif isinstance(devices, (str, torch.device)):
@@ -152,7 +166,7 @@ class TeacherProgram:
             f"outputs={self.outputs!r}, devices={[str(d) for d in self.devices]})"
         )
 
-    def __call__(self, feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         args_np, lengths = _pad_sequences(self._select(feed), self.pad_value)
         with self._lane() as lane:
             index, stream = self._lanes[lane]
@@ -167,11 +181,15 @@ class TeacherProgram:
                     kwargs[self.mask_arg] = mask.long()  # 1 at real tokens, as HF expects
                 result = self.replicas[index](*args, **kwargs)
                 named = self._name(result)
-                out = {name: self._to_numpy(name, value) for name, value in named.items()}
+                out: dict[str, Any] = {}
+                for name, value in named.items():
+                    coded = name in self.topk
+                    out[name] = self._top_k(name, value) if coded else self._to_numpy(name, value)
         if lengths is not None:  # (batch, max_len, ...) outputs: keep the real positions
             n, longest = len(lengths), _longest(lengths)
             for name, value in list(out.items()):
-                if value.ndim >= 3 and value.shape[:2] == (n, longest):
+                shape = (value["values"] if isinstance(value, dict) else value).shape
+                if len(shape) >= 3 and shape[:2] == (n, longest):
                     out[f"{name}_lengths"] = lengths
         return out
 
@@ -258,6 +276,28 @@ class TeacherProgram:
             f"a tuple/list of Tensors or a dict of Tensors"
         )
 
+    def _top_k(self, name: str, value: Any) -> dict[str, np.ndarray]:
+        """Output ``name`` coded as :class:`~kdserve.TopK` where it was computed (on the
+        device): log-probabilities at T=1 of the k largest entries of the last axis, their
+        indices and the tail mass, so only ``k + 1`` numbers per position reach the host."""
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() < 2:
+            raise TypeError(
+                f"topk={{{name!r}: ...}} needs output {name!r} to be a floating tensor with a "
+                f"last (vocabulary) axis, got {getattr(value, 'shape', type(value).__name__)}"
+            )
+        k, vocab = self.topk[name], value.shape[-1]
+        if k > vocab:
+            raise ValueError(f"topk={{{name!r}: {k}}} but output {name!r} has {vocab} entries")
+        log_p = torch.log_softmax(value.detach().float(), dim=-1)
+        values, indices = torch.topk(log_p, k, dim=-1)
+        tail = (-torch.expm1(torch.logsumexp(values, dim=-1))).clamp_(0.0, 1.0)
+        index_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
+        return {
+            "values": values.cpu().numpy(),
+            "indices": indices.to(torch.int32).cpu().numpy().astype(index_dtype),
+            "tail": tail.cpu().numpy(),
+        }
+
     def _to_numpy(self, name: str, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
             return value
@@ -343,5 +383,5 @@ def _to_tensor(name: str, value: Any, device: torch.device) -> Tensor:
 
 teacher_program = TeacherProgram
 """``teacher_program(module, inputs=..., outputs=..., devices=..., autocast=...,
-output_dtype=..., streams=...)``: the
+output_dtype=..., streams=..., mask_arg=..., pad_value=..., topk=...)``: the
 name to call it by, as a function (see :class:`TeacherProgram`)."""
