@@ -226,3 +226,30 @@ def test_an_online_teachers_reader_learns_which_pass_it_serves() -> None:
         np.testing.assert_array_equal(got["sample_id"], order)  # the pass's own order
         np.testing.assert_array_equal(got["logits"], 2 * X[order])
     assert 0 in seen and 1 in seen
+
+
+def test_provenance_is_recorded_required_and_never_mixed(tmp_path: Path) -> None:
+    tok = {"tokenizer": "bpe-4096-3f2a", "vocab_size": 4096}
+    kd.dump(program, batches(), tmp_path / "a", provenance=tok, progress=False)
+    assert kd.StoreReader(tmp_path / "a").teacher["provenance"] == tok
+    with kd.Student(expect={"tokenizer": "bpe-4096-3f2a"}) as student:
+        student.add_store(tmp_path / "a")
+        assert len(list(student.loader(batch_size=50))) == 2
+    with kd.Student(expect={"tokenizer": "other"}) as student:
+        student.add_store(tmp_path / "a")
+        with pytest.raises(kd.StoreError, match=r"records provenance \{'tokenizer': 'bpe-4096"):
+            student.start()
+    with kd.Student(expect=tok) as student, pytest.raises(kd.KdserveError, match="online"):
+        student.add_teacher("127.0.0.1:1")
+    # A dump of other provenance never resumes (mixes into) the store.
+    with pytest.raises(kd.StoreError, match="they do not mix"):
+        kd.dump(
+            program, batches(), tmp_path / "a", provenance={**tok, "vocab_size": 8}, progress=False
+        )
+    other = {"tokenizer": "sentencepiece-32k", "vocab_size": 32000}
+    kd.dump(program, batches(), tmp_path / "b", provenance=other, progress=False)
+    with kd.Student(merge_strategy={"logits": "mean", "norm": "mean"}) as student:
+        student.add_store(tmp_path / "a")
+        student.add_store(tmp_path / "b")
+        with pytest.raises(kd.MergeError, match="different vocab_sizes"):
+            student.start()

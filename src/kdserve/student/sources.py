@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,11 +57,19 @@ class Source(ABC):
 class StoreSource(Source):
     """A knowledge store, and how its rows map onto the reference store's order."""
 
-    def __init__(self, name: str, path: str, allow_incomplete: bool, verify: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        allow_incomplete: bool,
+        verify: bool,
+        expect: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(name)
         self.path = path
         self.allow_incomplete = allow_incomplete
         self.verify = verify
+        self.expect = dict(expect or {})
         self.rows_of: np.ndarray | None = None  # reference row -> this store's row; None: same
         self._order: np.ndarray | None = None  # argsort of the ids, made on first lookup
 
@@ -71,6 +80,17 @@ class StoreSource(Source):
                 f"store {self.path} (teacher {self.name!r}) is incomplete: its dump is still "
                 f"running or was interrupted ({len(self.reader)} samples in complete shards). "
                 f"Re-run the dump to finish it, or register it with allow_incomplete=True",
+                path=self.path,
+            )
+        self.provenance: dict[str, Any] = dict(self.reader.teacher.get("provenance") or {})
+        wrong = {
+            k: self.provenance.get(k) for k, v in self.expect.items() if self.provenance.get(k) != v
+        }
+        if wrong:
+            raise StoreError(
+                f"store {self.path} (teacher {self.name!r}) records provenance {wrong} where "
+                f"the student expects { ({k: self.expect[k] for k in wrong}) }: it holds another "
+                f"teacher's knowledge (None: not recorded; dump with provenance=...)",
                 path=self.path,
             )
         self.ids = self.reader.sample_ids()

@@ -44,7 +44,7 @@ from kdserve.core.batch import Knowledge, from_record_batch
 from kdserve.core.merge import Merger, StrategySpec
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.sampler import Even, Sampler
-from kdserve.errors import KdserveError
+from kdserve.errors import KdserveError, MergeError
 from kdserve.online.client import TeacherClient
 from kdserve.student.messaging import query_batches, recv_message
 from kdserve.student.passes import Step, served_pass, store_pass
@@ -70,6 +70,9 @@ class Student:
     (cert, key) PEM pair a mutual-TLS teacher asks for) and ``connect_timeout`` apply
     to online teachers; ``buf_size`` batches are prefetched in the background.
     ``verify=True`` checks each store shard's crc32 once, before its first use.
+    ``expect`` (e.g. ``{"tokenizer": "<hash>", "vocab_size": 32000}``) is the provenance
+    every store must record (``Teacher(provenance=...)``); stores whose ``vocab_size`` or
+    ``tokenizer`` differ are never merged.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Student:
         tls_client_cert: tuple[bytes, bytes] | None = None,
         connect_timeout: float = 60.0,
         verify: bool = False,
+        expect: Mapping[str, Any] | None = None,
     ) -> None:
         env_rank, env_world = Sampler.world_from_env()
         self._sampler = Sampler(
@@ -105,6 +109,7 @@ class Student:
         self.tls_client_cert = tls_client_cert
         self.connect_timeout = connect_timeout
         self.verify = verify
+        self.expect = dict(expect or {})
         self.id = uuid.uuid4().hex
         self._sources: list[Source] = []
         self._stores: list[StoreSource] = []
@@ -134,6 +139,7 @@ class Student:
             where,
             allow_incomplete,
             self.verify,
+            self.expect,
         )
         self._stores.append(source)
         return self._add(source)
@@ -147,6 +153,11 @@ class Student:
         tls_root_certs: bytes | None = None,
     ) -> int:
         """Register a served teacher at ``"host:port"``; returns its teacher id."""
+        if self.expect:
+            raise KdserveError(
+                "Student(expect=...) checks the provenance stores record; online teachers do "
+                "not report theirs yet: read their stores, or drop expect="
+            )
         teacher_name = self._name(name, str(address))
         client = TeacherClient(
             str(address),
@@ -223,6 +234,7 @@ class Student:
                 "the pass number (kd.serve(program, lambda epoch: batches(epoch), ...)); "
                 "give each sample its sample_id"
             )
+        _refuse_mixed_vocabularies(self._stores)
         if not streaming:
             for store in self._stores[1:]:
                 store.align_to(self._stores[0])
@@ -452,3 +464,15 @@ class Loader:
             raise TypeError("a pass of online teachers has no length known in advance")
         samples = len(self._student)
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+
+def _refuse_mixed_vocabularies(stores: list[StoreSource]) -> None:
+    """MergeError if two stores record a different ``vocab_size`` or ``tokenizer``: their
+    token positions and indices mean different things."""
+    for key in ("vocab_size", "tokenizer"):
+        seen = {s.name: s.provenance[key] for s in stores if key in s.provenance}
+        if len(set(map(str, seen.values()))) > 1:
+            raise MergeError(
+                f"teachers record different {key}s {seen}: their knowledge does not line up "
+                f"token by token; distil from teachers that share a tokenizer"
+            )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kdserve.store import DEFAULT_SHARD_BYTES
@@ -30,6 +30,7 @@ def dump(
     buf_size: int = 10,
     threads: int = 2,
     inference_threads: int = 1,
+    provenance: Mapping[str, str | int | float | bool] | None = None,
 ) -> int:
     """Run ``program`` over ``data`` and write its knowledge to the store at ``path``;
     returns the samples written. The store is complete and durable when this returns;
@@ -40,7 +41,7 @@ def dump(
     knowledge fields -- program outputs or feeds passed through, ``{name: output}``, or a
     :class:`~kdserve.Schema` with codecs; None keeps every output. ``threads`` encode in
     parallel; ``inference_threads`` > 1 calls the program from that many threads at once.
-    The other options are :class:`~kdserve.Teacher`'s.
+    The other options (``provenance`` among them) are :class:`~kdserve.Teacher`'s.
     """
     feed_list, reader = named_feeds(data, feeds)
     teacher = Teacher(
@@ -50,6 +51,7 @@ def dump(
         overwrite=overwrite,
         progress=progress,
         shard_bytes=shard_bytes,
+        provenance=provenance,
     )
     with teacher:
         return teacher.start_knowledge_service(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kdserve.core.wait import slices
@@ -102,6 +102,7 @@ def serve(
     threads: int = 2,
     inference_threads: int = 1,
     limits: Limits | None = None,
+    provenance: Mapping[str, str | int | float | bool] | None = None,
 ) -> Service:
     """Serve ``program``'s knowledge over ``data`` on ``port`` (0: any free port) for
     ``times`` passes, in the background; returns once students can connect.
@@ -125,6 +126,7 @@ def serve(
         model=model,
         progress=progress,
         limits=limits,
+        provenance=provenance,
     )
     teacher.start()
 

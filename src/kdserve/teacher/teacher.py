@@ -85,6 +85,11 @@ class Teacher:
     of its students, or ``window_bytes`` (64 MiB) when its batches are smaller than that
     in all; each batch travels in slices of ``chunk_bytes`` (16 MiB). ``limits``
     (:class:`~kdserve.Limits`) bounds what students may send.
+
+    ``provenance`` records what makes this knowledge comparable with other teachers' --
+    e.g. ``{"vocab_size": 32000, "tokenizer": "<hash>", "temperature": 1.0, "revision":
+    "v2"}`` -- in the store; students can require it (``Student(expect=...)``), and a
+    store is never resumed by a dump of other provenance.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Teacher:
         window_bytes: int = MIN_WINDOW_BYTES,
         student_grace: float = 2.0,
         limits: Limits | None = None,
+        provenance: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         if out_path is None and out_port is None:
             raise KdserveError("a Teacher needs out_path= (a store), out_port= (serving), or both")
@@ -124,7 +130,9 @@ class Teacher:
         self._security = Security(token, tls_cert, tls_key, tls_client_ca)
         self._store: StoreSink | None = None
         if self.out_path is not None:
-            teacher = {"name": self.name, **({"model": model} if model else {})}
+            teacher: dict[str, Any] = {"name": self.name, **({"model": model} if model else {})}
+            if provenance:
+                teacher["provenance"] = _provenance(provenance)
             self._store = StoreSink(self.out_path, teacher, shard_bytes, overwrite)
         self._server: TeacherServer | None = None
         self._schema_lock = threading.Lock()
@@ -407,3 +415,15 @@ class Teacher:
         if self._server is None:
             raise KdserveError(f"{what}() needs an online teacher (out_port=)")
         return self._server
+
+
+def _provenance(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``provenance`` checked: names to plain values (str, int, float, bool)."""
+    bad = {
+        k: v
+        for k, v in values.items()
+        if not isinstance(k, str) or not isinstance(v, (str, int, float, bool))
+    }
+    if bad:
+        raise KdserveError(f"provenance maps names to str, int, float or bool values; got {bad!r}")
+    return dict(values)
