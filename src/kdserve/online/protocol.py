@@ -159,6 +159,11 @@ class SendRequest:
         max_depth: int = MAX_MESSAGE_DEPTH,
     ) -> SendRequest:
         """Checked; the limits are the message's (the request's own part is allowed for)."""
+        if len(raw) > max_bytes + _ENVELOPE_BYTES:
+            raise ProtocolError(
+                f"a message of about {len(raw) - _ENVELOPE_BYTES} bytes is over the teacher's "
+                f"limit of {max_bytes} (Limits(message_bytes=...)); send smaller messages"
+            )
         value = decode_message(raw, max_bytes=max_bytes + _ENVELOPE_BYTES, max_depth=max_depth + 1)
         if not isinstance(value, dict):
             raise ProtocolError("a message envelope holds exactly 'student' and 'message'")
