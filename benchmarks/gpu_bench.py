@@ -55,7 +55,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -65,7 +64,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from report import alternate, ratio_row, serve_one_pass
+from report import alternate, ratio_row, run_table, serve_one_pass
 from torch import nn
 
 import kdserve as kd
@@ -403,16 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not can_pin(device):
         print(f"on {device.type}: nothing pinned (pin_memory needs an accelerator)")
-    started = time.perf_counter()
     images = make_images(args)
-    workdir = Path(tempfile.mkdtemp(prefix="kdserve-gpu-"))
-    try:
-        lines = run(args, images, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print("\n".join(lines))
-    print(f"({time.perf_counter() - started:.0f} s)")
-    return 0
+    return run_table("kdserve-gpu-", lambda workdir: run(args, images, workdir))
 
 
 if __name__ == "__main__":

@@ -36,14 +36,13 @@ import multiprocessing as mp
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from report import alternate, ratio_row, serve_one_pass
+from report import alternate, ratio_row, run_table, serve_one_pass
 
 import kdserve as kd
 
@@ -286,15 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{mp.cpu_count()} CPUs; {args.batches} batches of {args.batch} x {args.width} float32 "
         f"logits, {args.device_ms:g} ms of device time per batch, {args.repeats} repeat(s)"
     )
-    started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="kdserve-proxy-"))
-    try:
-        lines = run(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print("\n".join(lines))
-    print(f"({time.perf_counter() - started:.0f} s)")
-    return 0
+    return run_table("kdserve-proxy-", lambda workdir: run(args, workdir))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -80,3 +83,17 @@ def read_one_pass(address: str, batch: int, ready: Any, go: Any, timeout: float)
         go.wait(2 * timeout)
         for _ in student.loader(batch_size=batch):
             pass
+
+
+def run_table(prefix: str, run: Callable[[Path], list[str]]) -> int:
+    """Run a benchmark in a scratch directory (removed after), print its table and how
+    long it took; the exit status."""
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        lines = run(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(lines))
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 0

@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from report import fmt
+from report import fmt, run_table
 
 import kdserve as kd
 from kdserve.torch import teacher_program
@@ -166,15 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seqs} sequences of up to {args.length} tokens, vocabulary {args.vocab}, "
         f"{args.repeats} repeat(s)"
     )
-    started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="kdserve-topk-"))
-    try:
-        lines = run(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print("\n".join(lines))
-    print(f"({time.perf_counter() - started:.0f} s)")
-    return 0
+    return run_table("kdserve-topk-", lambda workdir: run(args, workdir))
 
 
 if __name__ == "__main__":
