@@ -37,7 +37,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,48 +124,37 @@ def prepare_stores(args: argparse.Namespace, workdir: Path, teachers: int) -> li
     return paths
 
 
+def train(batches: Iterable[Mapping[str, Any]], args: argparse.Namespace) -> float:
+    """The student's loop: each batch touched, then one device step; samples per second."""
+    step = args.device_ms / 1000
+    start, rows = time.perf_counter(), 0
+    for batch in batches:
+        _ = batch["logits"][0, 0]
+        rows += len(batch["logits"])
+        time.sleep(step)  # the training step on the device
+    seconds = time.perf_counter() - start
+    assert rows == args.batches * args.batch, rows
+    return rows / seconds
+
+
 def student_bare(args: argparse.Namespace, paths: list[Path]) -> float:
     """The knowledge in memory (merged already), one device step per batch."""
-    merged = [
-        {"logits": np.random.default_rng(0).standard_normal((args.batch, args.width))}
-        for _ in range(args.batches)
-    ]
-    step = args.device_ms / 1000
-    start = time.perf_counter()
-    for batch in merged:
-        _ = batch["logits"][0, 0]
-        time.sleep(step)  # the training step on the device
-    return len(merged) * args.batch / (time.perf_counter() - start)
+    logits = np.random.default_rng(0).standard_normal((args.batch, args.width))
+    return train([{"logits": logits}] * args.batches, args)
 
 
 def student_loader(args: argparse.Namespace, paths: list[Path]) -> float:
-    step = args.device_ms / 1000
     with kd.Student(merge_strategy={"logits": "mean"}) as student:
         for path in paths:
             student.add_store(path)
-        loader = student.loader(batch_size=args.batch)
-        start = time.perf_counter()
-        rows = 0
-        for batch in loader:
-            _ = batch["logits"][0, 0]
-            rows += len(batch["sample_id"])
-            time.sleep(step)
-        seconds = time.perf_counter() - start
-    assert rows == args.batches * args.batch
-    return rows / seconds
+        return train(student.loader(batch_size=args.batch), args)
 
 
 def dataset_bare(args: argparse.Namespace, paths: list[Path]) -> float:
     """Tensors already in memory, one device step per batch (torch rows)."""
     import torch
 
-    tensors = [torch.zeros(args.batch, args.width) for _ in range(args.batches)]
-    step = args.device_ms / 1000
-    start = time.perf_counter()
-    for t in tensors:
-        _ = t[0, 0]
-        time.sleep(step)
-    return len(tensors) * args.batch / (time.perf_counter() - start)
+    return train([{"logits": torch.zeros(args.batch, args.width)}] * args.batches, args)
 
 
 def dataset_loader(args: argparse.Namespace, paths: list[Path] | None, workers: int) -> float:
@@ -184,16 +173,8 @@ def dataset_loader(args: argparse.Namespace, paths: list[Path] | None, workers: 
     loader = DataLoader(
         dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0
     )
-    step = args.device_ms / 1000
-    for _warm_then_timed in range(2):
-        start, rows = time.perf_counter(), 0
-        for batch in loader:
-            _ = batch["logits"][0, 0]
-            rows += len(batch["sample_id"])
-            time.sleep(step)
-        seconds = time.perf_counter() - start
-    assert rows == args.batches * args.batch
-    return rows / seconds
+    train(loader, args)  # warm-up pass
+    return train(loader, args)
 
 
 def _in_memory_dataset(args: argparse.Namespace) -> Any:
