@@ -256,6 +256,14 @@ def test_teacher_runs_replicas_concurrently_with_inference_threads(tmp_path):
     meet = threading.Barrier(2)
     for replica in program.replicas:
         replica.log, replica.meet = log, meet  # every forward waits for a partner call
+    _dump_with_two_threads_and_check(program, model, tmp_path)
+    assert not meet.broken  # the calls met in pairs: two replicas ran at the same time
+    assert {r for r, _ in log} == {id(r) for r in program.replicas}
+
+
+def _dump_with_two_threads_and_check(program, model, tmp_path):
+    """Dump 40 rows in 4 batches with num_inference_threads=2; the stored logits are the
+    model's."""
     x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
     # A declared schema: an inferred one would run the first batch alone, to learn it.
     schema = kd.Schema([kd.Field("logits", "float32", (2,))])
@@ -267,8 +275,6 @@ def test_teacher_runs_replicas_concurrently_with_inference_threads(tmp_path):
             [(x[i : i + 10],) for i in range(0, 40, 10)],
             num_inference_threads=2,
         )
-    assert not meet.broken  # the calls met in pairs: two replicas ran at the same time
-    assert {r for r, _ in log} == {id(r) for r in program.replicas}
     stored = kd.from_record_batch(kd.StoreReader(tmp_path / "store").read(0, 40))
     with torch.inference_mode():
         expected = model.lin(torch.from_numpy(x)).numpy()
@@ -293,22 +299,9 @@ def test_streams_run_two_calls_on_one_replica_at_once(tmp_path):
     program = teacher_program(model, devices=["cpu"], streams=2)
     assert program.replicas == [model]  # one copy of the weights, two lanes
     model.meet = threading.Barrier(2)  # every forward waits for a partner call
-    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
-    schema = kd.Schema([kd.Field("logits", "float32", (2,))])
-    with kd.Teacher(tmp_path / "store", progress=False) as teacher:
-        teacher.start_knowledge_service(
-            ["x"],
-            schema,
-            program,
-            [(x[i : i + 10],) for i in range(0, 40, 10)],
-            num_inference_threads=2,
-        )
+    _dump_with_two_threads_and_check(program, model, tmp_path)
     assert not model.meet.broken and len(log) == 4
     assert len({t for _, t in log}) == 2  # two threads ran the one module concurrently
-    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "store").read(0, 40))
-    with torch.inference_mode():
-        expected = model.lin(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(stored["logits"], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="streams must be an int >= 1"):
         teacher_program(model, devices=["cpu"], streams=0)
 
