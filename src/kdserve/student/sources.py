@@ -17,12 +17,12 @@ from kdserve.core.batch import sample_ids
 from kdserve.core.idset import IdSet, repeats
 from kdserve.core.sampler import Block, Sampler
 from kdserve.core.schema import Schema
-from kdserve.errors import AlignmentError, KdserveError, ProtocolError, StoreError
+from kdserve.errors import AlignmentError, KdserveError, MergeError, ProtocolError, StoreError
 from kdserve.online.client import TeacherClient
 from kdserve.online.protocol import TeacherInfo
 from kdserve.store import StoreReader
 
-__all__ = ["Source", "StoreSource", "TeacherSource"]
+__all__ = ["Source", "StoreSource", "TeacherSource", "refuse_mixed_vocabularies"]
 
 
 class Source(ABC):
@@ -256,3 +256,15 @@ def refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
             teachers=(teacher, teacher),
             sample_ids=(int(repeated[0]), int(repeated[0])),
         )
+
+
+def refuse_mixed_vocabularies(stores: list[StoreSource]) -> None:
+    """MergeError if two stores record a different ``vocab_size`` or ``tokenizer``: their
+    token positions and indices mean different things."""
+    for key in ("vocab_size", "tokenizer"):
+        seen = {s.name: s.provenance[key] for s in stores if key in s.provenance}
+        if len(set(map(str, seen.values()))) > 1:
+            raise MergeError(
+                f"teachers record different {key}s {seen}: their knowledge does not line up "
+                f"token by token; distil from teachers that share a tokenizer"
+            )

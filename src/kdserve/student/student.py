@@ -44,11 +44,11 @@ from kdserve.core.batch import Knowledge, from_record_batch
 from kdserve.core.merge import Merger, StrategySpec
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.sampler import Even, Sampler
-from kdserve.errors import KdserveError, MergeError
+from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
 from kdserve.student.messaging import query_batches, recv_message
 from kdserve.student.passes import Step, served_pass, store_pass
-from kdserve.student.sources import Source, StoreSource, TeacherSource
+from kdserve.student.sources import Source, StoreSource, TeacherSource, refuse_mixed_vocabularies
 
 __all__ = ["Loader", "Student"]
 
@@ -234,7 +234,7 @@ class Student:
                 "the pass number (kd.serve(program, lambda epoch: batches(epoch), ...)); "
                 "give each sample its sample_id"
             )
-        _refuse_mixed_vocabularies(self._stores)
+        refuse_mixed_vocabularies(self._stores)
         if not streaming:
             for store in self._stores[1:]:
                 store.align_to(self._stores[0])
@@ -314,35 +314,34 @@ class Student:
         :class:`~kdserve.TopK`: ``values``, ``indices``, ``tail``, ready for
         ``topk_kd_loss``), never expanded to dense arrays.
         """
-        self._started()
+        return self._pass_reader(batch_size, drop_last, epoch, decode, None)
+
+    def _pass_reader(
+        self,
+        batch_size: int,
+        drop_last: bool,
+        epoch: int | None,
+        decode: bool,
+        transform: Callable[[Knowledge], Any] | None,
+    ) -> Callable[[], Iterator[Any]]:
+        """The options checked; then each call of the result is one more pass, prefetched
+        (and transformed) on a background thread."""
+        merger = self._started()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if epoch is not None:
             if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
                 raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
             self._epoch = epoch
-
-        merger = self._started()
         if not decode:
-            shared = [n for n, owners in merger.owners.items() if len(owners) > 1]
-            coded = [f.name for t in self._sources for f in t.schema if f.codec is not None]
-            mixed = sorted(set(shared) & set(coded))
-            if mixed:
+            shared = {n for n, owners in merger.owners.items() if len(owners) > 1}
+            coded = {f.name for t in self._sources for f in t.schema if f.codec is not None}
+            if shared & coded:
                 raise KdserveError(
-                    f"decode=False cannot merge coded field(s) {mixed} of several teachers "
-                    f"(their compact forms do not add up); read them with decode=True, or "
-                    f"register one teacher per coded field"
+                    f"decode=False cannot merge coded field(s) {sorted(shared & coded)} of "
+                    f"several teachers (their compact forms do not add up); read them with "
+                    f"decode=True, or register one teacher per coded field"
                 )
-        return self._generator(batch_size, drop_last, None, decode)
-
-    def _generator(
-        self,
-        batch_size: int,
-        drop_last: bool,
-        transform: Callable[[Knowledge], Any] | None,
-        decode: bool = True,
-    ) -> Callable[[], Iterator[Any]]:
-        """Each call: one more pass, prefetched (and transformed) on a background thread."""
 
         def one_pass() -> Iterator[Any]:
             epoch = self._epoch
@@ -370,8 +369,7 @@ class Student:
         ``decode`` is :meth:`get_knowledge_generator`'s. ``transform`` is applied to each
         batch on the prefetch thread, off the training loop's (e.g.
         :func:`kdserve.torch.to_tensors`, which can pin memory)."""
-        self.get_knowledge_generator(batch_size, drop_last, epoch=epoch, decode=decode)
-        passes = self._generator(batch_size, drop_last, transform, decode)
+        passes = self._pass_reader(batch_size, drop_last, epoch, decode, transform)
         return Loader(self, passes, batch_size, drop_last)
 
     def _pass(
@@ -464,15 +462,3 @@ class Loader:
             raise TypeError("a pass of online teachers has no length known in advance")
         samples = len(self._student)
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-
-def _refuse_mixed_vocabularies(stores: list[StoreSource]) -> None:
-    """MergeError if two stores record a different ``vocab_size`` or ``tokenizer``: their
-    token positions and indices mean different things."""
-    for key in ("vocab_size", "tokenizer"):
-        seen = {s.name: s.provenance[key] for s in stores if key in s.provenance}
-        if len(set(map(str, seen.values()))) > 1:
-            raise MergeError(
-                f"teachers record different {key}s {seen}: their knowledge does not line up "
-                f"token by token; distil from teachers that share a tokenizer"
-            )
