@@ -98,3 +98,30 @@ def test_top_k_on_the_teachers_device_stores_what_host_coding_stores(tmp_path: P
     torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
     with np.testing.assert_raises(kd.SchemaError):
         kd.dump(coded, corpus(), tmp_path / "undeclared", progress=False)
+
+
+def test_on_policy_query_returns_compact_top_k_for_generated_tokens() -> None:
+    """GKD's loop: the student sends sequences it generated (ragged), the teacher answers
+    with its top-k for each position, compact (never the dense vocabulary)."""
+    model = TinyLM()
+    keep = kd.Schema([kd.Field("logits", "float32", (None, VOCAB), codec=kd.TopK(K))])
+    program = teacher_program(model, inputs=["tokens"], devices=["cpu"], topk={"logits": K})
+    generated = [np.array([3, 7, 1]), np.array([5]), np.array([2, 2, 9, 4, 8])]
+    with (
+        kd.serve(program, None, feeds=["tokens"], keep=keep, progress=False) as service,
+        kd.Student(connect_timeout=10.0) as student,
+    ):
+        student.add_teacher(service.address)
+        compact = student.query(0, {"tokens": generated}, decode=False)
+        dense = student.query(0, {"tokens": generated})
+    parts = compact["logits"]
+    assert set(parts) == {"values", "indices", "tail"}
+    np.testing.assert_array_equal(parts["values"].lengths, [3, 1, 5])
+    assert parts["values"].values.shape == (9, K)
+    assert dense["logits"].values.shape == (9, VOCAB)  # decode=True densifies, as asked
+    for row, seq in enumerate(generated):
+        with torch.inference_mode():
+            log_p = torch.log_softmax(model(torch.as_tensor(seq)[None])[0], -1)
+        top = torch.topk(log_p, K, dim=-1)
+        np.testing.assert_array_equal(parts["indices"][row], top.indices.numpy())
+        np.testing.assert_allclose(parts["values"][row], top.values.numpy(), rtol=1e-6)

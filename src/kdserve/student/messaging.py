@@ -30,10 +30,14 @@ def recv_message(client: TeacherClient, after: int, timeout: float | None) -> An
 
 
 def query_batches(
-    client: TeacherClient, batches: Iterable[Mapping[str, Any]], max_in_flight: int
+    client: TeacherClient,
+    batches: Iterable[Mapping[str, Any]],
+    max_in_flight: int,
+    decode: bool = True,
 ) -> Iterator[Knowledge]:
     """Knowledge for each batch of inputs, in input order, ``max_in_flight`` requests
-    pipelined. Sample ids are a ``sample_id`` input or 0..n-1 per batch."""
+    pipelined. Sample ids are a ``sample_id`` input or 0..n-1 per batch; ``decode=False``
+    leaves coded fields in their compact form (a dict of the codec's components)."""
 
     def arrow() -> Iterator[pa.RecordBatch]:
         for inputs in batches:
@@ -44,4 +48,4 @@ def query_batches(
             yield to_record_batch(data, schema, np.arange(n) if ids is None else ids)
 
     for result in client.query(arrow(), max_in_flight):
-        yield from_record_batch(result)
+        yield from_record_batch(result, decode=decode)

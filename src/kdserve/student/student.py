@@ -424,17 +424,25 @@ class Student:
         self._received[teacher_id] = after + 1
         return message
 
-    def query(self, teacher_id: int, inputs: Mapping[str, Any]) -> Knowledge:
+    def query(
+        self, teacher_id: int, inputs: Mapping[str, Any], *, decode: bool = True
+    ) -> Knowledge:
         """Query mode: send one batch of inputs, get the teacher's knowledge for it."""
-        return next(self.query_stream(teacher_id, [inputs], max_in_flight=1))
+        return next(self.query_stream(teacher_id, [inputs], max_in_flight=1, decode=decode))
 
     def query_stream(
-        self, teacher_id: int, batches: Iterable[Mapping[str, Any]], max_in_flight: int = 4
+        self,
+        teacher_id: int,
+        batches: Iterable[Mapping[str, Any]],
+        max_in_flight: int = 4,
+        *,
+        decode: bool = True,
     ) -> Iterator[Knowledge]:
         """Query mode over many input batches, ``max_in_flight`` requests pipelined to hide
         the round trip; results come in input order. Sample ids are taken from a
-        ``sample_id`` input or numbered 0..n-1 per batch."""
-        return query_batches(self._client(teacher_id), batches, max_in_flight)
+        ``sample_id`` input or numbered 0..n-1 per batch. ``decode=False`` keeps coded
+        fields compact, as :meth:`get_knowledge_generator` does (on-policy top-k)."""
+        return query_batches(self._client(teacher_id), batches, max_in_flight, decode)
 
 
 class Loader:
