@@ -188,8 +188,8 @@ def _coded_to_arrow(f: Field, parts: Mapping[str, Any], n: int) -> pa.Array:
             field=f.name,
         )
     offsets: np.ndarray | None = None
-    rows: dict[str, np.ndarray] = {}
-    for name, (dtype, shape) in layout.items():
+    given: dict[str, np.ndarray] = {}
+    for name in layout:
         value = parts[name]
         if f.is_sequence:
             ragged = _as_ragged(f, value)
@@ -199,7 +199,10 @@ def _coded_to_arrow(f: Field, parts: Mapping[str, Any], n: int) -> pa.Array:
                     field=f.name,
                 )
             offsets, value = ragged.offsets, ragged.values
-        array = np.asarray(value)
+        given[name] = np.asarray(value)
+    rows = f.codec.from_compact(given)
+    for name, (dtype, shape) in layout.items():
+        array = rows[name]
         if array.shape[1:] != shape or not np.can_cast(array.dtype, dtype, "same_kind"):
             raise SchemaError(
                 f"field {f.name!r}: component {name!r} must be {dtype} of shape (rows, *{shape}), "
@@ -267,7 +270,7 @@ def _rows_from_arrow(f: Field, array: pa.Array, decode: bool) -> Any:
     if f.codec is None:
         return parts["data"]
     if not decode:
-        return parts
+        return f.codec.to_compact(parts)
     return f.codec.decode(parts, f.dtype, f.inner_shape)
 
 

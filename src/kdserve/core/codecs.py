@@ -11,6 +11,7 @@ codec with one component is stored as a plain column, several become an Arrow st
     int8   |x - y| <= max|row| / 254                                    (D + 4) / 4D
     topk   the k largest entries kept exactly; the rest share the tail  k(4 + idx) + 4 / 4D
            mass uniformly, so softmax/probabilities keep summing to 1
+           values="uint8": log-probabilities within 1/32 nat              k(1 + idx) + 4 / 4D
 
 Codecs are resolved by name (``"fp16"``) or by a JSON spec (``{"name": "topk", "k": 8}``),
 which is also how they are recorded in a schema's metadata.
@@ -62,6 +63,15 @@ class Codec(ABC):
     ) -> np.ndarray:
         """Rebuild rows ``(n, *inner_shape)`` of ``dtype`` from components."""
 
+    def to_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        """Stored components -> the compact form ``decode=False`` gives (numbers a loss
+        can use); most codecs store exactly that."""
+        return dict(parts)
+
+    def from_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        """The compact form (e.g. top-k computed on a device) -> components to store."""
+        return dict(parts)
+
     def to_json(self) -> dict[str, Any]:
         """The spec that :func:`codec_from_spec` turns back into this codec."""
         return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
@@ -84,17 +94,24 @@ class Fp16(_Cast):
     stored: ClassVar[np.dtype[Any]] = np.dtype(np.float16)
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
-        # Check before casting: the cast would warn, and values in (65504, 65520) would
-        # silently become 65504 although this codec refuses everything beyond +-65504.
-        overflow = np.isfinite(rows) & (np.abs(rows) > _FP16_MAX)
-        if overflow.any():
-            raise CodecError(
-                f"field {field!r} has values beyond float16's range (max |x| = "
-                f"{float(np.abs(rows[overflow]).max()):.4g} > 65504); use codec 'bf16' instead",
-                field=field,
-                codec=self.name,
-            )
-        return {"data": rows.astype(np.float16)}
+        with np.errstate(over="ignore"):
+            data = rows.astype(np.float16)
+        # Only values that came out at the edge (+-65504 or +-inf) can be out of range:
+        # look at the originals there, not over the whole array. Values in (65504, 65520)
+        # would silently round to 65504, so they are refused as well.
+        edge = (data.view(np.uint16) & np.uint16(0x7FFF)) >= np.uint16(_FP16_MAX_BITS)
+        if edge.any():
+            original = rows[edge]
+            overflow = np.isfinite(original) & (np.abs(original) > _FP16_MAX)
+            if overflow.any():
+                raise CodecError(
+                    f"field {field!r} has values beyond float16's range (max |x| = "
+                    f"{float(np.abs(original[overflow]).max()):.4g} > 65504); use codec "
+                    f"'bf16' instead",
+                    field=field,
+                    codec=self.name,
+                )
+        return {"data": data}
 
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
@@ -110,26 +127,38 @@ class Bf16(_Cast):
     stored: ClassVar[np.dtype[Any]] = np.dtype(np.uint16)
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
-        with np.errstate(over="ignore"):
-            f32 = np.ascontiguousarray(rows, dtype=np.float32)
-        finite = np.isfinite(f32)
-        beyond = ~np.isinf(rows) & np.isinf(f32)
-        if beyond.any():
-            raise CodecError(
-                f"field {field!r} has values beyond float32's range (max |x| = "
-                f"{float(np.abs(rows[beyond]).max()):.4g}), which bf16 cannot hold; store "
-                f"this field without a codec",
-                field=field,
-                codec=self.name,
-            )
+        f32 = np.ascontiguousarray(rows, dtype=np.float32) if rows.itemsize <= 4 else None
+        if f32 is None:  # float64: values beyond float32's range have no bf16 either
+            with np.errstate(over="ignore"):
+                f32 = rows.astype(np.float32)
+            beyond = np.isinf(f32) & ~np.isinf(rows)
+            if beyond.any():
+                raise CodecError(
+                    f"field {field!r} has values beyond float32's range (max |x| = "
+                    f"{float(np.abs(rows[beyond]).max()):.4g}), which bf16 cannot hold; store "
+                    f"this field without a codec",
+                    field=field,
+                    codec=self.name,
+                )
+        # Round to nearest, ties to even, on the 16 bits that are dropped (in place: one
+        # scratch array, this is the hot loop of a bf16 dump).
         bits = f32.view(np.uint32)
-        # Round to nearest, ties to even, on the 16 bits that are dropped.
-        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
-        out = rounded.astype(np.uint16)
-        # Finite values above bf16's largest finite value would round to +-inf: keep them
-        # finite at +-max (0x7F7F), which is within the error bound; 0x7F80 - 1 == 0x7F7F.
-        out[finite & ((out & np.uint16(0x7FFF)) == np.uint16(0x7F80))] -= np.uint16(1)
-        out[np.isnan(f32)] = 0x7FC0
+        work = bits >> 16
+        work &= np.uint32(1)
+        work += np.uint32(0x7FFF)
+        work += bits
+        work >>= 16
+        out = work.astype(np.uint16)
+        nan = np.isnan(f32)  # NaN bits can carry into the sign or wrap: set them apart
+        if nan.any():
+            out[nan] = 0x7FC0
+        # Finite values above bf16's largest finite value rounded to +-inf (0x7F80): keep
+        # them finite at +-max (0x7F7F), which is within the error bound.
+        edge = np.flatnonzero((out & np.uint16(0x7FFF)) == np.uint16(0x7F80))
+        if len(edge):
+            flat = out.reshape(-1)
+            finite = edge[np.isfinite(f32.reshape(-1)[edge])]
+            flat[finite] -= np.uint16(1)
         return {"data": out}
 
     def decode(
@@ -203,11 +232,19 @@ class TopK(Codec):
     spreads the tail mass evenly over the other entries, so the decoded distribution
     gives the top-k entries their exact probabilities and still sums to one. With
     ``tail=False`` the other entries decode to probability 0.
+
+    ``values="uint8"`` (logits only) stores each value as a log-probability relative to
+    the position's top entry, in steps of 1/16 nat down to 255/16 nats below it (lower
+    ones are clamped there: probability < 1.2e-7 of the top's): 1 byte instead of 2-4,
+    each log-probability within 1/32 nat, which costs ~1e-4 nats/token of KL. The compact
+    form (``decode=False``) gives them back as float32 ``-code/16``: logits up to a
+    constant, what :func:`~kdserve.torch.topk_kd_loss` takes.
     """
 
     k: int
     kind: Literal["logits", "probs"] = "logits"
     tail: bool = True
+    values: Literal["float", "uint8"] = "float"
 
     name: ClassVar[str] = "topk"
 
@@ -224,6 +261,18 @@ class TopK(Codec):
         if not isinstance(tail, (bool, np.bool_)):
             raise CodecError(f"topk tail must be true or false, got {tail!r}", codec=self.name)
         object.__setattr__(self, "tail", bool(tail))
+        if self.values not in ("float", "uint8"):
+            raise CodecError(
+                f"topk values must be 'float' (the field's dtype) or 'uint8' (8-bit "
+                f"log-probabilities), got {self.values!r}",
+                codec=self.name,
+            )
+        if self.values == "uint8" and self.kind != "logits":
+            raise CodecError(
+                "topk values='uint8' stores log-probabilities, so it needs kind='logits'; "
+                "give the teacher's logits (or log-probabilities) rather than probabilities",
+                codec=self.name,
+            )
 
     def check(self, field: str, dtype: np.dtype[Any], inner_shape: tuple[int, ...]) -> None:
         super().check(field, dtype, inner_shape)
@@ -237,8 +286,9 @@ class TopK(Codec):
             )
 
     def layout(self, dtype: np.dtype[Any], inner_shape: tuple[int, ...]) -> Layout:
+        stored = np.dtype(np.uint8) if self.values == "uint8" else np.dtype(dtype)
         parts: Layout = {
-            "values": (np.dtype(dtype), (*inner_shape[:-1], self.k)),
+            "values": (stored, (*inner_shape[:-1], self.k)),
             "indices": (_index_dtype(inner_shape[-1]), (*inner_shape[:-1], self.k)),
         }
         if self.tail:
@@ -246,7 +296,6 @@ class TopK(Codec):
         return parts
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
-        _need_finite(self.name, field, rows)
         width = rows.shape[-1]
         if self.k > width:
             raise CodecError(
@@ -256,13 +305,16 @@ class TopK(Codec):
             )
         top = np.argpartition(rows, width - self.k, axis=-1)[..., width - self.k :]
         values = np.take_along_axis(rows, top, axis=-1)
+        # NaN and +inf sort last, so they would be among the top k of their row: checking
+        # the k kept values finds them. -inf outside the top k is a masked entry: fine.
+        _need_finite(self.name, field, values)
         order = np.argsort(-values, axis=-1, kind="stable")
         values = np.take_along_axis(values, order, axis=-1)
         indices = np.take_along_axis(top, order, axis=-1).astype(_index_dtype(width))
         parts: Parts = {"values": values, "indices": indices}
         if self.tail:
             parts["tail"] = self._tail_mass(rows, values, top).astype(np.float32)
-        return parts
+        return self.from_compact(parts)
 
     def _tail_mass(self, rows: np.ndarray, values: np.ndarray, top: np.ndarray) -> np.ndarray:
         if self.kind == "probs":
@@ -270,16 +322,52 @@ class TopK(Codec):
             return mass
         if self.k == rows.shape[-1]:
             return np.zeros(rows.shape[:-1])
-        # sum(softmax(rows) outside the top k) = exp(lse(rest) - lse(all)), computed from
-        # the rest itself: 1 - exp(lse(top) - lse(all)) loses all precision for small tails.
-        rest = rows.astype(np.float64)
-        np.put_along_axis(rest, top, -np.inf, axis=-1)
-        tail: np.ndarray = np.clip(np.exp(_logsumexp(rest) - _logsumexp(rows)), 0.0, 1.0)
-        return tail
+        # sum(softmax(rows) outside the top k), summed over the rest itself: 1 - (top
+        # mass) would lose all precision for small tails. One exp pass in float32 over
+        # blocks of rows that stay in cache (the full rows are the cost of a dump); rows
+        # whose tail is too small for float32's exp are done again in float64.
+        width, k = rows.shape[-1], top.shape[-1]
+        flat, flat_top = rows.reshape(-1, width), top.reshape(-1, k)
+        peak = values.reshape(-1, k)[:, :1]
+        work = np.promote_types(rows.dtype, np.float32)
+        rest = np.empty(len(flat))
+        step = max(1, _BLOCK_ELEMENTS // width)
+        scratch = np.empty((min(step, len(flat)), width), dtype=work)
+        for lo in range(0, len(flat), step):
+            block = scratch[: len(flat[lo : lo + step])]
+            np.subtract(flat[lo : lo + step], peak[lo : lo + step], out=block, dtype=work)
+            np.exp(block, out=block)
+            np.put_along_axis(block, flat_top[lo : lo + step], 0, axis=-1)
+            rest[lo : lo + step] = block.sum(axis=-1)
+        kept = np.exp(values.astype(np.float64) - values[..., :1]).sum(axis=-1)
+        tail: np.ndarray = rest.reshape(kept.shape) / (rest.reshape(kept.shape) + kept)
+        tiny = tail < _F32_EXP_FLOOR
+        if work == np.float32 and tiny.any():
+            exact = rows[tiny].astype(np.float64)
+            np.put_along_axis(exact, top[tiny], -np.inf, axis=-1)
+            tail[tiny] = np.exp(_logsumexp(exact) - _logsumexp(rows[tiny]))
+        clipped: np.ndarray = np.clip(tail, 0.0, 1.0)
+        return clipped
+
+    def from_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        out = dict(parts)
+        values = out["values"]
+        if self.values == "uint8" and np.issubdtype(np.asarray(values).dtype, np.floating):
+            values = np.asarray(values, dtype=np.float32)
+            depth = (values[..., :1] - values) * _LOGPROB_STEPS
+            out["values"] = np.rint(np.clip(depth, 0, 255)).astype(np.uint8)
+        return out
+
+    def to_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        out = dict(parts)
+        if self.values == "uint8":
+            out["values"] = _UINT8_LOGPROBS[out["values"]]
+        return out
 
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
     ) -> np.ndarray:
+        parts = self.to_compact(parts)
         values = parts["values"].astype(np.float64)
         indices = parts["indices"].astype(np.intp)
         width = inner_shape[-1]
@@ -309,13 +397,20 @@ class TopK(Codec):
         return out
 
 
+_LOGPROB_STEPS = 16  # uint8 top-k values: 1/16 nat per step
+_UINT8_LOGPROBS = (0 - np.arange(256, dtype=np.float32)) / _LOGPROB_STEPS  # code -> log-prob
+_BLOCK_ELEMENTS = 1 << 16  # top-k tail: rows summed a block (256 kB of float32) at a time
+_F32_EXP_FLOOR = 1e-30  # below it float32's exp has lost digits (subnormals): redo in float64
 _FP16_MAX = float(np.finfo(np.float16).max)
+_FP16_MAX_BITS = 0x7BFF  # 65504's bit pattern; above it (sign aside): inf and NaN
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     top = x.max(axis=-1, keepdims=True)
-    return np.asarray(top[..., 0] + np.log(np.exp(x - top).sum(axis=-1)))
+    top[np.isneginf(top)] = 0  # a row of -inf (no mass at all): log(0) = -inf below
+    with np.errstate(divide="ignore"):
+        return np.asarray(top[..., 0] + np.log(np.exp(x - top).sum(axis=-1)))
 
 
 def _index_dtype(width: int) -> np.dtype[Any]:

@@ -7,7 +7,7 @@ import os
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +31,10 @@ from kdserve.store.manifest import (
 )
 from kdserve.store.resume import kept_shards, next_shard_index, stored_ids
 
-__all__ = ["DEFAULT_SHARD_BYTES", "StoreWriter"]
+__all__ = ["COMPRESSIONS", "DEFAULT_SHARD_BYTES", "StoreWriter"]
 
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+COMPRESSIONS = (None, "zstd", "lz4")  # Arrow IPC buffer compression; readers undo it
 
 
 class StoreWriter:
@@ -47,6 +48,10 @@ class StoreWriter:
     The writer locks the store until :meth:`close` (another writer gets
     :class:`~kdserve.errors.StoreLockedError`) and stores each sample id once: a batch
     repeating an id gets :class:`~kdserve.errors.AlignmentError` and is not written.
+
+    ``compression="zstd"`` (or ``"lz4"``) compresses each Arrow buffer in the shards:
+    smaller stores (top-k indices of a real LM compress well), at the cost of a copy and
+    CPU time on every read; any Arrow reader opens them.
     """
 
     def __init__(
@@ -57,9 +62,17 @@ class StoreWriter:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         teacher: Mapping[str, Any] | None = None,
+        compression: Literal["zstd", "lz4"] | None = None,
     ) -> None:
         if shard_bytes < 1:
             raise ValueError(f"shard_bytes must be >= 1, got {shard_bytes}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be one of {list(COMPRESSIONS)}, got {compression!r}"
+            )
+        self._ipc = pa.ipc.IpcWriteOptions(
+            compression="lz4_frame" if compression == "lz4" else compression
+        )
         self.path = Path(path)
         self.schema = schema
         self.shard_bytes = shard_bytes
@@ -219,7 +232,8 @@ class StoreWriter:
         self._next_index += 1
         tmp = self.path / (name + TMP)
         shard = ShardFile(tmp)
-        writer = pa.ipc.new_file(pa.PythonFile(shard, mode="w"), self._arrow_schema)
+        sink = pa.PythonFile(shard, mode="w")
+        writer = pa.ipc.new_file(sink, self._arrow_schema, options=self._ipc)
         self._open_shard = (shard, writer, tmp)
         self._batch_rows = []
         self._shard_ids = None
