@@ -14,7 +14,13 @@ except ImportError:  # pragma: no cover - exercised in an environment without to
     ) from None
 
 from kdserve.torch.dataset import KnowledgeDataset
-from kdserve.torch.losses import FeatureProjector, feature_loss, kd_loss, topk_kd_loss
+from kdserve.torch.losses import (
+    FeatureProjector,
+    feature_loss,
+    kd_loss,
+    sampled_token_kd_loss,
+    topk_kd_loss,
+)
 from kdserve.torch.program import teacher_program
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "KnowledgeDataset",
     "feature_loss",
     "kd_loss",
+    "sampled_token_kd_loss",
     "teacher_program",
     "topk_kd_loss",
 ]
