@@ -6,6 +6,10 @@ strategy -- ``"sum"``, ``"mean"``, ``"max"``, ``"min"``, :class:`WeightedMean`,
 and without one the merge is refused, as in Pantheon. Rows are matched by ``sample_id``:
 a teacher whose batch holds the same ids in another order is reordered; different ids
 raise :class:`~kdserve.errors.AlignmentError`. Results have the field's declared dtype.
+
+``"mean"`` and :class:`WeightedMean` of a field that every teacher codes with
+:class:`~kdserve.TopK` of one kind mix the teachers' *distributions* (not their
+logits), decoded or compact: see :mod:`kdserve.core.topk_mixture`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import numpy as np
 
 from kdserve.core.align import first_difference, rows_of
 from kdserve.core.batch import Knowledge
+from kdserve.core.codecs import Codec, TopK
 from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID, Field, Schema
+from kdserve.core.topk_mixture import mix_compact, mix_dense
 from kdserve.errors import AlignmentError, MergeError
 
 __all__ = [
@@ -51,14 +57,7 @@ class MergeStrategy(ABC):
         first = next(iter(values.values()))
         if not isinstance(first, Ragged):
             return _as_dtype(self.combine(values), field.dtype)
-        for teacher, value in values.items():
-            if not np.array_equal(value.offsets, first.offsets):
-                raise MergeError(
-                    f"teachers disagree on the sequence lengths of field {field.name!r} "
-                    f"(teacher {teacher!r}); element-wise strategies need equal lengths, "
-                    f"use Take(teacher) for this field instead",
-                    field=field.name,
-                )
+        _check_lengths(field, values)
         merged = self.combine({t: v.values for t, v in values.items()})
         return Ragged(_as_dtype(merged, field.dtype), first.offsets)
 
@@ -156,6 +155,67 @@ class WeightedMean(MergeStrategy):
         total = sum(weights.values())
         out = sum(weights[t] / total * v.astype(np.float64) for t, v in values.items())
         return np.asarray(out)
+
+
+@dataclass(frozen=True)
+class _TopKMixture(MergeStrategy):
+    """Mean or WeightedMean of a field every teacher codes with TopK of one kind: the
+    weighted mixture of their distributions, decoded or compact (``decode=False``)."""
+
+    kind: str
+    weights: Mapping[str, float]  # by teacher, summing to one
+    codec: TopK | None  # the teachers' common k, kind and tail; None when they differ
+    name: ClassVar[str] = "topk_mixture"
+
+    def merge(self, field: Field, values: Values) -> Any:
+        first = next(iter(values.values()))
+        if not isinstance(first, Mapping):
+            return super().merge(field, values)
+        if self.codec is None:
+            raise MergeError(_COMPACT_ONLY.format([field.name]), field=field.name)
+        ragged = isinstance(first["values"], Ragged)
+        if ragged:
+            _check_lengths(field, {t: v["values"] for t, v in values.items()})
+        parts = [
+            {c: v.values if ragged else v for c, v in comps.items()} for comps in values.values()
+        ]
+        weights = [self.weights[t] for t in values]
+        merged = mix_compact(self.codec, field.inner_shape[-1], parts, weights, field.dtype)
+        if ragged:
+            return {c: Ragged(v, first["values"].offsets) for c, v in merged.items()}
+        return merged
+
+    def combine(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        return mix_dense(list(values.values()), [self.weights[t] for t in values], self.kind)
+
+
+def _mixture(
+    strategy: MergeStrategy, owners: list[str], codecs: list[Codec | None]
+) -> MergeStrategy:
+    """``strategy``, or its mixture form for a field every owner codes with TopK of one kind."""
+    topks = [c for c in codecs if isinstance(c, TopK)]
+    kinds = {c.kind for c in topks}
+    if (
+        not isinstance(strategy, (Mean, WeightedMean))
+        or len(topks) != len(codecs)
+        or len(kinds) > 1
+    ):
+        return strategy
+    if isinstance(strategy, WeightedMean):
+        raw = strategy._by_name(owners)
+    else:
+        raw = dict.fromkeys(owners, 1.0)
+    weights = {t: w / sum(raw.values()) for t, w in raw.items()}
+    common = len({(c.k, c.kind, c.tail) for c in topks}) == 1
+    return _TopKMixture(topks[0].kind, weights, topks[0] if common else None)
+
+
+_COMPACT_ONLY = (
+    "decode=False cannot merge coded field(s) {} in compact form: only a field that every "
+    "teacher codes with TopK of the same k, kind and tail, merged with 'mean' or "
+    "WeightedMean, is merged compactly (the mixture of the teachers' distributions); read "
+    "it with decode=True, or register one teacher per coded field"
+)
 
 
 @dataclass(frozen=True)
@@ -257,6 +317,7 @@ class Merger:
             raise MergeError("register at least one teacher before merging")
         self.teachers = list(schemas)
         self._owners: dict[str, list[str]] = {}
+        self._codecs: dict[str, list[Codec | None]] = {}  # each owner's codec
         fields: dict[str, Field] = {}
         for teacher, schema in schemas.items():
             for f in schema:
@@ -270,6 +331,7 @@ class Merger:
                     )
                 fields.setdefault(f.name, plain)
                 self._owners.setdefault(f.name, []).append(teacher)
+                self._codecs.setdefault(f.name, []).append(f.codec)
         self.schema = Schema(fields.values())
         strategies = dict(strategies or {})
         unknown = [name for name in strategies if name not in fields]
@@ -284,7 +346,7 @@ class Merger:
             if name in strategies:
                 strategy = strategy_from_spec(strategies[name], name)
                 strategy.check(name, owners)
-                self._strategies[name] = strategy
+                self._strategies[name] = _mixture(strategy, owners, self._codecs[name])
             elif len(owners) > 1:
                 raise MergeError(
                     f"field {name!r} comes from teachers {owners} but has no merge strategy; "
@@ -297,6 +359,18 @@ class Merger:
     def owners(self) -> dict[str, list[str]]:
         """Each merged field, and the teachers that give it."""
         return {name: list(owners) for name, owners in self._owners.items()}
+
+    def check_compact(self) -> None:
+        """Raise MergeError if a coded field cannot be merged in compact form (``decode=False``):
+        only a field from one teacher without a strategy, or a TopK mixture, can."""
+        refused = [
+            name
+            for name, strategy in self._strategies.items()
+            if any(self._codecs[name])
+            and not (isinstance(strategy, _TopKMixture) and strategy.codec is not None)
+        ]
+        if refused:
+            raise MergeError(_COMPACT_ONLY.format(refused), field=refused[0])
 
     def merge(self, batches: Mapping[str, Knowledge]) -> Knowledge:
         """Merge one batch per teacher (same sample ids) into one batch."""
@@ -327,6 +401,19 @@ class Merger:
             else:
                 out[f.name] = strategy.merge(f, values)
         return out
+
+
+def _check_lengths(field: Field, values: Mapping[str, Ragged]) -> None:
+    """Raise MergeError unless the teachers' sequences have equal lengths."""
+    first = next(iter(values.values()))
+    for teacher, value in values.items():
+        if not np.array_equal(value.offsets, first.offsets):
+            raise MergeError(
+                f"teachers disagree on the sequence lengths of field {field.name!r} "
+                f"(teacher {teacher!r}); element-wise strategies need equal lengths, "
+                f"use Take(teacher) for this field instead",
+                field=field.name,
+            )
 
 
 def _signature(f: Field) -> str:

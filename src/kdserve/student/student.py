@@ -334,14 +334,7 @@ class Student:
                 raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
             self._epoch = epoch
         if not decode:
-            shared = {n for n, owners in merger.owners.items() if len(owners) > 1}
-            coded = {f.name for t in self._sources for f in t.schema if f.codec is not None}
-            if shared & coded:
-                raise KdserveError(
-                    f"decode=False cannot merge coded field(s) {sorted(shared & coded)} of "
-                    f"several teachers (their compact forms do not add up); read them with "
-                    f"decode=True, or register one teacher per coded field"
-                )
+            merger.check_compact()  # a TopK mixture merges compactly; other codecs cannot
 
         def one_pass() -> Iterator[Any]:
             epoch = self._epoch
