@@ -284,7 +284,9 @@ def expected(codec: kd.TopK, knowledge: list[Any], weights: list[float], ids: np
 
 
 @pytest.mark.parametrize(
-    "codec", [kd.TopK(K), kd.TopK(K, kind="probs"), kd.TopK(K, tail=False)], ids=repr
+    "codec",
+    [kd.TopK(K), kd.TopK(K, kind="probs"), kd.TopK(K, tail=False), kd.TopK(K, values="uint8")],
+    ids=repr,
 )
 def test_a_student_merges_two_top_k_stores_compactly(tmp_path: Path, codec: kd.TopK) -> None:
     knowledge = dump_teachers(tmp_path, codec, (VOCAB,))
