@@ -147,7 +147,11 @@ def test_dump_api_declared_schema_and_resume(tmp_path):
     with kd.Teacher(path, progress=False, name="embedder", model="toy v1") as t:
         t.start_knowledge_service(["emb", "seq"], schema, lambda f: {}, [(np.ones((10, 3)), seqs)])
     reader = kd.StoreReader(path)
-    assert reader.teacher == {"name": "embedder", "model": "toy v1"}
+    assert reader.teacher == {
+        "name": "embedder",
+        "model": "toy v1",
+        "kdserve_version": kd.__version__,
+    }
     assert reader.schema["emb"].codec == kd.Bf16() and len(reader) == 10
     back = kd.from_record_batch(reader.read(0, 10))
     assert [len(s) for s in back["seq"]] == [i % 4 for i in range(10)]

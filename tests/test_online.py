@@ -25,6 +25,7 @@ from pyarrow import flight
 import kdserve as kd
 from _helpers import Background, free_port
 from kdserve.online.messages import decode_message, encode_message
+from kdserve.online.protocol import Ticket
 
 TOKEN = "online-test-token"
 JOIN = 20.0  # seconds a service thread or a student thread gets to finish
@@ -967,7 +968,7 @@ def test_small_ready_batches_travel_coalesced_and_arrive_whole(serve):
     service = serve(counted, A["schema"], reader(), buf_size=64)
     s = student([("a", service)])
     client = s._client(0)
-    ticket = flight.Ticket(b'{"pass": 0, "seq": 0, "rank": 0, "world_size": 1}')
+    ticket = flight.Ticket(Ticket(0, 0, 0, 1).to_bytes())
     # The first request starts production; wait until every batch is in the window.
     reader_ = client._client.do_get(ticket, client._options())
     first = reader_.read_chunk()

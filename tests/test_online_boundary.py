@@ -44,7 +44,7 @@ from kdserve.online.messages import (
     encode_message,
     json_depth,
 )
-from kdserve.online.protocol import SendRequest
+from kdserve.online.protocol import VERSION, SendRequest, TeacherInfo
 from kdserve.online.server import MAX_POSITION, MAX_WORLD_SIZE, TeacherServer
 
 TOKEN = "boundary-token"
@@ -381,8 +381,12 @@ def student_of(teacher: kd.Teacher) -> kd.Student:
 # -- 2. validation: one-line typed errors ---------------------------------------------------
 
 
+V = b'{"version": %d, ' % VERSION  # the start of a request of this protocol version
+
+
 def position(**changes: Any) -> bytes:
-    spec: dict[str, Any] = {"pass": 0, "seq": 0, "rank": 0, "world_size": 1} | changes
+    spec: dict[str, Any] = {"version": VERSION, "pass": 0, "seq": 0, "rank": 0, "world_size": 1}
+    spec |= changes
     return json.dumps({k: v for k, v in spec.items() if v is not ...}).encode()
 
 
@@ -401,7 +405,7 @@ BAD_POSITIONS = [
     (position(world_size=None), "world_size must be an integer, got None"),
     (position(rank=...), "missing rank"),
     (position(extra=1), r"unknown field\(s\) \['extra'\]"),
-    (b'{"pass": 0, "seq": 0, "rank": 0, "world_size": NaN}', "must be an integer, got nan"),
+    (position(world_size=...)[:-1] + b', "world_size": NaN}', "must be an integer, got nan"),
     (b'{"pass": 0, "seq": ' + b"9" * 5000 + b', "rank": 0, "world_size": 1}', "not kdserve"),
     (b"[0, 0, 0, 1]", "not a JSON object"),
     (b'{"pass": [[[[[0]]]]]}', r"nests 6 levels deep, over the limit of 4"),
@@ -452,20 +456,20 @@ def test_tickets_and_acks_beyond_the_passes_are_refused(procs):
 @pytest.mark.parametrize(
     ("kind", "body", "reason"),
     [
-        ("recv", b'{"after": -1}', r"after=-1 is outside"),
-        ("recv", b'{"after": 0, "wait": "1"}', "wait must be a number of seconds >= 0"),
-        ("recv", b'{"after": 0, "wait": -0.5}', "wait must be a number"),
-        ("recv", b'{"after": 0, "wait": Infinity}', "wait must be a number"),
-        ("recv", b'{"after": 0, "wait": true}', "wait must be a number"),
-        ("recv", b'{"after": 0, "timeout": 1}', r"unknown field\(s\) \['timeout'\]"),
+        ("recv", V + b'"after": -1}', r"after=-1 is outside"),
+        ("recv", V + b'"after": 0, "wait": "1"}', "wait must be a number of seconds >= 0"),
+        ("recv", V + b'"after": 0, "wait": -0.5}', "wait must be a number"),
+        ("recv", V + b'"after": 0, "wait": Infinity}', "wait must be a number"),
+        ("recv", V + b'"after": 0, "wait": true}', "wait must be a number"),
+        ("recv", V + b'"after": 0, "timeout": 1}', r"unknown field\(s\) \['timeout'\]"),
         ("info", b"{}", "bad info request: it takes no body"),
         ("schema", b"x", "bad schema request: it takes no body"),
         ("nonsense", b"", "unknown action 'nonsense'"),
         ("x" * 1000, b"", r"unknown action 'xxxx.*\.\.\."),
         ("line\nbreak", b"", r"unknown action 'line\\nbreak'"),
         ("send", b"not json", "message refused and dropped: .* not kdserve JSON"),
-        ("send", b'{"student": "s"}', "exactly 'student' and 'message'"),
-        ("send", b'{"student": 7, "message": 1}', "sender is not a string"),
+        ("send", V + b'"student": "s"}', "exactly 'student' and 'message'"),
+        ("send", V + b'"student": 7, "message": 1}', "sender is not a string"),
         ("send", b'{"student": "s", "message": ' + b"[" * 70 + b"]" * 70 + b"}", "nests 71"),
         ("send", b" " * (MAX_MESSAGE_BYTES + (64 << 10) + 1), "over the limit of 4259840"),
     ],
@@ -699,8 +703,8 @@ class Rogue(flight.FlightServerBase):  # type: ignore[misc]
 
     def do_action(self, context: Any, action: flight.Action) -> Iterator[flight.Result]:
         if action.type == "info":
-            info = {"name": "rogue", "times": 0, "buf_size": 0, "stream": False, "query": True}
-            return iter([flight.Result(json.dumps(info).encode())])
+            info = TeacherInfo("rogue", times=0, buf_size=0, stream=False, query=True)
+            return iter([flight.Result(info.to_bytes())])
         if action.type == "recv":
             after = json.loads(action.body.to_pybytes())["after"]
             return iter([flight.Result(m) for m in self.outbox[after:]])

@@ -40,6 +40,16 @@ MESSAGES: list[Any] = [
     RecvRequest(),
     RecvRequest(after=12, wait=0.5),
     TeacherInfo("t", times=2, buf_size=8, stream=True, query=False, max_message_bytes=99),
+    TeacherInfo(
+        "t",
+        1,
+        4,
+        False,
+        True,
+        kdserve_version="9.1",
+        model="gpt-x",
+        provenance={"tokenizer": "bpe-3f2a", "vocab_size": 32000, "temperature": 2.0, "v2": True},
+    ),
     ChunkMeta(0, 4, part=1, parts=3),
     ChunkMeta(1, 2, rows=(3, 0, 5)),
     ChunkMeta(1, 9, shares=()),  # the end of a pass in which this rank got nothing
@@ -65,22 +75,43 @@ def test_a_send_request_round_trips_with_arrays():
 
 def test_the_format_is_pinned():
     """Golden bytes: a change here is a change of the wire format, and of VERSION."""
-    assert VERSION == 1
+    assert VERSION == 2
     assert Ticket(0, 1, 1, 2).to_bytes() == (
-        b'{"version": 1, "pass": 0, "seq": 1, "rank": 1, "world_size": 2}'
+        b'{"version": 2, "pass": 0, "seq": 1, "rank": 1, "world_size": 2}'
     )
     assert ChunkMeta(0, 3, rows=(2, 2)).to_bytes() == (
-        b'{"version": 1, "pass": 0, "seq": 3, "part": 0, "parts": 1, "rows": [2, 2]}'
+        b'{"version": 2, "pass": 0, "seq": 3, "part": 0, "parts": 1, "rows": [2, 2]}'
     )
-    assert SendRequest("s", [1]).to_bytes() == (b'{"version": 1, "student": "s", "message": [1]}')
-    assert RecvRequest(2, 0.5).to_bytes() == b'{"version": 1, "after": 2, "wait": 0.5}'
+    assert SendRequest("s", [1]).to_bytes() == (b'{"version": 2, "student": "s", "message": [1]}')
+    assert RecvRequest(2, 0.5).to_bytes() == b'{"version": 2, "after": 2, "wait": 0.5}'
+    info = TeacherInfo("t", 1, 4, True, False, 99, "0.1.0", "m", {"vocab_size": 8})
+    assert info.to_bytes() == (
+        b'{"version": 2, "name": "t", "times": 1, "buf_size": 4, "stream": true, "query": '
+        b'false, "max_message_bytes": 99, "kdserve_version": "0.1.0", "model": "m", '
+        b'"provenance": {"vocab_size": 8}}'
+    )
 
 
-def test_a_message_without_a_version_is_version_1():
-    assert Ticket.from_bytes(b'{"pass": 0, "seq": 0, "rank": 0, "world_size": 1}') == Ticket(
-        0, 0, 0, 1
-    )
-    assert SendRequest.from_bytes(b'{"student": "s", "message": 1}') == SendRequest("s", 1)
+V1_INFO = b'{"version": 1, "name": "t", "times": 1, "buf_size": 4, "stream": true, "query": false}'
+
+
+@pytest.mark.parametrize(
+    ("decode", "data"),
+    [
+        (Ticket.from_bytes, b'{"pass": 0, "seq": 0, "rank": 0, "world_size": 1}'),
+        (SendRequest.from_bytes, b'{"student": "s", "message": 1}'),
+        (TeacherInfo.from_bytes, V1_INFO),
+    ],
+    ids=["no-version", "no-version-send", "v1-info"],
+)
+def test_a_version_1_message_is_refused_naming_both_and_the_fix(decode, data):
+    """Version 1 (also a message without a version) is a kdserve whose teacher info had no
+    provenance: refused, with the upgrade to make, not misread."""
+    with pytest.raises(kd.ProtocolError) as refused:
+        decode(data)
+    text = str(refused.value)
+    assert "version 1, but this kdserve speaks version 2" in text
+    assert "upgrade kdserve where version 1 runs" in text
 
 
 def newer(message: Any) -> bytes:
@@ -108,11 +139,17 @@ def test_another_version_is_refused_naming_both_and_the_fix(data):
 
 
 def body(**fields: Any) -> bytes:
-    return json.dumps({k: v for k, v in fields.items() if v is not ...}).encode()
+    """A message of this version (unless ``version`` is given); ``...`` leaves a field out."""
+    return json.dumps(
+        {k: v for k, v in ({"version": VERSION} | fields).items() if v is not ...}
+    ).encode()
 
 
 TICKET = {"pass": 0, "seq": 0, "rank": 0, "world_size": 1}
-INFO = {"name": "t", "times": 1, "buf_size": 4, "stream": True, "query": False}
+INFO = {
+    "name": "t", "times": 1, "buf_size": 4, "stream": True, "query": False,
+    "kdserve_version": "0.1.0",
+}  # fmt: skip
 META = {"pass": 0, "seq": 0, "part": 0, "parts": 1}
 
 MALFORMED: list[tuple[Callable[[bytes], Any], bytes, str]] = [
@@ -126,7 +163,11 @@ MALFORMED: list[tuple[Callable[[bytes], Any], bytes, str]] = [
     (Ack.from_bytes, body(**TICKET | {"pass": True}), "bad ack: pass must be an integer"),
     (RecvRequest.from_bytes, body(after=-1), r"bad recv request: after=-1 is outside"),
     (RecvRequest.from_bytes, body(wait="1"), "wait must be a number of seconds >= 0"),
-    (RecvRequest.from_bytes, b'{"wait": NaN}', "wait must be a number of seconds >= 0"),
+    (
+        RecvRequest.from_bytes,
+        b'{"version": 2, "wait": NaN}',
+        "wait must be a number of seconds >= 0",
+    ),
     (RecvRequest.from_bytes, b"[]", "bad recv request: not a JSON object"),
     (RecvRequest.from_bytes, b'{"after": 1', "recv request is not kdserve JSON"),
     (TeacherInfo.from_bytes, body(**INFO | {"name": ""}), "name must be a string of 1"),
@@ -134,6 +175,23 @@ MALFORMED: list[tuple[Callable[[bytes], Any], bytes, str]] = [
     (TeacherInfo.from_bytes, body(**INFO | {"stream": 1}), "stream must be true or false"),
     (TeacherInfo.from_bytes, body(**INFO | {"max_message_bytes": 0}), "max_message_bytes=0"),
     (TeacherInfo.from_bytes, body(**INFO | {"query": ...}), "missing query"),
+    (TeacherInfo.from_bytes, body(**INFO | {"kdserve_version": ...}), "missing kdserve_version"),
+    (TeacherInfo.from_bytes, body(**INFO | {"kdserve_version": ""}), "kdserve_version must be"),
+    (TeacherInfo.from_bytes, body(**INFO | {"model": 3}), "model must be a string"),
+    (TeacherInfo.from_bytes, body(**INFO | {"provenance": [1]}), "provenance must be an object"),
+    (TeacherInfo.from_bytes, body(**INFO | {"provenance": {"t": None}}), "provenance maps names"),
+    (TeacherInfo.from_bytes, body(**INFO | {"provenance": {"": 1}}), "provenance maps names"),
+    (TeacherInfo.from_bytes, body(**INFO | {"provenance": {"t": [1]}}), "'t': \\[1\\]"),
+    (
+        TeacherInfo.from_bytes,
+        body(**INFO)[:-1] + b', "provenance": {"t": NaN}}',
+        "provenance maps names.*got 't': nan",
+    ),
+    (
+        TeacherInfo.from_bytes,
+        body(**INFO | {"provenance": {str(i): i for i in range(65)}}),
+        "provenance must be an object of at most 64 names",
+    ),
     (ChunkMeta.from_bytes, body(**META | {"parts": 0}), r"parts=0 is outside \[1, "),
     (ChunkMeta.from_bytes, body(**META | {"part": 2, "parts": 2}), r"part=2 is outside \[0, 1\]"),
     (ChunkMeta.from_bytes, body(**META | {"rows": [1, -2]}), "rows must be a list of integers"),

@@ -28,7 +28,7 @@ USER_API = {
     # teachers: Pantheon's class and the one-call forms
     "Teacher", "dump", "serve", "Service", "Limits",
     # students
-    "Student", "Loader",
+    "Student", "Loader", "VocabMap",
     # what knowledge is
     "SAMPLE_ID", "Field", "Schema", "Knowledge", "Ragged", "from_record_batch", "to_record_batch",
     "Codec", "Fp16", "Bf16", "Int8", "TopK",

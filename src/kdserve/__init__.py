@@ -12,6 +12,7 @@ import importlib
 import logging
 import warnings
 
+from kdserve._version import __version__
 from kdserve.core.batch import Knowledge, from_record_batch, to_record_batch
 from kdserve.core.codecs import Bf16, Codec, Fp16, Int8, TopK
 from kdserve.core.merge import Max, Mean, MergeStrategy, Min, Sum, Take, WeightedMean
@@ -32,12 +33,10 @@ from kdserve.errors import (
 from kdserve.log import show_status
 from kdserve.online.limits import Limits
 from kdserve.store import StoreReader, StoreWriter
-from kdserve.student import Loader, Student
+from kdserve.student import Loader, Student, VocabMap
 from kdserve.teacher import Service, Teacher, dump, serve
 
 logging.getLogger("kdserve").addHandler(logging.NullHandler())
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SAMPLE_ID",
@@ -73,6 +72,7 @@ __all__ = [
     "Teacher",
     "TeacherUnavailableError",
     "TopK",
+    "VocabMap",
     "WeightedMean",
     "__version__",
     "dump",

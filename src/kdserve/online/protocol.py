@@ -14,7 +14,8 @@ version is refused naming both versions and the fix (upgrade the older side).
     RecvRequest  do_action("recv"): {"after": int >= 0, "wait": seconds >= 0}, both optional
     SendRequest  do_action("send"): {"student": str, "message": <a kdserve message>}
     TeacherInfo  do_action("info")'s reply: name, times, buf_size, stream, query,
-                 max_message_bytes (optional)
+                 kdserve_version; max_message_bytes, model and provenance (at most
+                 MAX_PROVENANCE_ITEMS names to strings, numbers or booleans) optional
     ChunkMeta    a knowledge stream message's app metadata: pass, seq, part, parts; "rows"
                  when it holds several small batches, "shares" at the end of a rank's pass
     ErrorInfo    a refused call's Flight ``extra_info``: the kdserve exception's kind (its
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from kdserve import errors
+from kdserve._version import __version__
 from kdserve.errors import KdserveError, ProtocolError
 from kdserve.online.messages import (
     MAX_MESSAGE_BYTES,
@@ -41,6 +43,9 @@ from kdserve.online.wire import VERSION, Fields, check_version, dump, one_line, 
 __all__ = [
     "ERROR_KINDS",
     "MAX_POSITION",
+    "MAX_PROVENANCE_BYTES",
+    "MAX_PROVENANCE_ITEMS",
+    "MAX_PROVENANCE_NAME",
     "MAX_SENDER_CHARS",
     "MAX_WORLD_SIZE",
     "VERSION",
@@ -58,6 +63,9 @@ MAX_POSITION = (1 << 53) - 1  # pass, seq and message indices (exact in any JSON
 MAX_REQUEST_BYTES = 64 << 10  # a ticket, ack or recv request: a few numbers
 MAX_SENDER_CHARS = 256  # a student id in a send request (ours are 32 hex digits)
 _ENVELOPE_BYTES = MAX_SENDER_CHARS * 6 + 64  # what a send request adds to its message
+MAX_PROVENANCE_ITEMS = 64  # names in a teacher's provenance
+MAX_PROVENANCE_NAME = 256  # characters of one name
+MAX_PROVENANCE_BYTES = 16 << 10  # its JSON: a teacher's info stays far below 64 KiB
 _MAX_CONTEXT_ITEMS = 32
 ERROR_KINDS: dict[str, type[KdserveError]] = {
     name: kind
@@ -179,7 +187,9 @@ class SendRequest:
 @dataclass(frozen=True)
 class TeacherInfo:
     """What a teacher serves: its passes (``times``), window (``buf_size``), a knowledge
-    stream and/or queries, and the size of message it takes."""
+    stream and/or queries, and the size of message it takes; and what makes its knowledge
+    comparable: the kdserve version it runs, its ``model`` and its ``provenance``
+    (``Teacher(provenance=...)``: tokenizer, vocab_size, temperature, ...)."""
 
     name: str
     times: int
@@ -187,14 +197,18 @@ class TeacherInfo:
     stream: bool
     query: bool
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    kdserve_version: str = __version__
+    model: str | None = None
+    provenance: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        return dump(vars(self))
+        values = {k: v for k, v in vars(self).items() if v is not None}
+        return dump(values | {"provenance": dict(self.provenance)})
 
     @classmethod
     def from_bytes(cls, raw: bytes, what: str = "teacher info") -> TeacherInfo:
-        required = {"name", "times", "buf_size", "stream", "query"}
-        fields = Fields(raw, what, required, {"max_message_bytes"})
+        required = {"name", "times", "buf_size", "stream", "query", "kdserve_version"}
+        fields = Fields(raw, what, required, {"max_message_bytes", "model", "provenance"})
         return cls(
             name=fields.text("name"),
             times=fields.integer("times", 0, MAX_POSITION),
@@ -204,6 +218,9 @@ class TeacherInfo:
             max_message_bytes=fields.integer(
                 "max_message_bytes", 1, MAX_POSITION, default=MAX_MESSAGE_BYTES
             ),
+            kdserve_version=fields.text("kdserve_version", 64),
+            model=fields.optional_text("model"),
+            provenance=fields.scalars("provenance", MAX_PROVENANCE_ITEMS, MAX_PROVENANCE_NAME),
         )
 
 

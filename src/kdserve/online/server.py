@@ -5,7 +5,8 @@
     do_get(Ticket)        one rank's batches of a pass, from a sequence number on
                           (:mod:`kdserve.online.serve_pass`)
     do_action("ack")      an Ack: a rank has its batches before a position (frees the window)
-    do_action("info")     TeacherInfo: name, times, what the teacher serves, its message limit
+    do_action("info")     TeacherInfo: name, times, what the teacher serves, its message limit,
+                          its kdserve version, model and provenance
     do_action("send")     a SendRequest: a student's message to the teacher
     do_action("recv")     a RecvRequest: the teacher's messages after an index (long poll)
     do_exchange("query")  input batches in, knowledge batches out (query mode)
@@ -49,7 +50,7 @@ teacher hold nothing (measured: +0 MB). Use it for a teacher reachable beyond lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -99,7 +100,8 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
     refused as unavailable, which students retry. ``tls`` is the server's (cert, key) PEM
     pair; with ``tls_client_ca`` (PEM) too, clients must present a certificate signed by
     that CA (mutual TLS), checked in the TLS handshake before any request is read. The
-    ``max_*`` limits are described in the module docstring.
+    ``max_*`` limits are described in the module docstring. ``model`` and ``provenance``
+    (checked by the :class:`~kdserve.Teacher`) are reported in the teacher's info.
     """
 
     def __init__(
@@ -119,6 +121,8 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES,
         max_query_bytes: int = DEFAULT_MAX_QUERY_BYTES,
+        model: str | None = None,
+        provenance: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         limits = {
             "max_request_bytes": max_request_bytes,
@@ -156,6 +160,8 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         self.schema = schema
         self.window = window
         self.query = query
+        self.model = model
+        self.provenance = dict(provenance or {})
         self.inbox = Inbox(max_inbox_bytes)
         self._outbox = Outbox(max_message_bytes)
 
@@ -278,6 +284,8 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
             stream=self.window is not None,
             query=self.query is not None,
             max_message_bytes=self.max_message_bytes,
+            model=self.model,
+            provenance=self.provenance,
         )
 
     def _receive(self, data: bytes, context: Any) -> None:

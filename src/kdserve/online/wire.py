@@ -12,14 +12,15 @@ from typing import Any
 from kdserve.errors import ProtocolError
 from kdserve.online.messages import load_json
 
-__all__ = ["VERSION", "Fields", "check_version", "dump", "one_line", "quote"]
+__all__ = ["MAX_TEXT_CHARS", "VERSION", "Fields", "check_version", "dump", "one_line", "quote"]
 
-VERSION = 1
+VERSION = 2
 """The protocol version. Version 1 is also what kdserve sent before messages carried a
-version: a message without one is read as version 1."""
+version: a message without one is read as version 1. Version 2: a teacher's info reports
+its kdserve version, model and provenance (which version 1's strict info refuses)."""
 _MAX_DEPTH = 4  # every message is a flat object (lists of numbers at most)
 _MAX_BYTES = 64 << 10  # a reply or a chunk's metadata: a few numbers (and row counts)
-_MAX_TEXT_CHARS = 1024
+MAX_TEXT_CHARS = 1024
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -107,11 +108,35 @@ class Fields:
             raise self.fail(f"{key} must be true or false, got {quote(value)}")
         return value
 
-    def text(self, key: str, limit: int = _MAX_TEXT_CHARS) -> str:
+    def text(self, key: str, limit: int = MAX_TEXT_CHARS) -> str:
         """A string of 1 to ``limit`` characters."""
         value = self.values[key]
         if not isinstance(value, str) or not 0 < len(value) <= limit:
             raise self.fail(f"{key} must be a string of 1 to {limit} characters")
+        return value
+
+    def optional_text(self, key: str, limit: int = MAX_TEXT_CHARS) -> str | None:
+        """A string of 1 to ``limit`` characters, or None when absent."""
+        return self.text(key, limit) if key in self.values else None
+
+    def scalars(self, key: str, max_items: int, max_key_chars: int) -> dict[str, Any]:
+        """An object of at most ``max_items`` names (1 to ``max_key_chars`` characters) to
+        strings (of at most the text limit), integers, finite numbers or booleans; {}
+        when absent."""
+        value = self.values.get(key, {})
+        if not isinstance(value, dict) or len(value) > max_items:
+            raise self.fail(f"{key} must be an object of at most {max_items} names")
+        for name, item in value.items():
+            if not 0 < len(name) <= max_key_chars or not (
+                type(item) in (bool, int)
+                or (type(item) is float and math.isfinite(item))
+                or (type(item) is str and len(item) <= MAX_TEXT_CHARS)
+            ):
+                raise self.fail(
+                    f"{key} maps names of 1 to {max_key_chars} characters to strings of at "
+                    f"most {MAX_TEXT_CHARS} characters, numbers or booleans; got "
+                    f"{quote(name)}: {quote(item)}"
+                )
         return value
 
     def counts(self, key: str) -> tuple[int, ...] | None:

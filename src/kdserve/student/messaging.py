@@ -3,7 +3,7 @@ sent, knowledge returned), over a teacher's connection."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,11 +33,11 @@ def query_batches(
     client: TeacherClient,
     batches: Iterable[Mapping[str, Any]],
     max_in_flight: int,
-    decode: bool = True,
+    knowledge: Callable[[pa.RecordBatch], Knowledge] = from_record_batch,
 ) -> Iterator[Knowledge]:
     """Knowledge for each batch of inputs, in input order, ``max_in_flight`` requests
-    pipelined. Sample ids are a ``sample_id`` input or 0..n-1 per batch; ``decode=False``
-    leaves coded fields in their compact form (a dict of the codec's components)."""
+    pipelined. Sample ids are a ``sample_id`` input or 0..n-1 per batch; ``knowledge``
+    reads each answer (e.g. with ``decode=False``, or through a teacher's vocab_map)."""
 
     def arrow() -> Iterator[pa.RecordBatch]:
         for inputs in batches:
@@ -48,4 +48,4 @@ def query_batches(
             yield to_record_batch(data, schema, np.arange(n) if ids is None else ids)
 
     for result in client.query(arrow(), max_in_flight):
-        yield from_record_batch(result, decode=decode)
+        yield knowledge(result)

@@ -1,19 +1,21 @@
 """Sources: a student's registered teachers behind one interface -- a store read from
 disk, or a served teacher read over the network. Each source owns its reader or its
-connection; a new kind of teacher is one more Source class."""
+connection, checks the provenance its teacher records against the student's ``expect``,
+and reads its batches into knowledge (through its :class:`VocabMap`, if it has one); a
+new kind of teacher is one more Source class."""
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from kdserve.core.align import rows_of
-from kdserve.core.batch import sample_ids
+from kdserve.core.batch import Knowledge, from_record_batch, sample_ids
 from kdserve.core.idset import IdSet, repeats
 from kdserve.core.sampler import Block, Sampler
 from kdserve.core.schema import Schema
@@ -21,15 +23,33 @@ from kdserve.errors import AlignmentError, KdserveError, MergeError, ProtocolErr
 from kdserve.online.client import TeacherClient
 from kdserve.online.protocol import TeacherInfo
 from kdserve.store import StoreReader
+from kdserve.student.messaging import query_batches
+from kdserve.student.vocab_map import VocabMap
 
 __all__ = ["Source", "StoreSource", "TeacherSource", "refuse_mixed_vocabularies"]
 
 
-class Source(ABC):
-    """A registered teacher: its name, schema and (for served teachers) connection."""
+_VOCABULARY = ("vocab_size", "tokenizer")  # what says what token ids mean
 
-    def __init__(self, name: str) -> None:
+
+class Source(ABC):
+    """A registered teacher: its name, schema, provenance and (for served teachers)
+    connection. ``expect`` is the provenance the student requires of it; ``vocab_map``
+    (None: it speaks the student's vocabulary) rewrites its top-k indices."""
+
+    def __init__(
+        self,
+        name: str,
+        expect: Mapping[str, Any] | None = None,
+        vocab_map: VocabMap | None = None,
+    ) -> None:
+        if vocab_map is not None and not isinstance(vocab_map, VocabMap):
+            raise TypeError(
+                f"vocab_map must be a kd.VocabMap(ids, vocab_size), got {type(vocab_map).__name__}"
+            )
         self.name = name
+        self.expect = dict(expect or {})
+        self.vocab_map = vocab_map
 
     @abstractmethod
     def open(self) -> None:
@@ -39,7 +59,63 @@ class Source(ABC):
     @property
     @abstractmethod
     def schema(self) -> Schema:
-        """The knowledge it gives."""
+        """The knowledge it gives, as the teacher records it."""
+
+    @property
+    @abstractmethod
+    def provenance(self) -> dict[str, Any]:
+        """What its teacher recorded (``Teacher(provenance=...)``); {} if nothing."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What it is and what it records: where, name, model, kdserve version,
+        provenance, and its fields as the teacher gives them (codecs included)."""
+
+    @property
+    def comparable(self) -> dict[str, Any]:
+        """Its provenance as the student receives its knowledge (see :meth:`received`)."""
+        return self.received(self.provenance)
+
+    def received(self, provenance: Mapping[str, Any]) -> dict[str, Any]:
+        """``provenance`` as the student receives the knowledge: with a vocab_map, in the
+        student's vocabulary (``vocab_size`` the map's, no ``tokenizer``)."""
+        if self.vocab_map is None:
+            return dict(provenance)
+        others = {k: v for k, v in provenance.items() if k not in _VOCABULARY}
+        return others | {"vocab_size": self.vocab_map.vocab_size}
+
+    @functools.cached_property
+    def knowledge_schema(self) -> Schema:
+        """The knowledge it gives as the student receives it (TopK fields over the
+        student's vocabulary, with a vocab_map)."""
+        if self.vocab_map is None:
+            return self.schema
+        return self.vocab_map.schema(self.schema, self.name)
+
+    def knowledge(
+        self, batch: pa.RecordBatch, decode: bool, schema: Schema | None = None
+    ) -> Knowledge:
+        """One of its batches -- of its :attr:`schema`, or of ``schema`` (a query's
+        answer) -- as arrays, through its vocab_map if it has one."""
+        schema = self.schema if schema is None else schema
+        if self.vocab_map is None:
+            return from_record_batch(batch, schema, decode=decode)
+        return self.vocab_map.knowledge(batch, schema, decode, self.name)
+
+    def check_expect(self, recorded: Mapping[str, Any]) -> None:
+        """Refuse the teacher unless its provenance (``recorded``, as :meth:`received`
+        gives it) holds every value the student expects."""
+        wrong = {k: recorded.get(k) for k, v in self.expect.items() if recorded.get(k) != v}
+        if wrong:
+            expected = {k: self.expect[k] for k in wrong}
+            mapped = ""
+            if self.vocab_map is not None and set(wrong) & set(_VOCABULARY):
+                mapped = " (with its vocab_map: vocab_size the map's, tokenizer not compared)"
+            raise self._unexpected(f"{wrong}{mapped} where the student expects {expected}")
+
+    @abstractmethod
+    def _unexpected(self, what: str) -> KdserveError:
+        """The error for a teacher whose provenance is not what the student expects."""
 
     @property
     def streams(self) -> bool:
@@ -64,12 +140,12 @@ class StoreSource(Source):
         allow_incomplete: bool,
         verify: bool,
         expect: Mapping[str, Any] | None = None,
+        vocab_map: VocabMap | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, expect, vocab_map)
         self.path = path
         self.allow_incomplete = allow_incomplete
         self.verify = verify
-        self.expect = dict(expect or {})
         self.rows_of: np.ndarray | None = None  # reference row -> this store's row; None: same
         self._order: np.ndarray | None = None  # argsort of the ids, made on first lookup
 
@@ -82,23 +158,38 @@ class StoreSource(Source):
                 f"Re-run the dump to finish it, or register it with allow_incomplete=True",
                 path=self.path,
             )
-        self.provenance: dict[str, Any] = dict(self.reader.teacher.get("provenance") or {})
-        wrong = {
-            k: self.provenance.get(k) for k, v in self.expect.items() if self.provenance.get(k) != v
-        }
-        if wrong:
-            raise StoreError(
-                f"store {self.path} (teacher {self.name!r}) records provenance {wrong} where "
-                f"the student expects { ({k: self.expect[k] for k in wrong}) }: it holds another "
-                f"teacher's knowledge (None: not recorded; dump with provenance=...)",
-                path=self.path,
-            )
+        self.check_expect(self.comparable)
         self.ids = self.reader.sample_ids()
         refuse_repeats(self.ids, f"store {self.path} (teacher {self.name!r})", self.name)
+
+    def _unexpected(self, what: str) -> KdserveError:
+        return StoreError(
+            f"store {self.path} (teacher {self.name!r}) records provenance {what}: it holds "
+            f"another teacher's knowledge (None: not recorded; dump with provenance=...), or "
+            f"drop those names from expect=",
+            path=self.path,
+            teacher=self.name,
+        )
 
     @property
     def schema(self) -> Schema:
         return self.reader.schema
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.reader.teacher.get("provenance") or {})
+
+    def describe(self) -> dict[str, Any]:
+        recorded = self.reader.teacher
+        return _description(
+            {"store": self.path},
+            recorded.get("name"),
+            recorded.get("model"),
+            recorded.get("kdserve_version"),
+            self.provenance,
+            self.schema,
+            self.vocab_map,
+        )
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -151,8 +242,14 @@ class TeacherSource(Source):
     """A served teacher: its connection, and (asked for on first use, so that messages
     flow before its knowledge service starts) its schema and what it serves."""
 
-    def __init__(self, name: str, client: TeacherClient) -> None:
-        super().__init__(name)
+    def __init__(
+        self,
+        name: str,
+        client: TeacherClient,
+        expect: Mapping[str, Any] | None = None,
+        vocab_map: VocabMap | None = None,
+    ) -> None:
+        super().__init__(name, expect, vocab_map)
         self._client = client
 
     def open(self) -> None:
@@ -160,8 +257,50 @@ class TeacherSource(Source):
 
     @functools.cached_property
     def info(self) -> TeacherInfo:
-        """What the teacher serves: whether it streams, its passes (times), its buf_size."""
-        return self._client.teacher_info()
+        """What the teacher serves -- whether it streams, its passes (times), its buf_size
+        -- and its provenance, checked against the student's ``expect`` (its knowledge
+        service must run: it is asked when its knowledge is first needed)."""
+        info = self._client.teacher_info()
+        self.check_expect(self.received(info.provenance))
+        return info
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.info.provenance)
+
+    def _unexpected(self, what: str) -> KdserveError:
+        return KdserveError(
+            f"online teacher {self.name!r} at {self._client.address} reports provenance "
+            f"{what}: it serves another teacher's knowledge (None: not reported; serve it "
+            f"with provenance=...), or drop those names from expect=",
+            teacher=self.name,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        info = self.info
+        return _description(
+            {"address": self._client.address},
+            info.name,
+            info.model,
+            info.kdserve_version,
+            self.provenance,
+            self.schema,
+            self.vocab_map,
+        )
+
+    def query(
+        self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool
+    ) -> Iterator[Knowledge]:
+        """Query mode: the knowledge for each batch of inputs (its provenance checked
+        first if the student expects some), through its vocab_map if it has one."""
+        if self.expect:
+            self.info  # noqa: B018 -- asked (and checked) once, before the first query
+        yield from query_batches(
+            self._client,
+            batches,
+            max_in_flight,
+            lambda answer: self.knowledge(answer, decode, Schema.from_arrow(answer.schema)),
+        )
 
     @functools.cached_property
     def schema(self) -> Schema:
@@ -258,13 +397,33 @@ def refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
         )
 
 
-def refuse_mixed_vocabularies(stores: list[StoreSource]) -> None:
-    """MergeError if two stores record a different ``vocab_size`` or ``tokenizer``: their
-    token positions and indices mean different things."""
-    for key in ("vocab_size", "tokenizer"):
-        seen = {s.name: s.provenance[key] for s in stores if key in s.provenance}
+def refuse_mixed_vocabularies(sources: Sequence[Source]) -> None:
+    """MergeError if two teachers (stores or online) record a different ``vocab_size`` or
+    ``tokenizer``: their token positions and indices mean different things. A teacher
+    with a vocab_map counts with the map's ``vocab_size`` (and no tokenizer)."""
+    for key in _VOCABULARY:
+        seen = {s.name: s.comparable[key] for s in sources if key in s.comparable}
         if len(set(map(str, seen.values()))) > 1:
             raise MergeError(
                 f"teachers record different {key}s {seen}: their knowledge does not line up "
-                f"token by token; distil from teachers that share a tokenizer"
+                f"token by token; distil from teachers that share a tokenizer, or register "
+                f"the others with vocab_map=kd.VocabMap(ids, vocab_size) (their token ids in "
+                f"the student's)"
             )
+
+
+def _description(
+    where: dict[str, Any],
+    name: str | None,
+    model: str | None,
+    version: str | None,
+    provenance: dict[str, Any],
+    schema: Schema,
+    vocab_map: VocabMap | None,
+) -> dict[str, Any]:
+    """One teacher's entry of ``Student.get_teacher_desc()``."""
+    desc = where | {"name": name, "model": model, "kdserve_version": version}
+    desc |= {"provenance": provenance, "fields": schema.describe()}
+    if vocab_map is not None:
+        desc["vocab_map"] = {"teacher_vocab": len(vocab_map), "vocab_size": vocab_map.vocab_size}
+    return desc

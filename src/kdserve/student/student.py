@@ -40,15 +40,16 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from kdserve.core.batch import Knowledge, from_record_batch
+from kdserve.core.batch import Knowledge
 from kdserve.core.merge import Merger, StrategySpec
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.sampler import Even, Sampler
 from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
-from kdserve.student.messaging import query_batches, recv_message
+from kdserve.student.messaging import recv_message
 from kdserve.student.passes import Step, served_pass, store_pass
 from kdserve.student.sources import Source, StoreSource, TeacherSource, refuse_mixed_vocabularies
+from kdserve.student.vocab_map import VocabMap
 
 __all__ = ["Loader", "Student"]
 
@@ -71,8 +72,12 @@ class Student:
     to online teachers; ``buf_size`` batches are prefetched in the background.
     ``verify=True`` checks each store shard's crc32 once, before its first use.
     ``expect`` (e.g. ``{"tokenizer": "<hash>", "vocab_size": 32000}``) is the provenance
-    every store must record (``Teacher(provenance=...)``); stores whose ``vocab_size`` or
-    ``tokenizer`` differ are never merged.
+    every teacher must record (``Teacher(provenance=...)``): a store when the student
+    starts, an online teacher when its knowledge is first needed (it reports its
+    provenance once its knowledge service runs). Teachers whose ``vocab_size`` or
+    ``tokenizer`` differ are never merged, unless registered with a ``vocab_map``
+    (:class:`~kdserve.VocabMap`) that rewrites their top-k indices into the student's
+    vocabulary. :meth:`get_teacher_desc` shows what each teacher records.
     """
 
     def __init__(
@@ -131,8 +136,10 @@ class Student:
         *,
         name: str | None = None,
         allow_incomplete: bool = False,
+        vocab_map: VocabMap | None = None,
     ) -> int:
-        """Register a knowledge store; returns its teacher id (0, 1, ... in order)."""
+        """Register a knowledge store; returns its teacher id (0, 1, ... in order).
+        ``vocab_map`` (:class:`~kdserve.VocabMap`) maps its token ids to the student's."""
         where = os.fspath(path)
         source = StoreSource(
             self._name(name, os.path.basename(os.path.normpath(where))),
@@ -140,6 +147,7 @@ class Student:
             allow_incomplete,
             self.verify,
             self.expect,
+            vocab_map,
         )
         self._stores.append(source)
         return self._add(source)
@@ -151,13 +159,10 @@ class Student:
         name: str | None = None,
         token: str | None = None,
         tls_root_certs: bytes | None = None,
+        vocab_map: VocabMap | None = None,
     ) -> int:
-        """Register a served teacher at ``"host:port"``; returns its teacher id."""
-        if self.expect:
-            raise KdserveError(
-                "Student(expect=...) checks the provenance stores record; online teachers do "
-                "not report theirs yet: read their stores, or drop expect="
-            )
+        """Register a served teacher at ``"host:port"``; returns its teacher id.
+        ``vocab_map`` (:class:`~kdserve.VocabMap`) maps its token ids to the student's."""
         teacher_name = self._name(name, str(address))
         client = TeacherClient(
             str(address),
@@ -167,7 +172,7 @@ class Student:
             tls_client_cert=self.tls_client_cert,
             connect_timeout=self.connect_timeout,
         )
-        source = TeacherSource(teacher_name, client)
+        source = TeacherSource(teacher_name, client, self.expect, vocab_map)
         self._served.append(source)
         return self._add(source)
 
@@ -180,18 +185,28 @@ class Student:
         allow_incomplete: bool = False,
         token: str | None = None,
         tls_root_certs: bytes | None = None,
+        vocab_map: VocabMap | None = None,
     ) -> int:
         """Pantheon's registration: a store (``in_path``) or a served teacher
-        (``in_address="host:port"``); returns its teacher id (0, 1, ... in order)."""
+        (``in_address="host:port"``); returns its teacher id (0, 1, ... in order).
+        ``vocab_map`` is :meth:`add_store`'s."""
         if (in_path is None) == (in_address is None):
             raise KdserveError(
                 "register_teacher needs one of in_path= (a knowledge store directory) or "
                 "in_address= ('host:port' of an online teacher)"
             )
         if in_path is not None:
-            return self.add_store(in_path, name=name, allow_incomplete=allow_incomplete)
+            return self.add_store(
+                in_path, name=name, allow_incomplete=allow_incomplete, vocab_map=vocab_map
+            )
         assert in_address is not None
-        return self.add_teacher(in_address, name=name, token=token, tls_root_certs=tls_root_certs)
+        return self.add_teacher(
+            in_address,
+            name=name,
+            token=token,
+            tls_root_certs=tls_root_certs,
+            vocab_map=vocab_map,
+        )
 
     def _name(self, name: str | None, label: str) -> str:
         """The teacher's name (``"<id>:<label>"`` by default); refused before start()."""
@@ -207,12 +222,14 @@ class Student:
         return len(self._sources) - 1
 
     def start(self) -> None:
-        """End registration: open every store and check that the stores align.
+        """End registration: open every store and check that the stores align and record
+        the provenance ``expect`` asks for.
 
         Online teachers must answer and take the token (waited for up to
-        ``connect_timeout``); they are asked for their schema when knowledge is first
-        needed (:meth:`get_knowledge_desc`, a pass, ``len``), so messages can be exchanged
-        with them before their knowledge service starts, as in Pantheon.
+        ``connect_timeout``); they are asked for their schema and provenance when
+        knowledge is first needed (:meth:`get_knowledge_desc`, a pass, ``len``, a query),
+        so messages can be exchanged with them before their knowledge service starts, as
+        in Pantheon.
         """
         if self._ready:
             return
@@ -234,13 +251,13 @@ class Student:
                 "the pass number (kd.serve(program, lambda epoch: batches(epoch), ...)); "
                 "give each sample its sample_id"
             )
-        refuse_mixed_vocabularies(self._stores)
+        refuse_mixed_vocabularies(self._sources)
         if not streaming:
             for store in self._stores[1:]:
                 store.align_to(self._stores[0])
         merged = [s for s in self._sources if s.streams]
         if merged:  # else only query-only teachers: nothing to merge
-            self._merger = Merger({s.name: s.schema for s in merged}, self.merge_strategy)
+            self._merger = Merger({s.name: s.knowledge_schema for s in merged}, self.merge_strategy)
         self._prepared = True
 
     def _streaming(self) -> list[TeacherSource]:
@@ -283,8 +300,18 @@ class Student:
     # -- knowledge ------------------------------------------------------------------
 
     def get_knowledge_desc(self) -> dict[str, dict[str, Any]]:
-        """The merged knowledge: ``{field: {"shape", "dtype", "lod_level"}}`` (Pantheon style)."""
+        """The merged knowledge: ``{field: {"shape", "dtype", "lod_level"}}`` (Pantheon
+        style), decoded; each teacher's codecs are in :meth:`get_teacher_desc`."""
         return self._started().schema.describe()
+
+    def get_teacher_desc(self) -> dict[str, dict[str, Any]]:
+        """What each teacher records, by its name here: ``store`` (path) or ``address``,
+        its ``name`` and ``model``, the ``kdserve_version`` that wrote (or serves) it, its
+        ``provenance``, its ``fields`` as it gives them (codecs with their parameters:
+        TopK's ``k``, ``kind``, ``tail``), and its ``vocab_map`` if it has one. Online
+        teachers are asked once their knowledge service runs."""
+        self._check_ready()
+        return {s.name: s.describe() for s in self._sources}
 
     def get_knowledge_qsize(self) -> int:
         """Merged batches prefetched and waiting for the consumer."""
@@ -383,11 +410,9 @@ class Student:
         else:
             steps = store_pass(self._stores, self._sampler, epoch, batch_size, drop_last)
         merger = self._started()
-        schemas = {s.name: s.schema for s in self._sources}
+        sources = {s.name: s for s in self._sources}
         for step in steps:
-            batch = merger.merge(
-                {n: from_record_batch(b, schemas[n], decode=decode) for n, b in step.items()}
-            )
+            batch = merger.merge({n: sources[n].knowledge(b, decode) for n, b in step.items()})
             yield batch if transform is None else transform(batch)
 
     # -- messages and queries -------------------------------------------------------
@@ -435,7 +460,10 @@ class Student:
         the round trip; results come in input order. Sample ids are taken from a
         ``sample_id`` input or numbered 0..n-1 per batch. ``decode=False`` keeps coded
         fields compact, as :meth:`get_knowledge_generator` does (on-policy top-k)."""
-        return query_batches(self._client(teacher_id), batches, max_in_flight, decode)
+        self._client(teacher_id)  # a served teacher's: refused for a store
+        source = self._sources[teacher_id]
+        assert isinstance(source, TeacherSource)
+        return source.query(batches, max_in_flight, decode)
 
 
 class Loader:

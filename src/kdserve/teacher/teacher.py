@@ -29,7 +29,9 @@ regenerates, from its (deterministic) reader, only the batches its students stil
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -39,13 +41,20 @@ from typing import Any
 
 import numpy as np
 
+from kdserve._version import __version__
 from kdserve.core.batch import to_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.core.wait import POLL, slices
 from kdserve.errors import KdserveError, SchemaError
 from kdserve.online.limits import Limits
+from kdserve.online.protocol import (
+    MAX_PROVENANCE_BYTES,
+    MAX_PROVENANCE_ITEMS,
+    MAX_PROVENANCE_NAME,
+)
 from kdserve.online.replay import MIN_WINDOW_BYTES, ReplayWindow
 from kdserve.online.server import DEFAULT_CHUNK_BYTES, TeacherServer
+from kdserve.online.wire import MAX_TEXT_CHARS
 from kdserve.store import DEFAULT_SHARD_BYTES
 from kdserve.teacher.encoder import Encoder, Keep, Program, batch_length, knowledge_names
 from kdserve.teacher.pipeline import Pipeline
@@ -88,8 +97,11 @@ class Teacher:
 
     ``provenance`` records what makes this knowledge comparable with other teachers' --
     e.g. ``{"vocab_size": 32000, "tokenizer": "<hash>", "temperature": 1.0, "revision":
-    "v2"}`` -- in the store; students can require it (``Student(expect=...)``), and a
-    store is never resumed by a dump of other provenance.
+    "v2"}`` (at most 64 names, to strings, numbers or booleans) -- in the store, and
+    online in the teacher's info; students can require it (``Student(expect=...)``), and
+    a store is never resumed by a dump of other provenance. The kdserve version is
+    recorded beside it (``kdserve_version``: in a store, the version that last wrote it;
+    it never keeps a dump from resuming a store).
     """
 
     def __init__(
@@ -126,13 +138,20 @@ class Teacher:
         self.window_bytes = window_bytes
         self.student_grace = student_grace
         self.limits = limits or Limits()
+        self.provenance = _provenance(provenance or {})
+        if out_port is not None and model is not None and len(model) > MAX_TEXT_CHARS:
+            raise KdserveError(
+                f"model= is {len(model)} characters; an online teacher reports at most "
+                f"{MAX_TEXT_CHARS} (describe the model, and record the rest in provenance=)"
+            )
         self.schema: Schema | None = None
         self._security = Security(token, tls_cert, tls_key, tls_client_ca)
         self._store: StoreSink | None = None
         if self.out_path is not None:
             teacher: dict[str, Any] = {"name": self.name, **({"model": model} if model else {})}
-            if provenance:
-                teacher["provenance"] = _provenance(provenance)
+            teacher["kdserve_version"] = __version__  # not part of provenance: resumes ignore it
+            if self.provenance:
+                teacher["provenance"] = self.provenance
             self._store = StoreSink(self.out_path, teacher, shard_bytes, overwrite)
         self._server: TeacherServer | None = None
         self._schema_lock = threading.Lock()
@@ -174,6 +193,8 @@ class Teacher:
             tls=self._security.tls,
             tls_client_ca=self._security.client_ca,
             chunk_bytes=self.chunk_bytes,
+            model=self.model or None,
+            provenance=self.provenance,
             **self.limits.server_options(),
         )
         if self.name == f"teacher:{self.out_port}":  # the default name: use the real port
@@ -418,12 +439,30 @@ class Teacher:
 
 
 def _provenance(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``provenance`` checked: names to plain values (str, int, float, bool)."""
+    """``provenance`` checked: at most 64 names (of 1 to 256 characters) to plain values
+    (str of at most 1024 characters, int, finite float, bool) -- what an online teacher's
+    info can carry."""
     bad = {
         k: v
         for k, v in values.items()
-        if not isinstance(k, str) or not isinstance(v, (str, int, float, bool))
+        if not isinstance(k, str)
+        or not 0 < len(k) <= MAX_PROVENANCE_NAME
+        or not (
+            isinstance(v, (bool, int))
+            or (isinstance(v, float) and math.isfinite(v))
+            or (isinstance(v, str) and len(v) <= MAX_TEXT_CHARS)
+        )
     }
     if bad:
-        raise KdserveError(f"provenance maps names to str, int, float or bool values; got {bad!r}")
+        raise KdserveError(
+            f"provenance maps names (1 to {MAX_PROVENANCE_NAME} characters) to str (at most "
+            f"{MAX_TEXT_CHARS} characters), int, finite float or bool values; got {bad!r}"
+        )
+    size = len(json.dumps(dict(values)))
+    if len(values) > MAX_PROVENANCE_ITEMS or size > MAX_PROVENANCE_BYTES:
+        raise KdserveError(
+            f"provenance holds {len(values)} names in {size} bytes of JSON; at most "
+            f"{MAX_PROVENANCE_ITEMS} names in {MAX_PROVENANCE_BYTES} bytes: record facts "
+            f"(a tokenizer's hash, not its vocabulary)"
+        )
     return dict(values)
