@@ -290,3 +290,35 @@ def test_an_online_teacher_of_another_vocabulary_is_refused_beside_a_store(tmp_p
     np.testing.assert_allclose(
         np.sort(merged, axis=1)[:, -K:], np.sort(3 * wide, axis=1)[:, -K:], rtol=1e-6
     )
+
+
+def test_a_mapped_teacher_reads_as_that_teacher_written_in_the_students_vocabulary(tmp_path):
+    """Mapping T is the same as T dumped over the student's vocabulary (its logits at the
+    student's ids, the student's other tokens out of reach): compact, decoded, and in a
+    compact mean with a teacher of the student's vocabulary."""
+    native = np.full((N, VS), -1e4, np.float32)
+    native[:, IDS] = X
+    ours = kd.Schema([kd.Field("logits", "float32", (VS,), codec=kd.TopK(K))])
+    kd.dump(program, batches(), tmp_path / "t", keep=TOPK, progress=False)
+    kd.dump(program, batches(native), tmp_path / "native", keep=ours, progress=False)
+    wide = np.random.default_rng(3).standard_normal((N, VS)).astype(np.float32)
+    kd.dump(program, batches(wide), tmp_path / "s", keep=ours, progress=False)
+
+    def pass_of(path: Path, vmap: kd.VocabMap | None, decode: bool, mean: bool) -> Any:
+        with kd.Student(merge_strategy={"logits": "mean"} if mean else None) as student:
+            if mean:
+                student.add_store(tmp_path / "s")
+            student.add_store(path, name="t", vocab_map=vmap)
+            return read(student.loader(batch_size=16, decode=decode))
+
+    vmap = kd.VocabMap(IDS, VS)
+    for decode, mean in [(False, False), (True, False), (False, True), (True, True)]:
+        mapped = pass_of(tmp_path / "t", vmap, decode, mean)
+        same = pass_of(tmp_path / "native", None, decode, mean)
+        assert mapped.keys() == same.keys()
+        for part in mapped:
+            assert mapped[part].dtype == same[part].dtype, (decode, mean, part)
+            if part == "indices":
+                np.testing.assert_array_equal(mapped[part], same[part])
+            else:
+                np.testing.assert_allclose(mapped[part], same[part], rtol=1e-5, atol=1e-6)
