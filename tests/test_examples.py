@@ -26,6 +26,7 @@ EXPECTED = {
     "torch_training.py": r"torch: kd loss [\d.]+ -> [\d.]+, accuracy",
     "query_mode.py": r"query: 1 query \+ 20 streamed queries answered \(640 rows\)",
     "pantheon_style.py": r"pantheon: merged 500 samples from 1 offline \+ 1 online teacher",
+    "lm_distillation.py": r"lm: distilled student perplexity [\d.]+ \(.+\) < label-only [\d.]+",
 }
 
 

@@ -125,3 +125,19 @@ def test_on_policy_query_returns_compact_top_k_for_generated_tokens() -> None:
         top = torch.topk(log_p, K, dim=-1)
         np.testing.assert_array_equal(parts["indices"][row], top.indices.numpy())
         np.testing.assert_allclose(parts["values"][row], top.values.numpy(), rtol=1e-6)
+
+
+def test_token_windows_of_one_length_stay_sequences(tmp_path: Path) -> None:
+    """A batch whose token windows happen to be equally long (the usual case when text is
+    cut into windows) is still a batch of sequences: its knowledge is stored as such."""
+    model = TinyLM()
+    keep = kd.Schema([kd.Field("logits", "float32", (None, VOCAB), codec=kd.TopK(K))])
+    program = teacher_program(model, inputs=["tokens"], devices=["cpu"], topk={"logits": K})
+    rng = np.random.default_rng(1)
+    data = [
+        {"tokens": [rng.integers(1, VOCAB, 6) for _ in range(4)]},  # all of length 6
+        {"tokens": [rng.integers(1, VOCAB, n) for n in (6, 2, 5)]},
+    ]
+    kd.dump(program, data, tmp_path / "lm", keep=keep, progress=False)
+    got = kd.from_record_batch(kd.StoreReader(tmp_path / "lm").read(0, 7), decode=False)
+    np.testing.assert_array_equal(got["logits"]["values"].lengths, [6, 6, 6, 6, 6, 2, 5])

@@ -53,3 +53,34 @@ def test_an_unknown_compression_is_refused_naming_the_choices(tmp_path: Path):
     with pytest.raises(ValueError, match=r"compression must be one of \[None, 'zstd', 'lz4'\]"):
         StoreWriter(tmp_path / "s", SCHEMA, compression="gzip")  # type: ignore[arg-type]
     assert not (tmp_path / "s").exists()  # refused before anything was created
+
+
+def test_dump_writes_a_compressed_store_a_student_reads(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.integers(0, 4, (32, 64)).astype(np.float32)} for _ in range(4)]
+
+    def program(feed):
+        return {"y": feed["x"] * 2}
+
+    kd.dump(program, data, tmp_path / "z", compression="zstd", progress=False)
+    kd.dump(program, data, tmp_path / "plain", progress=False)
+    with kd.Student() as student:
+        student.add_store(tmp_path / "z")
+        got = np.concatenate([b["y"] for b in student.loader(batch_size=50)])
+    np.testing.assert_array_equal(got, np.concatenate([d["x"] * 2 for d in data]))
+    size = {
+        n: sum(f.stat().st_size for f in (tmp_path / n).glob("shard-*")) for n in ("z", "plain")
+    }
+    assert size["z"] < size["plain"] / 4  # four distinct values: zstd packs them tightly
+
+
+def test_dump_refuses_an_unknown_compression_before_running_the_program(tmp_path: Path):
+    calls = []
+    with pytest.raises(ValueError, match="compression must be one of"):
+        kd.dump(
+            lambda f: calls.append(1) or f,
+            [{"x": np.zeros((2, 2))}],
+            tmp_path / "s",
+            compression="brotli",
+        )  # type: ignore[arg-type]
+    assert calls == []

@@ -202,7 +202,9 @@ class ReplayWindow:
             if (pass_, seq) < self._resume.get(rank, (0, 0)):
                 raise ProtocolError(
                     f"rank {rank} asked again for batch {seq} of pass {pass_}, which it had "
-                    f"acknowledged; the teacher no longer holds it"
+                    f"acknowledged; the teacher no longer holds it. A student reads each pass "
+                    f"of a served teacher once: with KnowledgeDataset, call "
+                    f"dataset.set_epoch(epoch) before each pass"
                 )
             self._register(rank, world_size, (pass_, seq))
         while True:

@@ -8,6 +8,9 @@
       shard-00003.arrow.damaged  (a damaged shard set aside by a repair; never read or deleted)
       .lock                (held by the one writer; removed when it closes)
 
+Shards may be compressed (``StoreWriter(compression="zstd")``): Arrow's own buffer
+compression, which every Arrow reader undoes.
+
 Crash safety: a shard is written under a ``.tmp`` name, fsynced and renamed; only then
 is it listed in the manifest, which is itself replaced atomically. A writer killed at
 any moment leaves a valid store of its complete shards, and reopening the store resumes
@@ -30,12 +33,13 @@ from __future__ import annotations
 from kdserve.store.damage import repair, stored_rows
 from kdserve.store.manifest import DAMAGED, FORMAT_VERSION, LOCK, MANIFEST, ShardInfo
 from kdserve.store.reader import StoreReader
-from kdserve.store.writer import DEFAULT_SHARD_BYTES, StoreWriter
+from kdserve.store.writer import DEFAULT_SHARD_BYTES, Compression, StoreWriter
 
 __all__ = [
     "DAMAGED",
     "DEFAULT_SHARD_BYTES",
     "FORMAT_VERSION",
+    "Compression",
     "LOCK",
     "MANIFEST",
     "ShardInfo",

@@ -31,10 +31,11 @@ from kdserve.store.manifest import (
 )
 from kdserve.store.resume import kept_shards, next_shard_index, stored_ids
 
-__all__ = ["COMPRESSIONS", "DEFAULT_SHARD_BYTES", "StoreWriter"]
+__all__ = ["COMPRESSIONS", "DEFAULT_SHARD_BYTES", "Compression", "StoreWriter", "ipc_options"]
 
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 COMPRESSIONS = (None, "zstd", "lz4")  # Arrow IPC buffer compression; readers undo it
+Compression = Literal["zstd", "lz4"] | None
 
 
 class StoreWriter:
@@ -62,17 +63,11 @@ class StoreWriter:
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
         teacher: Mapping[str, Any] | None = None,
-        compression: Literal["zstd", "lz4"] | None = None,
+        compression: Compression = None,
     ) -> None:
         if shard_bytes < 1:
             raise ValueError(f"shard_bytes must be >= 1, got {shard_bytes}")
-        if compression not in COMPRESSIONS:
-            raise ValueError(
-                f"compression must be one of {list(COMPRESSIONS)}, got {compression!r}"
-            )
-        self._ipc = pa.ipc.IpcWriteOptions(
-            compression="lz4_frame" if compression == "lz4" else compression
-        )
+        self._ipc = ipc_options(compression)
         self.path = Path(path)
         self.schema = schema
         self.shard_bytes = shard_bytes
@@ -269,6 +264,13 @@ class StoreWriter:
             "shards": [s.to_json() for s in self._shards],
         }
         write_manifest(self.path, manifest)
+
+
+def ipc_options(compression: Compression) -> pa.ipc.IpcWriteOptions:
+    """Arrow IPC options for shards compressed with ``compression`` (checked)."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {compression!r}")
+    return pa.ipc.IpcWriteOptions(compression="lz4_frame" if compression == "lz4" else compression)
 
 
 def _few(ids: np.ndarray, n: int = 5) -> str:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdserve.store import DEFAULT_SHARD_BYTES
+from kdserve.store import DEFAULT_SHARD_BYTES, Compression
 from kdserve.teacher.encoder import Keep, Program
 from kdserve.teacher.feeds import named_feeds
 from kdserve.teacher.teacher import Teacher
@@ -27,6 +27,7 @@ def dump(
     overwrite: bool = False,
     progress: bool | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    compression: Compression = None,
     buf_size: int = 10,
     threads: int = 2,
     inference_threads: int = 1,
@@ -41,7 +42,8 @@ def dump(
     knowledge fields -- program outputs or feeds passed through, ``{name: output}``, or a
     :class:`~kdserve.Schema` with codecs; None keeps every output. ``threads`` encode in
     parallel; ``inference_threads`` > 1 calls the program from that many threads at once.
-    The other options (``provenance`` among them) are :class:`~kdserve.Teacher`'s.
+    The other options (``compression`` and ``provenance`` among them) are
+    :class:`~kdserve.Teacher`'s.
     """
     feed_list, reader = named_feeds(data, feeds)
     teacher = Teacher(
@@ -51,6 +53,7 @@ def dump(
         overwrite=overwrite,
         progress=progress,
         shard_bytes=shard_bytes,
+        compression=compression,
         provenance=provenance,
     )
     with teacher:

@@ -17,7 +17,8 @@ from kdserve.core.schema import Schema
 from kdserve.core.wait import POLL
 from kdserve.errors import StoreError
 from kdserve.online.replay import ReplayWindow
-from kdserve.store import StoreReader, StoreWriter, stored_rows
+from kdserve.store import Compression, StoreReader, StoreWriter, stored_rows
+from kdserve.store.writer import ipc_options
 
 __all__ = ["ServeSink", "Sink", "StoreSink"]
 
@@ -57,9 +58,16 @@ class StoreSink(Sink):
     that already holds rows is resumed by sample id, so re-runs fill any gap."""
 
     def __init__(
-        self, path: str, teacher: dict[str, Any], shard_bytes: int, overwrite: bool
+        self,
+        path: str,
+        teacher: dict[str, Any],
+        shard_bytes: int,
+        overwrite: bool,
+        compression: Compression = None,
     ) -> None:
         self.path = path
+        ipc_options(compression)  # refuse a bad one now, not when the first rows come
+        self.compression = compression
         self.teacher = teacher  # recorded in the manifest: name, model
         self.shard_bytes = shard_bytes
         self.failed: str | None = None  # why the store must stay incomplete
@@ -86,6 +94,7 @@ class StoreSink(Sink):
                     shard_bytes=self.shard_bytes,
                     overwrite=self._overwrite,
                     teacher=self.teacher,
+                    compression=self.compression,
                 )
                 if self.resume_rows and not self._announced:
                     _log.info(

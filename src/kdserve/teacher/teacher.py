@@ -55,7 +55,7 @@ from kdserve.online.protocol import (
 from kdserve.online.replay import MIN_WINDOW_BYTES, ReplayWindow
 from kdserve.online.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.online.wire import MAX_TEXT_CHARS
-from kdserve.store import DEFAULT_SHARD_BYTES
+from kdserve.store import DEFAULT_SHARD_BYTES, Compression
 from kdserve.teacher.encoder import Encoder, Keep, Program, batch_length, knowledge_names
 from kdserve.teacher.pipeline import Pipeline
 from kdserve.teacher.security import Pem, Security
@@ -81,8 +81,9 @@ class Teacher:
 
     ``name`` and ``model`` (a free-form description, e.g. "resnet50, ImageNet top-1 76%")
     are recorded in the store's manifest. ``overwrite=True`` starts the store over;
-    otherwise an existing store with the same schema is resumed. ``progress`` shows a
-    samples/s bar (None: only on a terminal).
+    otherwise an existing store with the same schema is resumed. ``compression="zstd"``
+    (or ``"lz4"``) compresses the store's shards (:class:`~kdserve.StoreWriter`).
+    ``progress`` shows a samples/s bar (None: only on a terminal).
 
     Online, every call needs ``token`` (or ``KDSERVE_TOKEN``); without one the teacher
     makes one and publishes it for students of its user on this host (a 0600 file, see
@@ -118,6 +119,7 @@ class Teacher:
         model: str | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         overwrite: bool = False,
+        compression: Compression = None,
         progress: bool | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window_bytes: int = MIN_WINDOW_BYTES,
@@ -152,7 +154,7 @@ class Teacher:
             teacher["kdserve_version"] = __version__  # not part of provenance: resumes ignore it
             if self.provenance:
                 teacher["provenance"] = self.provenance
-            self._store = StoreSink(self.out_path, teacher, shard_bytes, overwrite)
+            self._store = StoreSink(self.out_path, teacher, shard_bytes, overwrite, compression)
         self._server: TeacherServer | None = None
         self._schema_lock = threading.Lock()
         self._position = 0  # reader position of the next sample given to dump()/the service

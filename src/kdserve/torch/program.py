@@ -354,12 +354,17 @@ def _longest(lengths: np.ndarray) -> int:
 
 
 def _as_ragged(value: Any) -> Ragged | None:
-    """``value`` as a Ragged if it holds sequences of different lengths, else None."""
+    """``value`` as a Ragged if it holds sequences -- of different lengths, or token ids
+    (1-D integer arrays, which stay sequences when a batch's happen to be equally long)
+    -- else None."""
     if isinstance(value, Ragged):
         return value
     if isinstance(value, (list, tuple)) and value:
         arrays = [np.asarray(v) for v in value]
-        if all(a.ndim >= 1 for a in arrays) and len({a.shape[0] for a in arrays}) > 1:
+        if not all(a.ndim >= 1 for a in arrays):
+            return None
+        tokens = all(a.ndim == 1 and a.dtype.kind in "iu" for a in arrays)
+        if tokens or len({a.shape[0] for a in arrays}) > 1:
             return Ragged.from_list(arrays)
     return None
 
