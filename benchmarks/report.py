@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
 import statistics
 import tempfile
@@ -20,6 +21,24 @@ def fmt(value: float) -> str:
     if value >= 1:
         return f"{value:.2f}"
     return f"{value:.3f}"
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used, user + system, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """The CPU seconds ``fn()`` takes (all threads)."""
+    start = cpu_seconds()
+    fn()
+    return cpu_seconds() - start
+
+
+def store_bytes(path: Path) -> int:
+    """Bytes of a store's shards (the knowledge, without the manifest)."""
+    return sum(s.stat().st_size for s in path.glob("shard-*.arrow"))
 
 
 def alternate(

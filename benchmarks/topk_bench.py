@@ -25,16 +25,14 @@ values.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from report import fmt, run_table
+from report import fmt, run_table, store_bytes, timed
 
 import kdserve as kd
 from kdserve.torch import teacher_program
@@ -60,21 +58,6 @@ def corpus(args: argparse.Namespace) -> list[dict[str, Any]]:
         lengths = rng.integers(args.length // 2, args.length + 1, args.seqs)
         batches.append({"tokens": [rng.integers(0, args.vocab, n) for n in lengths]})
     return batches
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = cpu_seconds()
-    fn()
-    return cpu_seconds() - start
-
-
-def store_bytes(path: Path) -> int:
-    return sum(s.stat().st_size for s in path.glob("shard-*.arrow"))
 
 
 def mean_kl(model: Head, data: list[dict[str, Any]], path: Path, k: int) -> float:
