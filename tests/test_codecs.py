@@ -523,10 +523,10 @@ def test_topk_uint8_values_are_log_probabilities_within_a_32nd_of_a_nat(case):
     np.testing.assert_array_equal(compact["indices"], exact["indices"])
     np.testing.assert_array_equal(compact["tail"], exact["tail"])
     relative = exact["values"] - exact["values"][..., :1]
-    reachable = relative >= -255 / 16
+    reachable = relative >= -254 / 16
     err = np.abs(compact["values"] - relative)
     assert np.all(err[reachable] <= 1 / 32 + 1e-5)
-    assert np.all(compact["values"][~reachable] == -255 / 16)  # clamped, never wrapped
+    assert np.all(compact["values"][~reachable] == -254 / 16)  # clamped, never wrapped
     # The dense decode of the 8-bit form gives the same distribution as its compact form.
     np.testing.assert_allclose(
         np.take_along_axis(softmax(y), exact["indices"].astype(np.intp), -1),
@@ -565,6 +565,70 @@ def test_topk_uint8_stores_device_log_probabilities_as_host_logits():
 )
 def test_topk_refuses_bad_value_storage(kwargs):
     with pytest.raises(kd.CodecError, match="values"):
+        TopK(4, **kwargs)
+
+
+@FAST
+@given(topk_cases(elements=st.floats(-10, 10, width=32)), st.floats(0.05, 1.0), st.data())
+def test_top_p_keeps_the_fewest_entries_reaching_p_within_min_k_and_k(case, p, data):
+    x, k = case
+    min_k = data.draw(st.integers(1, k))
+    codec = TopK(k, p=p, min_k=min_k)
+    parts, y = roundtrip(codec, x)
+    full = TopK(k).encode(x, "f")
+    used = np.isfinite(parts["values"])
+    count = used.sum(axis=-1)
+    assert np.all((min_k <= count) & (count <= k))
+    assert np.all(used[..., :1]) and np.all(np.diff(used.astype(int), axis=-1) <= 0)  # a prefix
+    probs = np.take_along_axis(softmax(x), full["indices"].astype(np.intp), -1)
+    kept = np.where(used, probs, 0).sum(-1)
+    short = (
+        np.where(used, probs, 0).sum(-1)
+        - np.take_along_axis(probs, np.maximum(count - 1, 0)[..., None], -1)[..., 0]
+    )
+    # Enough mass (or k entries, or min_k), and one entry fewer would not have been.
+    assert np.all((kept >= p * (1 - 1e-5)) | (count == k))
+    assert np.all((short < p * (1 + 1e-5)) | (count == min_k))
+    np.testing.assert_array_equal(parts["values"][used], full["values"][used])
+    np.testing.assert_array_equal(parts["indices"][used], full["indices"][used])
+    top = np.broadcast_to(full["indices"][..., :1], used.shape)
+    np.testing.assert_array_equal(parts["indices"][~used], top[~used])  # unused: the top index
+    np.testing.assert_allclose(parts["tail"], 1 - kept, rtol=1e-4, atol=1e-6)
+    # Decoded: kept entries keep their probabilities, the rest share the tail evenly.
+    q = softmax(y)
+    idx = np.where(used, parts["indices"], top).astype(np.intp)
+    np.testing.assert_allclose(np.take_along_axis(q, idx, -1)[used], probs[used], rtol=1e-4)
+    np.testing.assert_allclose(q.sum(-1), 1, rtol=1e-6)
+
+
+def test_top_p_with_uint8_values_marks_unused_slots_and_stores_device_top_k_alike():
+    x = np.random.default_rng(5).normal(scale=4, size=(6, 9, 300)).astype(np.float32)
+    codec = TopK(32, values="uint8", p=0.8, min_k=2)
+    host = codec.encode(x, "f")
+    compact = codec.to_compact(host)
+    unused = host["values"] == 255
+    assert unused.any() and not unused.all()  # some positions need fewer than 32 entries
+    assert np.all(np.isneginf(compact["values"][unused]))
+    log_p = x - np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
+    device = codec.from_compact(TopK(32).encode(log_p.astype(np.float32), "f"))
+    np.testing.assert_array_equal(device["indices"], host["indices"])
+    assert np.abs(device["values"].astype(int) - host["values"]).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"p": 0},
+        {"p": 1.5},
+        {"p": "0.9"},
+        {"p": 0.9, "min_k": 0},
+        {"p": 0.9, "min_k": 5},
+        {"p": 0.9, "kind": "probs"},
+        {"p": 0.9, "tail": False},
+    ],
+)
+def test_top_p_refuses_bad_parameters(kwargs):
+    with pytest.raises(kd.CodecError, match=r"topk (p|min_k)"):
         TopK(4, **kwargs)
 
 

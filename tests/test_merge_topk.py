@@ -333,3 +333,23 @@ def test_a_student_still_refuses_compact_max_of_top_k(tmp_path: Path) -> None:
         with pytest.raises(kd.KdserveError, match=r"decode=False cannot merge coded field"):
             student.loader(batch_size=8, decode=False)
         assert next(iter(student.loader(batch_size=8)))["logits"].shape == (8, VOCAB)
+
+
+def test_top_p_teachers_mix_into_the_top_p_of_their_mixture() -> None:
+    """Teachers coded with top-p keep different numbers of classes per position; their
+    compact mean is the mixture's own nucleus, as decoding and re-coding it densely gives."""
+    width, codec = 30, kd.TopK(10, p=0.75, min_k=2)
+    rng = np.random.default_rng(3)
+    parts = [codec.encode((rng.normal(size=(8, width)) * 3).astype(np.float32), "l") for _ in "ab"]
+    assert all(np.isneginf(p["values"]).any() for p in parts)  # some slots left unused
+    merged = merge_compact(codec, width, parts, kd.WeightedMean([0.3, 0.7]))
+    dense = dense_mixture(codec, width, parts, [0.3, 0.7])
+    expected = codec.encode(np.log(dense).astype(np.float32), "l")
+    f32 = np.dtype(np.float32)
+    np.testing.assert_allclose(
+        softmax(codec.decode(merged, f32, (width,))),
+        softmax(codec.decode(expected, f32, (width,))),
+        rtol=1e-4,
+        atol=1e-7,
+    )
+    np.testing.assert_array_equal(np.isneginf(merged["values"]), np.isneginf(expected["values"]))

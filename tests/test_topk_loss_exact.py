@@ -202,3 +202,39 @@ def test_divergence_options_are_checked():
         with pytest.raises(ValueError, match="beta must lie strictly between 0 and 1"):
             topk_kd_loss(s, v, i, divergence="jsd", beta=beta)  # type: ignore[arg-type]
     topk_kd_loss(s, v, i, divergence="reverse", beta=1.0)  # beta only matters for jsd
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_top_p_slots_left_unused_count_for_neither_side(divergence, temperature):
+    """A top-p position that keeps c < k entries gives the loss of top-c at that
+    position: its unused slots (value -inf, index repeating the top one) add nothing."""
+    import numpy as np
+
+    import kdserve as kd
+
+    gen = torch.Generator().manual_seed(7)
+    teacher = torch.randn(6, 40, generator=gen) * 3
+    codec = kd.TopK(12, p=0.7, min_k=2)
+    parts = codec.to_compact(codec.encode(teacher.numpy(), "logits"))
+    counts = np.isfinite(parts["values"]).sum(-1)
+    assert len(set(counts.tolist())) > 1  # positions keep different numbers of entries
+    student = (torch.randn(6, 40, generator=gen) * 2).requires_grad_()
+    options = {"temperature": temperature, "divergence": divergence}
+    values, indices, tail = (torch.from_numpy(parts[n]) for n in ("values", "indices", "tail"))
+    got = topk_kd_loss(student, values, indices, tail, **options)
+    expected = torch.stack(
+        [
+            topk_kd_loss(
+                student[r : r + 1],
+                values[r : r + 1, :c],
+                indices[r : r + 1, :c],
+                tail[r : r + 1],
+                **options,
+            )
+            for r, c in enumerate(counts.tolist())
+        ]
+    ).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert torch.isfinite(student.grad).all()

@@ -234,17 +234,25 @@ class TopK(Codec):
     ``tail=False`` the other entries decode to probability 0.
 
     ``values="uint8"`` (logits only) stores each value as a log-probability relative to
-    the position's top entry, in steps of 1/16 nat down to 255/16 nats below it (lower
-    ones are clamped there: probability < 1.2e-7 of the top's): 1 byte instead of 2-4,
+    the position's top entry, in steps of 1/16 nat down to 254/16 nats below it (lower
+    ones are clamped there: probability < 1.3e-7 of the top's): 1 byte instead of 2-4,
     each log-probability within 1/32 nat, which costs ~1e-4 nats/token of KL. The compact
     form (``decode=False``) gives them back as float32 ``-code/16``: logits up to a
     constant, what :func:`~kdserve.torch.topk_kd_loss` takes.
+
+    ``p`` (top-p, logits only) keeps at each position the fewest top entries whose
+    probabilities sum to at least ``p``, but at least ``min_k`` and at most ``k``; the
+    rest joins the tail. Slots a position does not use hold value ``-inf`` (no
+    probability) and the index of its top entry, so every position keeps the shape
+    ``k`` (zstd compresses the unused slots away) and ``topk_kd_loss`` ignores them.
     """
 
     k: int
     kind: Literal["logits", "probs"] = "logits"
     tail: bool = True
     values: Literal["float", "uint8"] = "float"
+    p: float | None = None
+    min_k: int = 1
 
     name: ClassVar[str] = "topk"
 
@@ -271,6 +279,31 @@ class TopK(Codec):
             raise CodecError(
                 "topk values='uint8' stores log-probabilities, so it needs kind='logits'; "
                 "give the teacher's logits (or log-probabilities) rather than probabilities",
+                codec=self.name,
+            )
+        if self.p is not None:
+            self._check_top_p()
+
+    def _check_top_p(self) -> None:
+        """Top-p's parameters: 0 < p <= 1, 1 <= min_k <= k, logits with a tail."""
+        p: Any = self.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise CodecError(f"topk p must be a number in (0, 1], got {p!r}", codec=self.name)
+        object.__setattr__(self, "p", float(p))
+        min_k: Any = self.min_k
+        if isinstance(min_k, bool) or not isinstance(min_k, (int, np.integer)):
+            raise CodecError(f"topk min_k must be an integer, got {min_k!r}", codec=self.name)
+        if not 1 <= min_k <= self.k:
+            raise CodecError(
+                f"topk min_k must be in 1..k={self.k}, got {min_k}; k is the most entries "
+                f"top-p keeps",
+                codec=self.name,
+            )
+        object.__setattr__(self, "min_k", int(min_k))
+        if self.kind != "logits" or not self.tail:
+            raise CodecError(
+                "topk p= (top-p) needs kind='logits' and tail=True: the entries it drops "
+                "join the tail",
                 codec=self.name,
             )
 
@@ -351,12 +384,40 @@ class TopK(Codec):
 
     def from_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
         out = dict(parts)
-        values = out["values"]
-        if self.values == "uint8" and np.issubdtype(np.asarray(values).dtype, np.floating):
-            values = np.asarray(values, dtype=np.float32)
-            depth = (values[..., :1] - values) * _LOGPROB_STEPS
-            out["values"] = np.rint(np.clip(depth, 0, 255)).astype(np.uint8)
+        floats = np.issubdtype(np.asarray(out["values"]).dtype, np.floating)
+        if self.p is not None and floats:
+            out = self.top_p(out)
+        if self.values == "uint8" and floats:
+            values = np.asarray(out["values"], dtype=np.float32)
+            with np.errstate(invalid="ignore"):  # -inf - -inf in unused slots: coded below
+                depth = (values[..., :1] - values) * _LOGPROB_STEPS
+            codes = np.rint(np.clip(depth, 0, _UNUSED - 1)).astype(np.uint8)
+            codes[np.isneginf(values)] = _UNUSED
+            out["values"] = codes
         return out
+
+    def top_p(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        """Compact float components cut to top-p: the fewest entries reaching ``p``
+        (``min_k``..``k``) kept, the rest to the tail; unused slots get ``-inf`` and the
+        position's top index."""
+        values = np.asarray(parts["values"], dtype=np.float64)
+        tail = np.asarray(parts["tail"], dtype=np.float64)
+        shifted = np.exp(values - values[..., :1])
+        probs = shifted / shifted.sum(axis=-1, keepdims=True) * (1 - tail)[..., None]
+        reached = np.cumsum(probs, axis=-1) >= (self.p or 1.0) * (1 - 1e-9)
+        count = np.where(reached.any(axis=-1), reached.argmax(axis=-1) + 1, self.k)
+        count = np.clip(count, self.min_k, self.k)
+        unused = np.arange(self.k) >= count[..., None]
+        indices = np.asarray(parts["indices"])
+        return {
+            "values": np.where(unused, -np.inf, parts["values"]).astype(
+                np.asarray(parts["values"]).dtype
+            ),
+            "indices": np.where(unused, indices[..., :1], indices).astype(indices.dtype),
+            "tail": np.clip(tail + np.where(unused, probs, 0).sum(axis=-1), 0, 1).astype(
+                np.asarray(parts["tail"]).dtype
+            ),
+        }
 
     def to_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
         out = dict(parts)
@@ -371,34 +432,37 @@ class TopK(Codec):
         values = parts["values"].astype(np.float64)
         indices = parts["indices"].astype(np.intp)
         width = inner_shape[-1]
-        rest = width - self.k
+        unused = np.isneginf(values) if self.p is not None else np.zeros(values.shape, bool)
+        rest = width - (~unused).sum(axis=-1)  # per position: top-p keeps fewer than k
         tail = parts["tail"].astype(np.float64) if self.tail else np.zeros(values.shape[:-1])
         if self.kind == "probs":
-            fill = tail / rest if rest else np.zeros_like(tail)
+            fill = np.where(rest > 0, tail / np.maximum(rest, 1), 0.0)
         else:
             fill = self._logit_fill(values, tail, rest)
         out = np.repeat(fill[..., None], width, axis=-1)
-        np.put_along_axis(out, indices, values, axis=-1)
+        # Unused slots repeat the top entry's index: write its value there, not -inf.
+        np.put_along_axis(out, indices, np.where(unused, values[..., :1], values), axis=-1)
         return out.astype(dtype)
 
     @staticmethod
-    def _logit_fill(values: np.ndarray, tail: np.ndarray, rest: int) -> np.ndarray:
-        """The logit that gives each of ``rest`` entries an equal share of ``tail``."""
+    def _logit_fill(values: np.ndarray, tail: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        """The logit that gives each of ``rest`` entries an equal share of ``tail``
+        (``values`` may hold ``-inf`` in unused top-p slots)."""
         floor = np.log(np.finfo(np.float32).tiny)
-        if rest == 0:
-            return np.zeros(values.shape[:-1])
         with np.errstate(divide="ignore"):
             log_tail = np.log(tail) - np.log1p(-np.minimum(tail, 1 - 1e-12))
-        fill = _logsumexp(values) + log_tail - np.log(rest)
+            fill = _logsumexp(values) + log_tail - np.log(np.maximum(rest, 1))
         # No tail mass: push the other entries below anything softmax can see (a finite
         # logit rather than -inf). A tail that is merely tiny keeps its own, exact fill.
-        lowest = values.min(axis=-1) + floor
-        out: np.ndarray = np.where(tail > 0, fill, lowest)
+        lowest = np.where(np.isfinite(values), values, np.inf).min(axis=-1) + floor
+        out: np.ndarray = np.where((tail > 0) & (rest > 0), fill, lowest)
         return out
 
 
 _LOGPROB_STEPS = 16  # uint8 top-k values: 1/16 nat per step
+_UNUSED = 255  # uint8 top-k code of a slot top-p left unused (-inf)
 _UINT8_LOGPROBS = (0 - np.arange(256, dtype=np.float32)) / _LOGPROB_STEPS  # code -> log-prob
+_UINT8_LOGPROBS[_UNUSED] = -np.inf
 _BLOCK_ELEMENTS = 1 << 16  # top-k tail: rows summed a block (256 kB of float32) at a time
 _F32_EXP_FLOOR = 1e-30  # below it float32's exp has lost digits (subnormals): redo in float64
 _FP16_MAX = float(np.finfo(np.float16).max)

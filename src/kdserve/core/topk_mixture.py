@@ -24,6 +24,8 @@ class less probable than those it drops, so ``F`` can at most tie with ``U`` (up
 rounding), and ties go to ``U``. Components written by hand may carry a larger tail:
 then classes outside ``U`` can win, and the lowest-numbered ones take those places, each
 with ``F``. Log-probabilities are floored at ``log`` of float64's smallest normal (-708).
+A top-p codec's teachers leave slots unused (their other classes are ``V`` minus those
+they keep); the mixture then keeps its own nucleus, as that codec would.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def mix_compact(
         dropped = np.where(~kept & np.isfinite(ranked), ranked, 0.0).sum(axis=1)
         tail = dropped + fill * (width - union - outside)
         out["tail"] = tail.reshape(lead).astype(np.float32)
-    return out
+    return codec.top_p(out) if codec.p is not None else out
 
 
 def _stored_and_share(
@@ -120,13 +122,16 @@ def _stored_and_share(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A teacher's probabilities of its k stored classes ``(n, k)`` and of any other ``(n,)``."""
     values = parts["values"].reshape(n, codec.k).astype(np.float64)
-    rest = width - codec.k
+    used = ~np.isneginf(values)  # top-p leaves slots unused: -inf, the top class's index
+    rest = width - used.sum(axis=1)
     tail = np.zeros(n)
-    if codec.tail and rest:
-        tail = parts["tail"].reshape(n).astype(np.float64)
+    if codec.tail:
+        tail = np.where(rest > 0, parts["tail"].reshape(n).astype(np.float64), 0.0)
+    share = tail / np.maximum(rest, 1)
     if codec.kind == "probs":
-        return values, tail / max(rest, 1)
-    return _softmax(values) * (1 - tail)[:, None], tail / max(rest, 1)
+        return values, share
+    # An unused slot gains nothing over the share: it adds 0 to the class it repeats.
+    return np.where(used, _softmax(values) * (1 - tail)[:, None], share[:, None]), share
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

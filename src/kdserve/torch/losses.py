@@ -176,43 +176,17 @@ def topk_kd_loss(
     there is no bucket: teacher and student are both renormalised over the k classes.
     ``indices`` may be any integer dtype (uint16/int32 from numpy); they must lie in
     ``[0, vocab)`` and be distinct within a position, as the codec writes them (at
-    masked-out positions they may hold anything).
+    masked-out positions they may hold anything). A top-p codec (``TopK(k, p=...)``)
+    leaves slots unused at some positions: value ``-inf``, index repeating the top one;
+    they count for neither side.
     """
     t = _check_temperature(temperature)
     b = _check_divergence(divergence, beta)
     if kind not in ("logits", "probs"):
         raise ValueError(f"kind must be 'logits' or 'probs' (the TopK codec's kind), got {kind!r}")
-    _need_class_dim("student_logits", student_logits)
+    _check_top_k_parts(student_logits, values, indices, tail)
     positions = student_logits.shape[:-1]
-    vocab = student_logits.shape[-1]
-    if values.shape[:-1] != positions or values.dim() != student_logits.dim():
-        raise ValueError(
-            f"values must have shape {(*positions, 'k')} (student_logits' positions, then k), "
-            f"got {tuple(values.shape)}; pass the TopK codec's 'values' component for the "
-            f"same samples as student_logits"
-        )
     k = values.shape[-1]
-    if k < 1 or k > vocab:
-        raise ValueError(
-            f"values has k={k} entries per position, but student_logits has {vocab} classes; "
-            f"k must be in 1..{vocab} (is the teacher's vocabulary larger than the student's?)"
-        )
-    if indices.shape != values.shape:
-        raise ValueError(
-            f"indices must have the same shape as values {tuple(values.shape)}, got "
-            f"{tuple(indices.shape)}; pass the TopK codec's 'indices' component"
-        )
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(
-            f"indices must be an integer tensor, got {indices.dtype}; pass the TopK codec's "
-            f"'indices' component unchanged (any integer dtype is accepted)"
-        )
-    if tail is not None and tail.shape != positions:
-        raise ValueError(
-            f"tail must have shape {tuple(positions)} (one mass per position), got "
-            f"{tuple(tail.shape)}; pass the TopK codec's 'tail' component, or None for a "
-            f"codec with tail=False"
-        )
     _check_mask(mask, positions, "student_logits")
 
     work = _work_dtype(student_logits)
@@ -247,8 +221,60 @@ def topk_kd_loss(
         tail_1 = tail_w.unsqueeze(-1)
         log_p = torch.cat([log_p_k + torch.log1p(-tail_1), torch.log(tail_1)], dim=-1)
         log_q = torch.cat([z_k - log_z, log_q_tail], dim=-1)
+    if kind == "logits":
+        log_p, log_q = _drop_unused_slots(values_w, log_p, log_q)
     per_position = _divergence(divergence, b, log_p.exp(), log_p, log_q).sum(dim=-1)
     return t * t * _masked_mean(per_position, mask)
+
+
+def _check_top_k_parts(
+    student_logits: Tensor, values: Tensor, indices: Tensor, tail: Tensor | None
+) -> None:
+    """ValueError unless the TopK components fit ``student_logits`` (positions, k, dtypes)."""
+    _need_class_dim("student_logits", student_logits)
+    positions = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    if values.shape[:-1] != positions or values.dim() != student_logits.dim():
+        raise ValueError(
+            f"values must have shape {(*positions, 'k')} (student_logits' positions, then k), "
+            f"got {tuple(values.shape)}; pass the TopK codec's 'values' component for the "
+            f"same samples as student_logits"
+        )
+    k = values.shape[-1]
+    if k < 1 or k > vocab:
+        raise ValueError(
+            f"values has k={k} entries per position, but student_logits has {vocab} classes; "
+            f"k must be in 1..{vocab} (is the teacher's vocabulary larger than the student's?)"
+        )
+    if indices.shape != values.shape:
+        raise ValueError(
+            f"indices must have the same shape as values {tuple(values.shape)}, got "
+            f"{tuple(indices.shape)}; pass the TopK codec's 'indices' component"
+        )
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(
+            f"indices must be an integer tensor, got {indices.dtype}; pass the TopK codec's "
+            f"'indices' component unchanged (any integer dtype is accepted)"
+        )
+    if tail is not None and tail.shape != positions:
+        raise ValueError(
+            f"tail must have shape {tuple(positions)} (one mass per position), got "
+            f"{tuple(tail.shape)}; pass the TopK codec's 'tail' component, or None for a "
+            f"codec with tail=False"
+        )
+
+
+def _drop_unused_slots(values: Tensor, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """Slots a top-p position left unused (value ``-inf``; their index repeats the top
+    one) get no probability on either side: a finite floor rather than ``-inf``, so no
+    divergence or gradient meets ``-inf - -inf``."""
+    unused = torch.isneginf(values)
+    if not bool(unused.any()):
+        return log_p, log_q
+    if log_p.shape[-1] > values.shape[-1]:  # the tail bucket is always used
+        unused = torch.cat([unused, torch.zeros_like(unused[..., :1])], dim=-1)
+    floor = torch.finfo(log_p.dtype).min
+    return torch.where(unused, floor, log_p), torch.where(unused, floor, log_q)
 
 
 def sampled_token_kd_loss(
