@@ -6,9 +6,9 @@ The teacher is the 4-layer causal LM of ``examples/lm_distillation.py``, trained
 the standard library's sources (its BPE vocabulary too). Measured:
 
 * **size and error**: top-k of every position stored as fp16 or uint8 log-probabilities,
-  with and without zstd; bytes of the knowledge shards per token, and the mean KL
-  (nats/token) between the exact top-k distribution (the teacher's top-k probabilities
-  plus a tail bucket, float64) and the stored one;
+  with and without zstd, and top-p (at most k entries); bytes of the knowledge shards per
+  token, and the mean KL (nats/token) between the exact top-k distribution (the teacher's
+  top-k probabilities plus a tail bucket, float64) and the stored one;
 * **dump CPU**: process CPU time (all threads) per token of ``kd.dump`` with top-k on the
   teacher's device (``teacher_program(topk=...)``) against the teacher alone (the module
   over the same batches, logits to numpy), medians of ``--repeats`` alternating runs;
@@ -53,15 +53,20 @@ def exact_top_k(model: torch.nn.Module, windows: list[np.ndarray], k: int) -> np
 
 
 def stored_kl(path: Path, exact: np.ndarray) -> float:
-    """Mean KL(exact top-k + tail || stored top-k + tail) per token, in nats."""
+    """Mean KL per token, in nats, between the exact and the stored distribution over the
+    classes stored at each position plus one bucket for all others (the tail; for top-p,
+    the slots a position left unused join it): the error of what was stored."""
     reader = kd.StoreReader(path)
     parts = kd.from_record_batch(reader.read(0, len(reader)), decode=False)["logits"]
     values = parts["values"].values.astype(np.float64)
+    kept = np.isfinite(values)
     tail = parts["tail"].values.astype(np.float64)[:, None]
-    probs = np.exp(values - values.max(-1, keepdims=True))
+    probs = np.exp(np.where(kept, values - values[:, :1], -np.inf))
     got = np.concatenate([probs / probs.sum(-1, keepdims=True) * (1 - tail), tail], -1)
+    top = np.where(kept, exact[:, :-1], 0.0)
+    want = np.concatenate([top, 1 - top.sum(-1, keepdims=True)], -1).clip(0, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(exact > 0, exact * (np.log(exact) - np.log(got)), 0.0)
+        terms = np.where(want > 0, want * (np.log(want) - np.log(got)), 0.0)
     return float(terms.sum(-1).mean())
 
 
@@ -78,23 +83,27 @@ def sizes(
     lines = [f"{'stored top-k (knowledge only)':<34} {'B/token':>8} {'KL nats/token':>14}"]
     for k in args.k:
         exact = exact_top_k(model, windows, k)
-        for values, dtype in (("float", "float16"), ("uint8", "float32")):
-            for compression in (None, "zstd"):
-                codec = kd.TopK(k, values=values)
-                keep = kd.Schema([kd.Field("logits", dtype, (None, args.vocab), codec=codec)])
-                path = workdir / f"size-{k}-{values}-{compression}"
-                kd.dump(
-                    coded(model, k),
-                    lm.batches(windows, args.batch),
-                    path,
-                    keep=keep,
-                    compression=compression,
-                    progress=False,
-                )
-                name = f"top-{k} {'fp16' if values == 'float' else 'uint8'} {compression or ''}"
-                lines.append(
-                    f"{name:<34} {store_bytes(path) / tokens:>8.1f} {stored_kl(path, exact):>14.2e}"
-                )
+        variants = [
+            (f"top-{k} {name} {compression or ''}", kd.TopK(k, values=values), dtype, compression)
+            for name, values, dtype in (("fp16", "float", "float16"), ("uint8", "uint8", "float32"))
+            for compression in (None, "zstd")
+        ]
+        top_p = kd.TopK(k, values="uint8", p=args.top_p)
+        variants.append((f"top-p {args.top_p} (k <= {k}) uint8 zstd", top_p, "float32", "zstd"))
+        for i, (name, codec, dtype, compression) in enumerate(variants):
+            keep = kd.Schema([kd.Field("logits", dtype, (None, args.vocab), codec=codec)])
+            path = workdir / f"size-{k}-{i}"
+            kd.dump(
+                coded(model, k),
+                lm.batches(windows, args.batch),
+                path,
+                keep=keep,
+                compression=compression,
+                progress=False,
+            )
+            lines.append(
+                f"{name:<34} {store_bytes(path) / tokens:>8.1f} {stored_kl(path, exact):>14.2e}"
+            )
     return lines
 
 
@@ -202,6 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--teacher-steps", type=int, default=300)
     p.add_argument("--k", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--top-p", type=float, default=0.95, help="p of the top-p rows")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.windows, args.vocab, args.teacher_steps, args.k = 1, 40, 512, 2, [16]

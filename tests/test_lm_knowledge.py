@@ -141,3 +141,33 @@ def test_token_windows_of_one_length_stay_sequences(tmp_path: Path) -> None:
     kd.dump(program, data, tmp_path / "lm", keep=keep, progress=False)
     got = kd.from_record_batch(kd.StoreReader(tmp_path / "lm").read(0, 7), decode=False)
     np.testing.assert_array_equal(got["logits"]["values"].lengths, [6, 6, 6, 6, 6, 2, 5])
+
+
+def test_an_online_teacher_delivers_compact_top_k_to_knowledge_dataset() -> None:
+    """Online, as offline: KnowledgeDataset(decode=False) gets top-k compact, padded per
+    batch with masks -- the vocabulary is never expanded on the way."""
+    model = TinyLM()
+    keep = kd.Schema(
+        [
+            kd.Field("tokens", "int64", (None,)),
+            kd.Field("logits", "float32", (None, VOCAB), codec=kd.TopK(K, values="uint8")),
+        ]
+    )
+    program = teacher_program(model, inputs=["tokens"], devices=["cpu"], topk={"logits": K})
+    with kd.serve(program, corpus(), keep=keep, progress=False) as service:
+        dataset = KnowledgeDataset([service.address], batch_size=8, decode=False)
+        batches = list(DataLoader(dataset, batch_size=None))
+    assert sum(len(b["sample_id"]) for b in batches) == 24
+    for batch in batches:
+        n, longest = batch["tokens"].shape
+        assert batch["logits_values"].shape == (n, longest, K)
+        assert batch["logits_values"].dtype == torch.float32  # uint8 codes given back as floats
+        assert torch.equal(batch["logits_mask"], batch["tokens_mask"])
+        loss = topk_kd_loss(
+            torch.zeros(n, longest, VOCAB),
+            batch["logits_values"],
+            batch["logits_indices"],
+            batch["logits_tail"],
+            mask=batch["logits_mask"],
+        )
+        assert torch.isfinite(loss)
