@@ -22,6 +22,15 @@ N, B, D = 40, 8, 4
 X = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
 TOK = {"tokenizer": "bpe-4096-3f2a", "vocab_size": 4096, "temperature": 2.0, "chat": True}
 TOPK = kd.Schema([kd.Field("logits", "float32", (D,), codec=kd.TopK(2, kind="logits"))])
+# What get_teacher_desc() says of the TOPK field, for a store and an online teacher alike.
+FIELDS = {
+    "logits": {
+        "shape": [-1, D],
+        "dtype": "float32",
+        "lod_level": 0,
+        "codec": TOPK["logits"].codec.to_json(),
+    }
+}
 
 
 def batches() -> list[dict[str, np.ndarray]]:
@@ -56,14 +65,7 @@ def test_a_store_records_provenance_model_kdserve_version_and_codecs(tmp_path: P
                 "model": "toy",
                 "kdserve_version": kd.__version__,
                 "provenance": TOK,
-                "fields": {
-                    "logits": {
-                        "shape": [-1, D],
-                        "dtype": "float32",
-                        "lod_level": 0,
-                        "codec": TOPK["logits"].codec.to_json(),
-                    }
-                },
+                "fields": FIELDS,
             }
         }
         codec = student.get_teacher_desc()["a"]["fields"]["logits"]["codec"]
@@ -86,14 +88,7 @@ def test_an_online_teacher_reports_what_its_store_records(tmp_path: Path) -> Non
         "model": "toy",
         "kdserve_version": kd.__version__,
         "provenance": TOK,
-        "fields": {
-            "logits": {
-                "shape": [-1, D],
-                "dtype": "float32",
-                "lod_level": 0,
-                "codec": TOPK["logits"].codec.to_json(),
-            }
-        },
+        "fields": FIELDS,
     }
     assert kd.StoreReader(tmp_path / "t").teacher["provenance"] == TOK
 

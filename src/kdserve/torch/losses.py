@@ -251,16 +251,21 @@ def _check_top_k_parts(
             f"indices must have the same shape as values {tuple(values.shape)}, got "
             f"{tuple(indices.shape)}; pass the TopK codec's 'indices' component"
         )
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(
-            f"indices must be an integer tensor, got {indices.dtype}; pass the TopK codec's "
-            f"'indices' component unchanged (any integer dtype is accepted)"
-        )
+    _need_integer("indices", indices, "the TopK codec's 'indices' component unchanged")
     if tail is not None and tail.shape != positions:
         raise ValueError(
             f"tail must have shape {tuple(positions)} (one mass per position), got "
             f"{tuple(tail.shape)}; pass the TopK codec's 'tail' component, or None for a "
             f"codec with tail=False"
+        )
+
+
+def _need_integer(name: str, x: Tensor, what: str) -> None:
+    """ValueError unless ``x`` holds integers (any integer dtype: ids, indices)."""
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be an integer tensor, got {x.dtype}; pass {what} (any integer "
+            f"dtype is accepted)"
         )
 
 
@@ -351,11 +356,7 @@ def sampled_token_kd_loss(
             f"teacher_logprobs must be a floating tensor of log-probabilities, got "
             f"{teacher_logprobs.dtype}"
         )
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(
-            f"tokens must be an integer tensor of token ids, got {tokens.dtype}; pass the "
-            f"sampled ids (any integer dtype is accepted)"
-        )
+    _need_integer("tokens", tokens, "the sampled token ids")
     _check_mask(mask, positions, "student_logits")
 
     work = _work_dtype(student_logits)
