@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -279,6 +280,40 @@ def verify(store: str, repair: bool) -> None:
     click.echo(
         f"OK: {store}: {len(reader)} rows in {len(reader.shards)} shards, crc32 verified ({state})"
     )
+
+
+@cli.group()
+def pool() -> None:
+    """Teacher pools on Ray (the ray extra)."""
+
+
+@pool.command("status")
+@click.argument("name")
+@click.option(
+    "--address",
+    default="auto",
+    show_default=True,
+    help="The Ray cluster to attach to (ray.init's address).",
+)
+def pool_status(name: str, address: str) -> None:
+    """Show a pool's replicas: address, samples dumped and samples/s."""
+    try:
+        import ray
+
+        from kdserve.ray import pool_status as status
+    except ImportError:
+        raise click.ClickException("kdserve pool needs Ray: pip install 'kdserve[ray]'") from None
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        replicas = status(name)
+    finally:
+        ray.shutdown()
+    click.echo(f"pool {name}: {len(replicas)} replica(s)")
+    for replica, info in replicas.items():
+        click.echo(
+            f"  {replica:<24} {info['address']:<22} {info['samples']:>10} samples "
+            f"{info['samples_per_s']:>10.1f}/s"
+        )
 
 
 def main() -> None:

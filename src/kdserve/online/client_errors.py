@@ -3,15 +3,16 @@ exception it stands for (the teacher's side is :mod:`kdserve.online.guard`).
 
 A kdserve teacher attaches an :class:`~kdserve.online.protocol.ErrorInfo` to every error
 it raises; the client raises that exception's class with its message and context, naming
-the teacher. An error without one (from gRPC itself, or from a peer that is no kdserve
-teacher) is a ProtocolError quoting its text. Errors in :data:`TRANSIENT` are retried.
+the teacher. An error without one is a TeacherUnavailableError when the teacher went away
+(the connection dropped), else a ProtocolError quoting its text (from gRPC itself, or from
+a peer that is no kdserve teacher). Errors in :data:`TRANSIENT` are retried.
 """
 
 from __future__ import annotations
 
 from pyarrow import flight
 
-from kdserve.errors import KdserveError, ProtocolError
+from kdserve.errors import KdserveError, ProtocolError, TeacherUnavailableError
 from kdserve.online.protocol import ErrorInfo
 
 __all__ = ["TRANSIENT", "from_flight", "reason"]
@@ -47,6 +48,11 @@ def from_flight(exc: flight.FlightError, teacher: str, address: str) -> KdserveE
         info = _info(exc)
     except ProtocolError as bad:
         return ProtocolError(f"teacher {teacher!r} at {address} failed ({bad}): {reason(exc)}")
+    if info is None and isinstance(exc, flight.FlightUnavailableError):  # it went away
+        return TeacherUnavailableError(
+            f"teacher {teacher!r} at {address} went away during the call: {reason(exc)}",
+            teacher=teacher,
+        )
     if info is None:
         return ProtocolError(f"teacher {teacher!r} at {address} failed: {reason(exc)}")
     return info.exception(teacher)

@@ -25,11 +25,13 @@ last shard automatically on resume, any shard with :func:`repair` (``kdserve ver
 
 Modules: ``manifest`` (the format), ``files`` (atomic writes, fsync, crc32), ``lock``,
 ``writer``, ``resume`` (what a reopened store keeps), ``reader``, ``damage`` (damaged
-shards found and set aside: :func:`repair`, :func:`stored_rows`).
+shards found and set aside: :func:`repair`, :func:`stored_rows`), ``combine`` (parts of
+one dump, e.g. a teacher pool's, made one store: :func:`combine`).
 """
 
 from __future__ import annotations
 
+from kdserve.store.combine import combine
 from kdserve.store.damage import repair, stored_rows
 from kdserve.store.manifest import DAMAGED, FORMAT_VERSION, LOCK, MANIFEST, ShardInfo
 from kdserve.store.reader import StoreReader
@@ -45,6 +47,7 @@ __all__ = [
     "ShardInfo",
     "StoreReader",
     "StoreWriter",
+    "combine",
     "repair",
     "stored_rows",
 ]

@@ -1,0 +1,315 @@
+"""Teacher pools on Ray: N replicas of a teacher as actors under one name, which students
+find through Ray, query with load balancing and failover, and which dump a dataset in
+parallel into one store.
+
+The pool's name is a Ray actor (the registry) in the ``kdserve`` namespace: it holds the
+pool's token and its replicas' addresses. Replicas register themselves, also after Ray
+restarts one that crashed. Knowledge moves between processes over Arrow Flight (queries)
+or as Arrow files (dumps), never pickled; Ray ships only the user's factories.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from kdserve.core.batch import Knowledge, from_record_batch
+from kdserve.errors import KdserveError, StoreError, TeacherUnavailableError
+from kdserve.online.client import TeacherClient
+from kdserve.ray.replica import Replica
+from kdserve.store.combine import combine
+from kdserve.store.files import write_atomic
+from kdserve.student.messaging import query_batches
+from kdserve.teacher.encoder import Keep
+
+__all__ = ["NAMESPACE", "PoolClient", "TeacherPool", "pool_status"]
+
+NAMESPACE = "kdserve"  # the Ray namespace pools are registered in
+_PARTS = "parts"  # a pooled dump's per-part stores, under its path
+_PARTS_FILE = "parts.json"  # how many parts the dump was split into
+
+
+class _Registry:
+    """The pool by name: its token and the address of each live replica."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.replicas: dict[str, str] = {}
+
+    def register(self, name: str, address: str) -> None:
+        self.replicas[name] = address
+
+    def unregister(self, name: str) -> None:
+        self.replicas.pop(name, None)
+
+    def lookup(self) -> tuple[str, dict[str, str]]:
+        return self.token, dict(self.replicas)
+
+
+def _registry_name(name: str) -> str:
+    return f"kdserve-pool:{name}"
+
+
+def _replica_name(name: str) -> str:
+    return f"kdserve-replica:{name}"
+
+
+def _registry(name: str) -> Any:
+    """The registry actor of pool ``name``; KdserveError naming the fix if there is none."""
+    try:
+        return ray.get_actor(_registry_name(name), namespace=NAMESPACE)
+    except ValueError:
+        raise KdserveError(
+            f"no teacher pool named {name!r} in Ray namespace {NAMESPACE!r}: start it with "
+            f"kdserve.ray.TeacherPool({name!r}, ...) on this Ray cluster"
+        ) from None
+
+
+def pool_status(name: str) -> dict[str, dict[str, Any]]:
+    """Per live replica of pool ``name``: its address, the samples it dumped and their
+    rate (from any process attached to the pool's Ray cluster)."""
+    _, replicas = ray.get(_registry(name).lookup.remote())
+    handles = {r: ray.get_actor(_replica_name(r), namespace=NAMESPACE) for r in sorted(replicas)}
+    stats = ray.get([h.stats.remote() for h in handles.values()])
+    return dict(zip(handles, stats, strict=True))
+
+
+class TeacherPool:
+    """``replicas`` copies of a teacher as Ray actors, registered under ``name``.
+
+    ``program_factory()`` builds the program in each actor (so a model loads where it
+    runs, on that actor's ``num_gpus``); ``feeds`` names the inputs a query carries and
+    ``keep`` the knowledge, as for :func:`kdserve.serve`. Replicas listen on ``host``
+    (127.0.0.1: one machine; a node's address on a cluster, where TLS belongs too) with
+    a token made for the pool. A replica that dies is restarted by Ray.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        program_factory: Callable[[], Any],
+        *,
+        feeds: Sequence[str],
+        keep: Keep | None = None,
+        replicas: int = 1,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if not ray.is_initialized():
+            raise KdserveError(
+                "TeacherPool needs Ray: call ray.init() (or ray.init(address=...)) first"
+            )
+        if replicas < 1:
+            raise ValueError(f"a pool needs replicas >= 1, got {replicas}")
+        self.name = name
+        self._factory = program_factory
+        self._options = {"feeds": list(feeds), "keep": keep, "host": host}
+        self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        try:
+            ray.get_actor(_registry_name(name), namespace=NAMESPACE)
+        except ValueError:
+            pass
+        else:
+            raise KdserveError(f"a teacher pool named {name!r} exists already; choose another name")
+        self._token: str = secrets.token_urlsafe(32)
+        self._registry: Any = (
+            ray.remote(_Registry)
+            .options(name=_registry_name(name), namespace=NAMESPACE, num_cpus=0)
+            .remote(self._token)
+        )
+        self._replicas: dict[str, Any] = {}
+        self._next = 0
+        self.scale(replicas)
+
+    # -- replicas ---------------------------------------------------------------------
+
+    def scale(self, replicas: int) -> None:
+        """Grow or shrink the pool to ``replicas`` (the newest go first); returns when the
+        new ones answer. Students in a query stream move to the remaining ones."""
+        if replicas < 1:
+            raise ValueError(f"a pool needs replicas >= 1, got {replicas}")
+        started = []
+        while len(self._replicas) < replicas:
+            name = f"{self.name}-{self._next}"
+            self._next += 1
+            actor: Any = (
+                ray.remote(Replica)
+                .options(
+                    name=_replica_name(name),
+                    namespace=NAMESPACE,
+                    max_restarts=-1,
+                    max_task_retries=-1,
+                    **self._resources,
+                )
+                .remote(name, self._registry, self._factory, token=self._token, **self._options)
+            )
+            self._replicas[name] = actor
+            started.append(actor.address.remote())
+        ray.get(started)
+        while len(self._replicas) > replicas:
+            name, actor = self._replicas.popitem()
+            ray.get(self._registry.unregister.remote(name))
+            ray.kill(actor, no_restart=True)
+
+    @property
+    def replicas(self) -> dict[str, Any]:
+        """The replicas' actor handles by name."""
+        return dict(self._replicas)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per replica: its address, the samples it dumped and their rate."""
+        return pool_status(self.name)
+
+    def close(self) -> None:
+        """Stop every replica and remove the pool's name."""
+        for actor in self._replicas.values():
+            ray.kill(actor, no_restart=True)
+        self._replicas.clear()
+        ray.kill(self._registry, no_restart=True)
+
+    def __enter__(self) -> TeacherPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- offline ----------------------------------------------------------------------
+
+    def dump(
+        self,
+        data_factory: Callable[[int, int], Iterable[Mapping[str, Any]]],
+        path: str | Path,
+        **options: Any,
+    ) -> int:
+        """Dump a dataset with every replica: ``data_factory(part, parts)`` gives part
+        ``part``'s batches (with globally unique ``sample_id``s), each part goes to its own
+        store under ``path/parts``, and the parts become one store at ``path``; returns
+        its rows. Run again after an interruption, it resumes each part (with the number
+        of parts it started with) and combines them. ``options`` are :func:`kdserve.dump`'s
+        (``compression``, ``shard_bytes``, ...)."""
+        out = Path(path)
+        root = out / _PARTS
+        parts = _parts(root, len(self._replicas))
+        actors = list(self._replicas.values())
+        stores = [root / f"part-{i:04d}" for i in range(parts)]
+        options = {"progress": False, "name": self.name, **options}  # one teacher, one schema
+        calls = [
+            actors[i % len(actors)].dump.remote(data_factory, i, parts, str(s), options)
+            for i, s in enumerate(stores)
+        ]
+        failures = []
+        for call in calls:  # every part finishes or fails before the first error is raised
+            try:
+                ray.get(call)
+            except Exception as exc:  # a part that failed: it resumes next time
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+        return combine(stores, out)
+
+
+def _parts(root: Path, replicas: int) -> int:
+    """How many parts the pooled dump under ``root`` has: recorded by its first run (a
+    resumed dump keeps them, however many replicas it has now), else ``replicas``."""
+    record = root / _PARTS_FILE
+    if record.is_file():
+        try:
+            parts = json.loads(record.read_text(encoding="utf-8"))["parts"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{record} is unreadable: {exc}", path=str(record)) from None
+        if not isinstance(parts, int) or parts < 1:
+            raise StoreError(f"{record} records {parts!r} parts", path=str(record))
+        return parts
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, json.dumps({"parts": replicas}) + "\n")
+    return replicas
+
+
+class PoolClient:
+    """A student's view of the pool ``name``: queries spread over its replicas, each
+    failed one asked again of another replica (found again through Ray)."""
+
+    def __init__(self, name: str, *, timeout: float = 60.0, connect_timeout: float = 10.0) -> None:
+        self._registry = _registry(name)
+        self.name = name
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._clients: dict[str, TeacherClient] = {}
+        self._turn = 0
+        self._lock = threading.Lock()
+        self.answered: dict[str, int] = {}  # queries each replica answered
+
+    def _pick(self, avoid: set[str]) -> tuple[str, TeacherClient]:
+        """The next replica in turn, not in ``avoid``; waits up to ``timeout`` for one."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            token, replicas = ray.get(self._registry.lookup.remote())
+            live = sorted(set(replicas) - avoid) or sorted(replicas)
+            if live:
+                with self._lock:
+                    name = live[self._turn % len(live)]
+                    self._turn += 1
+                    client = self._clients.get(name)
+                    if client is None or client.address != replicas[name]:
+                        client = TeacherClient(
+                            replicas[name], name=name, token=token,
+                            connect_timeout=self.connect_timeout,
+                        )  # fmt: skip
+                        self._clients[name] = client
+                return name, client
+            if time.monotonic() > deadline:
+                raise TeacherUnavailableError(
+                    f"teacher pool {self.name!r} has no replica (waited {self.timeout} s)"
+                )
+            time.sleep(0.1)
+
+    def _forget_if_dead(self, name: str) -> None:
+        """Drop replica ``name`` from the pool's registry if Ray no longer has it (killed
+        for good), so no student waits on its address again; one Ray is restarting
+        registers its new address itself."""
+        try:
+            ray.get_actor(_replica_name(name), namespace=NAMESPACE)
+        except ValueError:
+            ray.get(self._registry.unregister.remote(name))
+
+    def query(self, inputs: Mapping[str, Any], *, decode: bool = True) -> Knowledge:
+        """The knowledge for one batch of inputs, from one replica (another if it fails)."""
+        tried: set[str] = set()
+        while True:
+            name, client = self._pick(tried)
+            try:
+                read = functools.partial(from_record_batch, decode=decode)
+                out = next(query_batches(client, [inputs], 1, read))
+            except TeacherUnavailableError:
+                tried.add(name)
+                self._forget_if_dead(name)
+                if len(tried) > 16:
+                    raise
+                continue
+            with self._lock:
+                self.answered[name] = self.answered.get(name, 0) + 1
+            return out
+
+    def query_stream(
+        self, batches: Iterable[Mapping[str, Any]], max_in_flight: int = 4, *, decode: bool = True
+    ) -> Iterator[Knowledge]:
+        """Knowledge for each batch, in input order, ``max_in_flight`` queries at once,
+        spread over the replicas."""
+        with ThreadPoolExecutor(max_in_flight, thread_name_prefix="kdserve-pool") as workers:
+            pending: list[Future[Knowledge]] = []
+            for inputs in batches:
+                pending.append(workers.submit(self.query, inputs, decode=decode))
+                if len(pending) >= max_in_flight:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()

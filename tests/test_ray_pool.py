@@ -1,0 +1,174 @@
+"""Teacher pools on a local Ray instance (issue #12), with real actors: pooled dumps into
+one store (also with a replica killed mid-dump, and resumed), queries spread over the
+replicas with failover, scaling. Ray starts once for the module, with 2 CPUs."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import kdserve as kd  # noqa: E402
+from kdserve.ray import PoolClient, TeacherPool  # noqa: E402
+
+N, D, BATCH = 240, 8, 16
+X = np.random.default_rng(0).normal(size=(N, D)).astype(np.float32)
+KEEP = kd.Schema([kd.Field("y", "float32", (D,))])
+KDSERVE = str(Path(sys.executable).with_name("kdserve"))
+
+
+def make_program(delay: float = 0.01) -> Any:
+    """Each replica's teacher: ``delay`` seconds a batch, as a model takes."""
+
+    def program(feed: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(delay)
+        return {"y": feed["x"] * 2 + 1}
+
+    return program
+
+
+def batches(part: int, parts: int) -> list[dict[str, Any]]:
+    """Part ``part`` of ``parts``: every parts-th batch, with global sample ids."""
+    starts = range(part * BATCH, N, parts * BATCH)
+    return [{"x": X[s : s + BATCH], "sample_id": np.arange(s, min(s + BATCH, N))} for s in starts]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kdserve-tests")
+    # The factories above live in this test module, which Ray's workers cannot import:
+    # ship them by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def pool(name: str, replicas: int, delay: float = 0.01) -> TeacherPool:
+    factory = functools.partial(make_program, delay)
+    return TeacherPool(name, factory, feeds=["x"], keep=KEEP, replicas=replicas, num_cpus=0)
+
+
+def read_all(path: Path) -> dict[str, np.ndarray]:
+    with kd.Student() as student:
+        student.add_store(path)
+        got = list(student.loader(batch_size=50))
+    return {k: np.concatenate([b[k] for b in got]) for k in ("sample_id", "y")}
+
+
+def test_a_pool_dumps_one_store_every_sample_once(tmp_path: Path) -> None:
+    with pool("dump3", 3) as teachers:
+        rows = teachers.dump(batches, tmp_path / "store")
+        status = teachers.status()
+    assert rows == N
+    got = read_all(tmp_path / "store")
+    np.testing.assert_array_equal(np.sort(got["sample_id"]), np.arange(N))
+    np.testing.assert_array_equal(got["y"], X[got["sample_id"]] * 2 + 1)  # exact values
+    assert len(status) == 3 and all(s["samples"] > 0 for s in status.values())  # all worked
+    assert len(list((tmp_path / "store").glob("shard-*.arrow"))) >= 3  # one store of them
+
+
+def test_a_replica_killed_mid_dump_is_restarted_and_its_part_resumed(tmp_path: Path) -> None:
+    with pool("dumpkill", 2, delay=0.05) as teachers:  # ~0.4 s a part
+        victim = teachers.replicas["dumpkill-1"]
+        killed: list[float] = []
+
+        def kill_soon() -> None:
+            time.sleep(0.15)
+            ray.kill(victim, no_restart=False)  # Ray restarts it; its task is retried
+            killed.append(time.monotonic())
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        rows = teachers.dump(batches, tmp_path / "store", shard_bytes=2048)
+        done = time.monotonic()
+        killer.join()
+    assert killed and killed[0] < done  # the replica died while the dump ran
+    assert rows == N
+    got = read_all(tmp_path / "store")
+    np.testing.assert_array_equal(np.sort(got["sample_id"]), np.arange(N))
+    np.testing.assert_array_equal(got["y"], X[got["sample_id"]] * 2 + 1)
+
+
+def test_an_interrupted_pooled_dump_resumes_with_its_parts(tmp_path: Path) -> None:
+    with pool("resume", 2) as teachers:
+        # The first run stops after part 0 (part 1's data fails): no store yet.
+        def failing(part: int, parts: int) -> list[dict[str, Any]]:
+            if part == 1:
+                raise RuntimeError("disk full")
+            return batches(part, parts)
+
+        with pytest.raises(ray.exceptions.RayTaskError, match="disk full"):
+            teachers.dump(failing, tmp_path / "store")
+        assert not (tmp_path / "store" / "manifest.json").exists()
+        assert (tmp_path / "store" / "parts" / "part-0000" / "manifest.json").exists()
+        teachers.scale(3)  # more replicas now: the dump keeps its 2 parts
+        assert teachers.dump(batches, tmp_path / "store") == N
+    got = read_all(tmp_path / "store")
+    np.testing.assert_array_equal(np.sort(got["sample_id"]), np.arange(N))
+    assert len(list((tmp_path / "store" / "parts").glob("part-*"))) == 2  # not 3
+
+
+def test_queries_spread_over_replicas_and_fail_over(tmp_path: Path) -> None:
+    with pool("ask", 3) as teachers:
+        client = PoolClient("ask", timeout=30.0, connect_timeout=5.0)
+        inputs = [{"x": X[i : i + 8]} for i in range(0, 96, 8)]
+        got = list(client.query_stream(inputs, max_in_flight=3))
+        for batch, out in zip(inputs, got, strict=True):
+            np.testing.assert_array_equal(out["y"], batch["x"] * 2 + 1)
+        assert len(client.answered) == 3  # every replica answered some
+        ray.kill(teachers.replicas["ask-0"], no_restart=True)  # dies for good
+        got = list(client.query_stream(inputs, max_in_flight=3))
+        for batch, out in zip(inputs, got, strict=True):
+            np.testing.assert_array_equal(out["y"], batch["x"] * 2 + 1)
+
+
+def test_a_pool_scales_up_and_down_while_queried() -> None:
+    with pool("scale", 1) as teachers:
+        client = PoolClient("scale", timeout=30.0, connect_timeout=5.0)
+        assert client.query({"x": X[:4]})["y"].shape == (4, D)
+        teachers.scale(3)
+        list(client.query_stream([{"x": X[:4]}] * 12, max_in_flight=3))
+        assert {"scale-1", "scale-2"} <= set(client.answered)
+        teachers.scale(1)
+        assert set(teachers.replicas) == {"scale-0"}
+        out = list(client.query_stream([{"x": X[:4]}] * 6, max_in_flight=3))
+        assert len(out) == 6
+
+
+def test_unknown_pools_and_duplicate_names_are_refused() -> None:
+    with pytest.raises(kd.KdserveError, match="no teacher pool named 'nope'"):
+        PoolClient("nope")
+    with pool("twice", 1), pytest.raises(kd.KdserveError, match="exists already"):
+        pool("twice", 1)
+
+
+def test_the_cli_shows_a_pools_replicas(tmp_path: Path) -> None:
+    with pool("cli", 2) as teachers:
+        teachers.dump(batches, tmp_path / "store")
+        done = subprocess.run(
+            [KDSERVE, "pool", "status", "cli", "--address", ray.get_runtime_context().gcs_address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "pool cli: 2 replica(s)" in done.stdout
+    assert sum(int(line.split()[2]) for line in done.stdout.splitlines()[1:]) == N
+    missing = subprocess.run(
+        [KDSERVE, "pool", "status", "gone", "--address", ray.get_runtime_context().gcs_address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert missing.returncode == 1 and "no teacher pool named 'gone'" in missing.stderr
