@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import kdserve as kd  # noqa: E402
-from kdserve.ray import PoolClient, TeacherPool  # noqa: E402
+from kdserve.ray import PoolClient, PoolLoader, TeacherPool  # noqa: E402
 
 N, D, BATCH = 240, 8, 16
 X = np.random.default_rng(0).normal(size=(N, D)).astype(np.float32)
@@ -172,3 +172,45 @@ def test_the_cli_shows_a_pools_replicas(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode == 1 and "no teacher pool named 'gone'" in missing.stderr
+
+
+def all_batches(epoch: int) -> list[dict[str, Any]]:
+    """The students' data: every sample, in a shuffled batch order per pass."""
+    order = np.random.default_rng(epoch).permutation(N // BATCH)
+    return [
+        {"x": X[b * BATCH : (b + 1) * BATCH], "sample_id": np.arange(b * BATCH, (b + 1) * BATCH)}
+        for b in order
+    ]
+
+
+def test_two_ranks_read_disjoint_halves_each_sample_once_despite_a_dying_replica() -> None:
+    with pool("ranks", 3, delay=0.03) as teachers:
+        loaders = [PoolLoader("ranks", all_batches, rank=r, world_size=2) for r in range(2)]
+        for epoch in range(2):
+            seen = []
+            for rank, loader in enumerate(loaders):
+                for i, batch in enumerate(loader):
+                    if epoch == 1 and rank == 0 and i == 2:
+                        ray.kill(teachers.replicas["ranks-1"], no_restart=True)  # mid-pass
+                    np.testing.assert_array_equal(batch["y"], X[batch["sample_id"]] * 2 + 1)
+                    np.testing.assert_array_equal(batch["x"], X[batch["sample_id"]])
+                    seen.append(batch["sample_id"])
+                if rank == 0:
+                    half = np.concatenate(seen)
+            ids = np.concatenate(seen)
+            np.testing.assert_array_equal(np.sort(ids), np.arange(N))  # once each, all of them
+            assert 0 < len(half) < N  # the ranks split the pass
+
+
+def test_a_pool_scales_during_a_pass_and_loses_nothing() -> None:
+    with pool("grow", 1, delay=0.03) as teachers:
+        loader = PoolLoader("grow", all_batches, max_in_flight=3)
+        ids = []
+        for i, batch in enumerate(loader):
+            if i == 2:
+                teachers.scale(3)
+            if i == 8:
+                teachers.scale(1)
+            ids.append(batch["sample_id"])
+        np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
+        assert {"grow-1", "grow-2"} & set(loader.client.answered)  # the new ones helped

@@ -8,6 +8,8 @@
                           num_gpus=1)
     pool.dump(lambda part, parts: my_batches(part, parts), "knowledge/lm")  # one store
     answers = kr.PoolClient("lm-teachers").query_stream(batches, decode=False)
+    for batch in kr.PoolLoader("lm-teachers", my_data, rank=rank, world_size=world):
+        ...                                  # inputs + knowledge, each batch once a pass
     pool.scale(8)
 
 Importing it without Ray raises an ImportError that gives the install command.
@@ -20,6 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("kdserve.ray needs Ray: pip install 'kdserve[ray]'") from exc
 
+from kdserve.ray.loader import PoolLoader
 from kdserve.ray.pool import NAMESPACE, PoolClient, TeacherPool, pool_status
 
-__all__ = ["NAMESPACE", "PoolClient", "TeacherPool", "pool_status"]
+__all__ = ["NAMESPACE", "PoolClient", "PoolLoader", "TeacherPool", "pool_status"]

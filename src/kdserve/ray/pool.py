@@ -112,7 +112,8 @@ class TeacherPool:
         if replicas < 1:
             raise ValueError(f"a pool needs replicas >= 1, got {replicas}")
         self.name = name
-        self._factory = program_factory
+        # Held here for the pool's life: Ray restarts a replica from this very object.
+        self._factory = ray.put(program_factory)
         self._options = {"feeds": list(feeds), "keep": keep, "host": host}
         self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         try:
@@ -272,6 +273,11 @@ class PoolClient:
                     f"teacher pool {self.name!r} has no replica (waited {self.timeout} s)"
                 )
             time.sleep(0.1)
+
+    def replicas(self) -> int:
+        """How many replicas the pool has now."""
+        _, replicas = ray.get(self._registry.lookup.remote())
+        return len(replicas)
 
     def _forget_if_dead(self, name: str) -> None:
         """Drop replica ``name`` from the pool's registry if Ray no longer has it (killed
