@@ -72,7 +72,9 @@ def test_a_pool_dumps_one_store_every_sample_once(tmp_path: Path) -> None:
     got = read_all(tmp_path / "store")
     np.testing.assert_array_equal(np.sort(got["sample_id"]), np.arange(N))
     np.testing.assert_array_equal(got["y"], X[got["sample_id"]] * 2 + 1)  # exact values
-    assert len(status) == 3 and all(s["samples"] > 0 for s in status.values())  # all worked
+    replicas = status["replicas"]
+    assert len(replicas) == 3 and all(s["samples"] > 0 for s in replicas.values())  # all worked
+    assert sum(s["samples"] for s in replicas.values()) == N
     assert len(list((tmp_path / "store").glob("shard-*.arrow"))) >= 3  # one store of them
 
 
@@ -125,6 +127,12 @@ def test_queries_spread_over_replicas_and_fail_over(tmp_path: Path) -> None:
         for batch, out in zip(inputs, got, strict=True):
             np.testing.assert_array_equal(out["y"], batch["x"] * 2 + 1)
         assert len(client.answered) == 3  # every replica answered some
+        time.sleep(0.5)  # the figures are reported without waiting
+        status = teachers.status()
+        assert sum(r["answered"] for r in status["replicas"].values()) == 96
+        figures = status["students"][client.id]
+        assert figures["batches"] == 12 and figures["stall_s"] > 0
+        assert 1 <= figures["in_flight"] <= 3
         ray.kill(teachers.replicas["ask-0"], no_restart=True)  # dies for good
         got = list(client.query_stream(inputs, max_in_flight=3))
         for batch, out in zip(inputs, got, strict=True):
@@ -163,7 +171,8 @@ def test_the_cli_shows_a_pools_replicas(tmp_path: Path) -> None:
         )
     assert done.returncode == 0, done.stderr
     assert "pool cli: 2 replica(s)" in done.stdout
-    assert sum(int(line.split()[2]) for line in done.stdout.splitlines()[1:]) == N
+    dumped = [line.split("dumped")[1].split()[0] for line in done.stdout.splitlines()[1:3]]
+    assert sum(map(int, dumped)) == N
     missing = subprocess.run(
         [KDSERVE, "pool", "status", "gone", "--address", ray.get_runtime_context().gcs_address],
         capture_output=True,

@@ -308,11 +308,16 @@ def pool_status(name: str, address: str) -> None:
         replicas = status(name)
     finally:
         ray.shutdown()
-    click.echo(f"pool {name}: {len(replicas)} replica(s)")
-    for replica, info in replicas.items():
+    click.echo(f"pool {name}: {len(replicas['replicas'])} replica(s)")
+    for replica, info in replicas["replicas"].items():
         click.echo(
-            f"  {replica:<24} {info['address']:<22} {info['samples']:>10} samples "
-            f"{info['samples_per_s']:>10.1f}/s"
+            f"  {replica:<24} {info['address']:<22} dumped {info['samples']:>9} "
+            f"({info['samples_per_s']:.1f}/s), answered {info['answered']:>9}"
+        )
+    for student, figures in replicas["students"].items():
+        click.echo(
+            f"  student {student}: {figures['batches']:.0f} batches, stalled "
+            f"{figures['stall_s']:.2f} s, {figures['in_flight']:.1f} in flight"
         )
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,6 +25,7 @@ from typing import Any
 import ray
 
 from kdserve.core.batch import Knowledge, from_record_batch
+from kdserve.core.schema import SAMPLE_ID
 from kdserve.errors import KdserveError, StoreError, TeacherUnavailableError
 from kdserve.online.client import TeacherClient
 from kdserve.ray.replica import Replica
@@ -39,11 +42,22 @@ _PARTS_FILE = "parts.json"  # how many parts the dump was split into
 
 
 class _Registry:
-    """The pool by name: its token and the address of each live replica."""
+    """The pool by name: its token, the address of each live replica, and the figures
+    its students report (samples each replica answered; each student's stall time)."""
 
     def __init__(self, token: str) -> None:
         self.token = token
         self.replicas: dict[str, str] = {}
+        self.answered: dict[str, int] = {}
+        self.students: dict[str, dict[str, float]] = {}
+
+    def report(self, student: str, answered: dict[str, int], figures: dict[str, float]) -> None:
+        for replica, samples in answered.items():
+            self.answered[replica] = self.answered.get(replica, 0) + samples
+        self.students[student] = figures
+
+    def figures(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+        return dict(self.answered), dict(self.students)
 
     def register(self, name: str, address: str) -> None:
         self.replicas[name] = address
@@ -74,13 +88,20 @@ def _registry(name: str) -> Any:
         ) from None
 
 
-def pool_status(name: str) -> dict[str, dict[str, Any]]:
-    """Per live replica of pool ``name``: its address, the samples it dumped and their
-    rate (from any process attached to the pool's Ray cluster)."""
-    _, replicas = ray.get(_registry(name).lookup.remote())
+def pool_status(name: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Pool ``name``'s figures, from any process attached to its Ray cluster:
+    ``"replicas"``: per live replica, its address, the samples it dumped and their rate,
+    and the samples it answered to students' queries; ``"students"``: per student
+    (PoolClient), the batches it received, the seconds it waited for them (stall) and
+    the mean number of queries it had in flight."""
+    registry = _registry(name)
+    _, replicas = ray.get(registry.lookup.remote())
+    answered, students = ray.get(registry.figures.remote())
     handles = {r: ray.get_actor(_replica_name(r), namespace=NAMESPACE) for r in sorted(replicas)}
     stats = ray.get([h.stats.remote() for h in handles.values()])
-    return dict(zip(handles, stats, strict=True))
+    for replica, figures in zip(handles, stats, strict=True):
+        figures["answered"] = answered.get(replica, 0)
+    return {"replicas": dict(zip(handles, stats, strict=True)), "students": students}
 
 
 class TeacherPool:
@@ -167,8 +188,8 @@ class TeacherPool:
         """The replicas' actor handles by name."""
         return dict(self._replicas)
 
-    def status(self) -> dict[str, dict[str, Any]]:
-        """Per replica: its address, the samples it dumped and their rate."""
+    def status(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """This pool's figures: :func:`pool_status`."""
         return pool_status(self.name)
 
     def close(self) -> None:
@@ -248,7 +269,10 @@ class PoolClient:
         self._clients: dict[str, TeacherClient] = {}
         self._turn = 0
         self._lock = threading.Lock()
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.answered: dict[str, int] = {}  # queries each replica answered
+        self._samples: dict[str, int] = {}  # samples each answered, not yet reported
+        self.figures = {"batches": 0.0, "stall_s": 0.0, "in_flight": 0.0}
 
     def _pick(self, avoid: set[str]) -> tuple[str, TeacherClient]:
         """The next replica in turn, not in ``avoid``; waits up to ``timeout`` for one."""
@@ -304,6 +328,8 @@ class PoolClient:
                 continue
             with self._lock:
                 self.answered[name] = self.answered.get(name, 0) + 1
+                rows = len(out[SAMPLE_ID])
+                self._samples[name] = self._samples.get(name, 0) + rows
             return out
 
     def query_stream(
@@ -311,11 +337,33 @@ class PoolClient:
     ) -> Iterator[Knowledge]:
         """Knowledge for each batch, in input order, ``max_in_flight`` queries at once,
         spread over the replicas."""
-        with ThreadPoolExecutor(max_in_flight, thread_name_prefix="kdserve-pool") as workers:
-            pending: list[Future[Knowledge]] = []
-            for inputs in batches:
-                pending.append(workers.submit(self.query, inputs, decode=decode))
-                if len(pending) >= max_in_flight:
-                    yield pending.pop(0).result()
-            for future in pending:
-                yield future.result()
+        depth = 0
+        try:
+            with ThreadPoolExecutor(max_in_flight, thread_name_prefix="kdserve-pool") as pool:
+                pending: list[Future[Knowledge]] = []
+                for inputs in batches:
+                    pending.append(pool.submit(self.query, inputs, decode=decode))
+                    if len(pending) >= max_in_flight:
+                        depth += len(pending)
+                        yield self._wait(pending.pop(0))
+                while pending:
+                    depth += len(pending)
+                    yield self._wait(pending.pop(0))
+        finally:
+            self._report(depth)
+
+    def _wait(self, answer: Future[Knowledge]) -> Knowledge:
+        """The answer, the time waited for it counted as stall."""
+        start = time.perf_counter()
+        out = answer.result()
+        self.figures["stall_s"] += time.perf_counter() - start
+        self.figures["batches"] += 1
+        return out
+
+    def _report(self, depth: int) -> None:
+        """Send this student's figures to the pool (asynchronously: never waits)."""
+        with self._lock:
+            samples, self._samples = self._samples, {}
+        batches = self.figures["batches"]
+        self.figures["in_flight"] = depth / batches if batches else 0.0
+        self._registry.report.remote(self.id, samples, dict(self.figures))
