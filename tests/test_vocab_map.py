@@ -322,3 +322,21 @@ def test_a_mapped_teacher_reads_as_that_teacher_written_in_the_students_vocabula
                 np.testing.assert_array_equal(mapped[part], same[part])
             else:
                 np.testing.assert_allclose(mapped[part], same[part], rtol=1e-5, atol=1e-6)
+
+
+def test_knowledge_dataset_takes_maps_and_expect_per_teacher(store: Path) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kdserve.torch import KnowledgeDataset
+
+    mapped = KnowledgeDataset(
+        [store], batch_size=16, decode=False, vocab_maps={store: kd.VocabMap(IDS, VS)}
+    )
+    got = torch.cat([b["logits_indices"].long() for b in DataLoader(mapped, batch_size=None)])
+    np.testing.assert_array_equal(got.numpy(), IDS[compact(store)["indices"].astype(int)])
+    wrong = KnowledgeDataset([store], batch_size=16, expect={"tokenizer": "bpe-8"})
+    with pytest.raises(kd.StoreError, match="tokenizer"):
+        list(DataLoader(wrong, batch_size=None))
+    with pytest.raises(ValueError, match="not among the teachers"):
+        KnowledgeDataset([store], batch_size=16, vocab_maps={"elsewhere": kd.VocabMap(IDS, VS)})

@@ -42,6 +42,7 @@ from kdserve.core.ragged import Ragged
 from kdserve.core.sampler import Even, Sampler
 from kdserve.online.address import split_address
 from kdserve.student import Student
+from kdserve.student.vocab_map import VocabMap
 
 __all__ = ["KnowledgeDataset", "to_tensors"]
 
@@ -119,6 +120,9 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
     call :meth:`set_epoch` before each epoch, like ``DistributedSampler``.
     ``decode=False`` keeps coded fields compact (see :func:`to_tensors`: for top-k
     knowledge ``name_values``, ``name_indices``, ``name_tail``, for ``topk_kd_loss``).
+    ``expect`` is the :class:`Student`'s (the provenance every teacher must record), and
+    ``vocab_maps`` gives teachers, keyed as in ``teachers``, a :class:`~kdserve.VocabMap`
+    into the student's vocabulary.
     ``pin_memory`` pins the tensors (which copies them) on a background thread of the
     main process, ready for ``.to(device, non_blocking=True)``; in ``DataLoader`` workers
     pinning is left to ``DataLoader(pin_memory=True)``, which pins in the main process
@@ -144,6 +148,8 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         rank: int | None = None,
         world_size: int | None = None,
         even_ranks: Even = "pad",
+        expect: Mapping[str, Any] | None = None,
+        vocab_maps: Mapping[str | os.PathLike[str], VocabMap] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(teachers, (str, os.PathLike)):
@@ -165,6 +171,15 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
                     f"teacher {where!r} is neither an existing store directory nor an online "
                     f"teacher's address 'host:port'"
                 )
+        given = {os.fspath(k): v for k, v in (vocab_maps or {}).items()}
+        unknown = sorted(set(given) - {where for _, where in self._teachers})
+        if unknown:
+            raise ValueError(
+                f"vocab_maps names {unknown}, which are not among the teachers "
+                f"{[where for _, where in self._teachers]}; key each map by its teacher as given"
+            )
+        self.vocab_maps = given
+        self.expect = dict(expect or {})
         env_rank, env_world = Sampler.world_from_env()
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
@@ -255,10 +270,11 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             even_ranks=self.even_ranks if self.world_size > 1 else "none",
             token=self.token,
             connect_timeout=self.connect_timeout,
+            expect=self.expect,
         )
         try:
             for add, where in self._teachers:
-                getattr(student, add)(where)
+                getattr(student, add)(where, vocab_map=self.vocab_maps.get(where))
             student.start()
         except BaseException:
             student.close()
