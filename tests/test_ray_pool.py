@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import kdserve as kd  # noqa: E402
-from kdserve.ray import PoolClient, PoolLoader, TeacherPool  # noqa: E402
+from kdserve.ray import PoolClient, PoolLoader, PoolPasses, TeacherPool  # noqa: E402
 
 N, D, BATCH = 240, 8, 16
 X = np.random.default_rng(0).normal(size=(N, D)).astype(np.float32)
@@ -223,3 +223,33 @@ def test_a_pool_scales_during_a_pass_and_loses_nothing() -> None:
             ids.append(batch["sample_id"])
         np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
         assert {"grow-1", "grow-2"} & set(loader.client.answered)  # the new ones helped
+
+
+def pass_part(epoch: int, part: int, parts: int) -> list[dict[str, Any]]:
+    """The pool's own data: part ``part`` of ``parts``, its batches shuffled per pass."""
+    rows = np.arange(part, N, parts)
+    rows = np.random.default_rng(epoch).permutation(rows)
+    return [{"x": X[rows[i : i + 8]], "sample_id": rows[i : i + 8]} for i in range(0, len(rows), 8)]
+
+
+def test_passes_over_the_pools_own_data_reach_two_ranks_once_despite_deaths() -> None:
+    with pool("own", 3, delay=0.03) as teachers:
+        teachers.serve(pass_part, parts=12)
+        readers = [PoolPasses("own", batch_size=20, rank=r, world_size=2) for r in range(2)]
+        for epoch in range(2):
+            ids = []
+            for rank, reader in enumerate(readers):
+                for i, batch in enumerate(reader):
+                    if epoch == 0 and rank == 0 and i == 1:
+                        ray.kill(teachers.replicas["own-1"], no_restart=False)  # restarted
+                    if epoch == 1 and rank == 1 and i == 1:
+                        ray.kill(teachers.replicas["own-2"], no_restart=True)  # gone
+                    np.testing.assert_array_equal(batch["y"], X[batch["sample_id"]] * 2 + 1)
+                    assert len(batch["sample_id"]) <= 20
+                    ids.append(batch["sample_id"])
+            np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
+
+
+def test_passes_need_a_pool_that_serves_them() -> None:
+    with pool("idle", 1), pytest.raises(kd.KdserveError, match=r"pool.serve\(data_factory\)"):
+        PoolPasses("idle", batch_size=8)

@@ -34,7 +34,7 @@ from kdserve.store.files import write_atomic
 from kdserve.student.messaging import query_batches
 from kdserve.teacher.encoder import Keep
 
-__all__ = ["NAMESPACE", "PoolClient", "TeacherPool", "pool_status"]
+__all__ = ["NAMESPACE", "PoolClient", "TeacherPool", "find_pool", "pool_status"]
 
 NAMESPACE = "kdserve"  # the Ray namespace pools are registered in
 _PARTS = "parts"  # a pooled dump's per-part stores, under its path
@@ -59,6 +59,43 @@ class _Registry:
     def figures(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
         return dict(self.answered), dict(self.students)
 
+    # -- passes over the pool's own data: parts computed on demand, spread over replicas
+
+    def serve(self, data_factory: Any, parts: int) -> None:
+        self.data, self.parts = data_factory, parts
+        self.work: dict[tuple[int, int], Any] = {}
+        self.turn = 0
+
+    def layout(self) -> int:
+        """How many parts a pass has (0: the pool serves no passes)."""
+        return getattr(self, "parts", 0)
+
+    def part(self, epoch: int, part: int, avoid: str | None = None) -> list[Any]:
+        """The knowledge of a part, as ``[ObjectRef]`` (asked of a replica the first time,
+        or again of another than ``avoid`` when that one died with it)."""
+        key = (epoch, part)
+        while key not in self.work or avoid is not None:
+            names = sorted(set(self.replicas) - {avoid}) or sorted(self.replicas)
+            if not names:
+                raise TeacherUnavailableError("the teacher pool has no replica left")
+            name = names[self.turn % len(names)]
+            self.turn += 1
+            try:
+                actor = ray.get_actor(_replica_name(name), namespace=NAMESPACE)
+            except ValueError:  # killed for good: forget it, ask the next
+                self.unregister(name)
+                continue
+            self.work[key] = (name, actor.compute.remote(self.data, epoch, part, self.parts))
+            avoid = None
+        return [self.work[key][1]]
+
+    def owner(self, epoch: int, part: int) -> str:
+        return str(self.work[(epoch, part)][0])
+
+    def taken(self, epoch: int, part: int) -> None:
+        """A student has the part: its knowledge leaves the object store."""
+        self.work.pop((epoch, part), None)
+
     def register(self, name: str, address: str) -> None:
         self.replicas[name] = address
 
@@ -77,7 +114,7 @@ def _replica_name(name: str) -> str:
     return f"kdserve-replica:{name}"
 
 
-def _registry(name: str) -> Any:
+def find_pool(name: str) -> Any:
     """The registry actor of pool ``name``; KdserveError naming the fix if there is none."""
     try:
         return ray.get_actor(_registry_name(name), namespace=NAMESPACE)
@@ -94,7 +131,7 @@ def pool_status(name: str) -> dict[str, dict[str, dict[str, Any]]]:
     and the samples it answered to students' queries; ``"students"``: per student
     (PoolClient), the batches it received, the seconds it waited for them (stall) and
     the mean number of queries it had in flight."""
-    registry = _registry(name)
+    registry = find_pool(name)
     _, replicas = ray.get(registry.lookup.remote())
     answered, students = ray.get(registry.figures.remote())
     handles = {r: ray.get_actor(_replica_name(r), namespace=NAMESPACE) for r in sorted(replicas)}
@@ -205,6 +242,21 @@ class TeacherPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- passes -----------------------------------------------------------------------
+
+    def serve(
+        self,
+        data_factory: Callable[[int, int, int], Iterable[Mapping[str, Any]]],
+        parts: int | None = None,
+    ) -> None:
+        """Serve passes over the pool's own data to :class:`~kdserve.ray.PoolPasses`
+        students: ``data_factory(epoch, part, parts)`` gives a part's input batches (with
+        globally unique ``sample_id``s). Parts are the unit of work: each is computed by
+        one replica when a student needs it, and again by another if that one dies
+        (default: 4 per replica, so that a pool that grows has work to share)."""
+        count = parts or 4 * len(self._replicas)
+        ray.get(self._registry.serve.remote(ray.put(data_factory), count))
+
     # -- offline ----------------------------------------------------------------------
 
     def dump(
@@ -262,7 +314,7 @@ class PoolClient:
     failed one asked again of another replica (found again through Ray)."""
 
     def __init__(self, name: str, *, timeout: float = 60.0, connect_timeout: float = 10.0) -> None:
-        self._registry = _registry(name)
+        self._registry = find_pool(name)
         self.name = name
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -8,8 +8,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
+from kdserve.core.batch import to_record_batch
+from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.teacher.dump import dump
-from kdserve.teacher.encoder import Keep
+from kdserve.teacher.encoder import Encoder, Keep, infer_schema
 from kdserve.teacher.serve import Service, serve
 
 __all__ = ["Replica"]
@@ -32,6 +37,8 @@ class Replica:
         self.name = name
         self.program = program_factory()
         self.keep = keep
+        self.schema: Schema | None = keep if isinstance(keep, Schema) else None
+        self.encoder = Encoder(self.program, keep, False, feeds, self._schema, self._publish)
         self.samples = 0  # dumped by this process
         self.busy = 0.0  # seconds spent dumping
         self.service: Service = serve(
@@ -41,6 +48,12 @@ class Replica:
         import ray
 
         ray.get(registry.register.remote(name, self.service.address))
+
+    def _schema(self) -> Schema | None:
+        return self.schema
+
+    def _publish(self, schema: Schema) -> None:
+        self.schema = schema
 
     def address(self) -> str:
         """Where this replica answers queries."""
@@ -61,6 +74,37 @@ class Replica:
         self.samples += written
         self.busy += time.perf_counter() - start
         return written
+
+    def compute(
+        self,
+        data_factory: Callable[[int, int, int], Iterable[Mapping[str, Any]]],
+        epoch: int,
+        part: int,
+        parts: int,
+    ) -> np.ndarray:
+        """The knowledge of part ``part`` of ``parts`` of pass ``epoch``, as one Arrow IPC
+        stream in a uint8 array (which Ray's object store hands to a student without a
+        copy)."""
+        start = time.perf_counter()
+        sink = pa.BufferOutputStream()
+        writer: pa.ipc.RecordBatchStreamWriter | None = None
+        for inputs in data_factory(epoch, part, parts):
+            feed = dict(inputs)
+            ids = np.asarray(feed.pop(SAMPLE_ID))
+            knowledge = self.encoder.infer(feed)
+            if self.schema is None:
+                self._publish(infer_schema(knowledge, False))
+            assert self.schema is not None
+            batch = to_record_batch(knowledge, self.schema, ids)
+            if writer is None:
+                writer = pa.ipc.new_stream(sink, batch.schema)
+            writer.write_batch(batch)
+            self.samples += len(ids)
+        if writer is not None:
+            writer.close()
+        self.busy += time.perf_counter() - start
+        stream: np.ndarray = np.frombuffer(sink.getvalue(), dtype=np.uint8)
+        return stream
 
     def stats(self) -> dict[str, Any]:
         """This replica's figures: address, samples dumped and their rate."""
