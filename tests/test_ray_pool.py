@@ -253,3 +253,26 @@ def test_passes_over_the_pools_own_data_reach_two_ranks_once_despite_deaths() ->
 def test_passes_need_a_pool_that_serves_them() -> None:
     with pool("idle", 1), pytest.raises(kd.KdserveError, match=r"pool.serve\(data_factory\)"):
         PoolPasses("idle", batch_size=8)
+
+
+def test_a_student_merges_a_pool_with_a_store(tmp_path: Path) -> None:
+    """register_teacher(in_pool=...): the pool's passes drive the student, a store of
+    another teacher over the same samples follows them, sample by sample."""
+    store_data = [{"x": X[i : i + 16], "sample_id": np.arange(i, i + 16)} for i in range(0, N, 16)]
+    kd.dump(lambda f: {"z": f["x"].sum(1)}, store_data, tmp_path / "other", progress=False)
+    with pool("merged", 2) as teachers:
+        teachers.serve(pass_part, parts=6)
+        with kd.Student() as student:
+            student.register_teacher(in_pool="merged")
+            student.add_store(tmp_path / "other")
+            assert student.get_teacher_desc()["0:pool:merged"]["pool"] == "merged"
+            loader = student.loader(batch_size=24)
+            for _ in range(2):
+                ids = []
+                for batch in loader:
+                    np.testing.assert_array_equal(batch["y"], X[batch["sample_id"]] * 2 + 1)
+                    np.testing.assert_allclose(batch["z"], X[batch["sample_id"]].sum(1), rtol=1e-6)
+                    ids.append(batch["sample_id"])
+                np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
+            with pytest.raises(kd.KdserveError, match="no messages"):
+                student.send({"hello": 1}, [0])

@@ -17,7 +17,7 @@ from kdserve.core.rebatch import rebatch
 from kdserve.errors import KdserveError
 from kdserve.ray.pool import find_pool
 
-__all__ = ["PoolPasses"]
+__all__ = ["PoolPasses", "fetch_part", "part_batches"]
 
 
 class PoolPasses:
@@ -58,34 +58,37 @@ class PoolPasses:
 
     def __iter__(self) -> Iterator[Knowledge]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        mine = range(self.rank, self.parts, self.world_size)
-        batches = rebatch(self._arrow(epoch, list(mine)), self.batch_size, self.drop_last)
-        for batch in batches:
+        mine = list(range(self.rank, self.parts, self.world_size))
+        stream = part_batches(self._registry, self.name, epoch, mine, self.ahead)
+        for batch in rebatch(stream, self.batch_size, self.drop_last):
             yield from_record_batch(batch, decode=self.decode)
 
-    def _arrow(self, epoch: int, parts: list[int]) -> Iterator[pa.RecordBatch]:
-        """The record batches of ``parts``, in order, ``ahead`` parts asked for early."""
-        asked: collections.deque[tuple[int, Any]] = collections.deque()
-        todo = iter(parts)
-        while True:
-            while len(asked) < self.ahead and (part := next(todo, None)) is not None:
-                asked.append((part, self._registry.part.remote(epoch, part)))
-            if not asked:
-                return
-            part, pending = asked.popleft()
-            data = self._fetch(epoch, part, ray.get(pending)[0])
-            yield from pa.ipc.open_stream(pa.py_buffer(data)) if len(data) else []
-            self._registry.taken.remote(epoch, part)
 
-    def _fetch(self, epoch: int, part: int, ref: Any) -> np.ndarray:
-        """A part's Arrow stream; asked of another replica while its replica is gone."""
-        for _ in range(16):
-            try:
-                data: np.ndarray = ray.get(ref)
-                return data
-            except ray.exceptions.RayActorError:  # died for good, with the part unfinished
-                owner = ray.get(self._registry.owner.remote(epoch, part))
-                ref = ray.get(self._registry.part.remote(epoch, part, owner))[0]
-        raise KdserveError(
-            f"teacher pool {self.name!r}: part {part} of pass {epoch} failed 16 times"
-        )
+def part_batches(
+    registry: Any, pool: str, epoch: int, parts: list[int], ahead: int
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of ``parts`` of pass ``epoch``, in order, ``ahead`` parts asked
+    for early; each part let go of (out of the object store) once read."""
+    asked: collections.deque[tuple[int, Any]] = collections.deque()
+    todo = iter(parts)
+    while True:
+        while len(asked) < ahead and (part := next(todo, None)) is not None:
+            asked.append((part, registry.part.remote(epoch, part)))
+        if not asked:
+            return
+        part, pending = asked.popleft()
+        data = fetch_part(registry, pool, epoch, part, ray.get(pending)[0])
+        yield from pa.ipc.open_stream(pa.py_buffer(data)) if len(data) else []
+        registry.taken.remote(epoch, part)
+
+
+def fetch_part(registry: Any, pool: str, epoch: int, part: int, ref: Any) -> np.ndarray:
+    """A part's Arrow stream; asked of another replica while its replica is gone."""
+    for _ in range(16):
+        try:
+            data: np.ndarray = ray.get(ref)
+            return data
+        except ray.exceptions.RayActorError:  # died for good, with the part unfinished
+            owner = ray.get(registry.owner.remote(epoch, part))
+            ref = ray.get(registry.part.remote(epoch, part, owner))[0]
+    raise KdserveError(f"teacher pool {pool!r}: part {part} of pass {epoch} failed 16 times")

@@ -16,7 +16,7 @@ from kdserve.core.prefetch import Prefetcher
 from kdserve.core.rebatch import rebatch
 from kdserve.core.sampler import Sampler
 from kdserve.errors import AlignmentError
-from kdserve.student.sources import StoreSource, TeacherSource
+from kdserve.student.sources import StoreSource, StreamSource
 
 __all__ = ["Step", "served_pass", "store_pass"]
 
@@ -35,7 +35,7 @@ def store_pass(
 
 
 def served_pass(
-    teachers: Sequence[TeacherSource],
+    teachers: Sequence[StreamSource],
     stores: Sequence[StoreSource],
     sampler: Sampler,
     epoch: int,

@@ -26,7 +26,14 @@ from kdserve.store import StoreReader
 from kdserve.student.messaging import query_batches
 from kdserve.student.vocab_map import VocabMap
 
-__all__ = ["Source", "StoreSource", "TeacherSource", "refuse_mixed_vocabularies"]
+__all__ = [
+    "Source",
+    "StoreSource",
+    "StreamSource",
+    "TeacherSource",
+    "describe_teacher",
+    "refuse_mixed_vocabularies",
+]
 
 
 _VOCABULARY = ("vocab_size", "tokenizer")  # what says what token ids mean
@@ -181,7 +188,7 @@ class StoreSource(Source):
 
     def describe(self) -> dict[str, Any]:
         recorded = self.reader.teacher
-        return _description(
+        return describe_teacher(
             {"store": self.path},
             recorded.get("name"),
             recorded.get("model"),
@@ -238,7 +245,26 @@ class StoreSource(Source):
         return self.reader.iter_blocks(blocks)
 
 
-class TeacherSource(Source):
+class StreamSource(Source):
+    """A teacher that streams its passes to the student: a served teacher, or a teacher
+    pool (:mod:`kdserve.ray`). Its passes drive the student's; stores follow them."""
+
+    @abstractmethod
+    def check_pass(self, epoch: int) -> None:
+        """KdserveError unless it serves pass ``epoch``."""
+
+    @abstractmethod
+    def share(self, epoch: int, sampler: Sampler) -> Iterator[pa.RecordBatch]:
+        """This rank's batches of pass ``epoch``, each sample once."""
+
+    @abstractmethod
+    def query(
+        self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool
+    ) -> Iterator[Knowledge]:
+        """Query mode: the knowledge for each batch of inputs, in order."""
+
+
+class TeacherSource(StreamSource):
     """A served teacher: its connection, and (asked for on first use, so that messages
     flow before its knowledge service starts) its schema and what it serves."""
 
@@ -278,7 +304,7 @@ class TeacherSource(Source):
 
     def describe(self) -> dict[str, Any]:
         info = self.info
-        return _description(
+        return describe_teacher(
             {"address": self._client.address},
             info.name,
             info.model,
@@ -412,7 +438,7 @@ def refuse_mixed_vocabularies(sources: Sequence[Source]) -> None:
             )
 
 
-def _description(
+def describe_teacher(
     where: dict[str, Any],
     name: str | None,
     model: str | None,

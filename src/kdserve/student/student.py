@@ -48,7 +48,13 @@ from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
 from kdserve.student.messaging import recv_message
 from kdserve.student.passes import Step, served_pass, store_pass
-from kdserve.student.sources import Source, StoreSource, TeacherSource, refuse_mixed_vocabularies
+from kdserve.student.sources import (
+    Source,
+    StoreSource,
+    StreamSource,
+    TeacherSource,
+    refuse_mixed_vocabularies,
+)
 from kdserve.student.vocab_map import VocabMap
 
 __all__ = ["Loader", "Student"]
@@ -118,7 +124,7 @@ class Student:
         self.id = uuid.uuid4().hex
         self._sources: list[Source] = []
         self._stores: list[StoreSource] = []
-        self._served: list[TeacherSource] = []
+        self._served: list[StreamSource] = []
         self._merger: Merger | None = None  # None after start(): query-only teachers
         self._ready = False  # start() has run
         self._prepared = False  # every teacher's schema is known and checked
@@ -176,25 +182,41 @@ class Student:
         self._served.append(source)
         return self._add(source)
 
+    def add_pool(
+        self, pool: str, *, name: str | None = None, vocab_map: VocabMap | None = None
+    ) -> int:
+        """Register the Ray teacher pool named ``pool`` (:mod:`kdserve.ray`; its
+        ``serve()`` gives the passes); returns its teacher id. Its passes drive the
+        student's, as a served teacher's do; ``vocab_map`` is :meth:`add_store`'s."""
+        from kdserve.ray.source import PoolSource
+
+        source = PoolSource(self._name(name, f"pool:{pool}"), pool, self.expect, vocab_map)
+        self._served.append(source)
+        return self._add(source)
+
     def register_teacher(
         self,
         in_path: str | os.PathLike[str] | None = None,
         in_address: str | None = None,
         *,
+        in_pool: str | None = None,
         name: str | None = None,
         allow_incomplete: bool = False,
         token: str | None = None,
         tls_root_certs: bytes | None = None,
         vocab_map: VocabMap | None = None,
     ) -> int:
-        """Pantheon's registration: a store (``in_path``) or a served teacher
-        (``in_address="host:port"``); returns its teacher id (0, 1, ... in order).
-        ``vocab_map`` is :meth:`add_store`'s."""
-        if (in_path is None) == (in_address is None):
+        """Pantheon's registration: a store (``in_path``), a served teacher
+        (``in_address="host:port"``) or a Ray teacher pool (``in_pool=name``); returns its
+        teacher id (0, 1, ... in order). ``vocab_map`` is :meth:`add_store`'s."""
+        if sum(x is not None for x in (in_path, in_address, in_pool)) != 1:
             raise KdserveError(
-                "register_teacher needs one of in_path= (a knowledge store directory) or "
-                "in_address= ('host:port' of an online teacher)"
+                "register_teacher needs one of in_path= (a knowledge store directory), "
+                "in_address= ('host:port' of an online teacher) or in_pool= (a Ray teacher "
+                "pool's name)"
             )
+        if in_pool is not None:
+            return self.add_pool(in_pool, name=name, vocab_map=vocab_map)
         if in_path is not None:
             return self.add_store(
                 in_path, name=name, allow_incomplete=allow_incomplete, vocab_map=vocab_map
@@ -260,7 +282,7 @@ class Student:
             self._merger = Merger({s.name: s.knowledge_schema for s in merged}, self.merge_strategy)
         self._prepared = True
 
-    def _streaming(self) -> list[TeacherSource]:
+    def _streaming(self) -> list[StreamSource]:
         """The served teachers that stream knowledge (not query-only ones)."""
         return [t for t in self._served if t.streams]
 
@@ -417,11 +439,14 @@ class Student:
 
     # -- messages and queries -------------------------------------------------------
 
-    def _client(self, teacher_id: int) -> TeacherClient:
+    def _source(self, teacher_id: int) -> Source:
         self._check_ready()
         if not 0 <= teacher_id < len(self._sources):
             raise KdserveError(f"no teacher {teacher_id}; ids run 0..{len(self._sources) - 1}")
-        return self._sources[teacher_id].client()
+        return self._sources[teacher_id]
+
+    def _client(self, teacher_id: int) -> TeacherClient:
+        return self._source(teacher_id).client()
 
     def send(self, data: Any, teacher_ids: Iterable[int] | None = None) -> None:
         """Send a message (JSON values and numpy arrays) to online teachers (default: all)."""
@@ -460,9 +485,10 @@ class Student:
         the round trip; results come in input order. Sample ids are taken from a
         ``sample_id`` input or numbered 0..n-1 per batch. ``decode=False`` keeps coded
         fields compact, as :meth:`get_knowledge_generator` does (on-policy top-k)."""
-        self._client(teacher_id)  # a served teacher's: refused for a store
-        source = self._sources[teacher_id]
-        assert isinstance(source, TeacherSource)
+        source = self._source(teacher_id)
+        if not isinstance(source, StreamSource):
+            source.client()  # a store: refused, naming it
+        assert isinstance(source, StreamSource)
         return source.query(batches, max_in_flight, decode)
 
 

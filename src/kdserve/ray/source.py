@@ -1,0 +1,98 @@
+"""A teacher pool as one of a Student's teachers (``Student.add_pool``,
+``register_teacher(in_pool=...)``): its passes, over the pool's own data, drive the
+student's like a served teacher's, and stores registered beside it follow them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from kdserve._version import __version__
+from kdserve.core.batch import Knowledge
+from kdserve.core.sampler import Sampler
+from kdserve.core.schema import Schema
+from kdserve.errors import KdserveError
+from kdserve.online.client import TeacherClient
+from kdserve.ray.passes import fetch_part, part_batches
+from kdserve.ray.pool import PoolClient, find_pool
+from kdserve.student.sources import StreamSource, describe_teacher
+from kdserve.student.vocab_map import VocabMap
+
+__all__ = ["PoolSource"]
+
+_AHEAD = 4  # parts asked for before they are read
+
+
+class PoolSource(StreamSource):
+    """The pool named ``pool``: part ``i`` of each pass is rank ``i % world_size``'s."""
+
+    def __init__(
+        self,
+        name: str,
+        pool: str,
+        expect: Mapping[str, Any] | None = None,
+        vocab_map: VocabMap | None = None,
+    ) -> None:
+        super().__init__(name, expect, vocab_map)
+        self.pool = pool
+        self._registry = find_pool(pool)
+        self.parts = 0
+
+    def open(self) -> None:
+        self.parts = ray.get(self._registry.layout.remote())
+        if not self.parts:
+            raise KdserveError(
+                f"teacher pool {self.pool!r} serves no passes: call pool.serve(data_factory) "
+                f"before a student registers it"
+            )
+
+    @functools.cached_property
+    def schema(self) -> Schema:
+        """From the pool's first part (which its rank then reads from the object store)."""
+        ref = ray.get(self._registry.part.remote(0, 0))[0]
+        data = fetch_part(self._registry, self.pool, 0, 0, ref)
+        return Schema.from_arrow(pa.ipc.open_stream(pa.py_buffer(data)).schema)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {}
+
+    def _unexpected(self, what: str) -> KdserveError:
+        return KdserveError(
+            f"teacher pool {self.pool!r} records provenance {what}: pools do not record "
+            f"provenance yet; drop those names from expect=",
+            teacher=self.name,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        where = {"pool": self.pool, "parts": self.parts}
+        return describe_teacher(
+            where, self.pool, None, __version__, {}, self.schema, self.vocab_map
+        )
+
+    def check_pass(self, epoch: int) -> None:
+        """A pool serves every pass it is asked for."""
+
+    def share(self, epoch: int, sampler: Sampler) -> Iterator[pa.RecordBatch]:
+        mine = list(range(sampler.rank, self.parts, sampler.world_size))
+        return part_batches(self._registry, self.pool, epoch, mine, _AHEAD)
+
+    def query(
+        self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool
+    ) -> Iterator[Knowledge]:
+        if self.vocab_map is not None:
+            raise KdserveError(
+                f"queries to teacher pool {self.pool!r} do not apply a vocab_map yet; map "
+                f"the indices yourself or register the pool without one"
+            )
+        return PoolClient(self.pool).query_stream(batches, max_in_flight, decode=decode)
+
+    def client(self) -> TeacherClient:
+        raise KdserveError(
+            f"teacher {self.name!r} is a Ray teacher pool: it has no messages (send/recv); "
+            f"ask it with query()"
+        )
