@@ -276,3 +276,28 @@ def test_a_student_merges_a_pool_with_a_store(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
             with pytest.raises(kd.KdserveError, match="no messages"):
                 student.send({"hello": 1}, [0])
+
+
+def test_passes_spread_over_replicas_added_and_removed_mid_pass() -> None:
+    with pool("grown", 1, delay=0.03) as teachers:
+        teachers.serve(pass_part, parts=15)
+        ids = []
+        for i, batch in enumerate(PoolPasses("grown", batch_size=16, ahead=3)):
+            if i == 2:
+                teachers.scale(3)
+            if i == 9:
+                teachers.scale(1)
+            ids.append(batch["sample_id"])
+        np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
+        status = teachers.status()
+        assert status["replicas"]["grown-0"]["samples"] < N  # the others took parts
+        assert any(s["batches"] == 15 for s in status["students"].values())  # stall reported
+
+
+def test_ranks_refuse_a_pass_they_cannot_share_evenly() -> None:
+    with pool("uneven", 1) as teachers:
+        teachers.serve(pass_part, parts=5)
+        with kd.Student(rank=0, world_size=2) as student:
+            student.add_pool("uneven")
+            with pytest.raises(kd.KdserveError, match="cannot share evenly"):
+                list(student.loader(batch_size=8))

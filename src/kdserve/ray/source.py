@@ -78,7 +78,16 @@ class PoolSource(StreamSource):
         """A pool serves every pass it is asked for."""
 
     def share(self, epoch: int, sampler: Sampler) -> Iterator[pa.RecordBatch]:
-        mine = list(range(sampler.rank, self.parts, sampler.world_size))
+        """This rank's parts: ``i % world_size == rank``. Data-parallel ranks must get as
+        many parts each (the pool's data factory keeps the parts equal in size)."""
+        world = sampler.world_size
+        if world > 1 and sampler.even != "none" and self.parts % world:
+            raise KdserveError(
+                f"teacher pool {self.pool!r} serves {self.parts} parts a pass, which "
+                f"{world} ranks cannot share evenly: pool.serve(..., parts=a multiple of "
+                f"{world}), or even_ranks='none'"
+            )
+        mine = list(range(sampler.rank, self.parts, world))
         return part_batches(self._registry, self.pool, epoch, mine, _AHEAD)
 
     def query(
