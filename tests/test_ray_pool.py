@@ -301,3 +301,19 @@ def test_ranks_refuse_a_pass_they_cannot_share_evenly() -> None:
             student.add_pool("uneven")
             with pytest.raises(kd.KdserveError, match="cannot share evenly"):
                 list(student.loader(batch_size=8))
+
+
+def overlapping(epoch: int, part: int, parts: int) -> list[dict[str, Any]]:
+    """A faulty data factory: every part holds sample 0."""
+    rows = np.concatenate([[0], np.arange(1 + part, N, parts)])
+    return [{"x": X[rows], "sample_id": rows}]
+
+
+def test_a_student_queries_a_pool_and_refuses_overlapping_parts() -> None:
+    with pool("faulty", 2) as teachers:
+        teachers.serve(overlapping, parts=4)
+        with kd.Student() as student:
+            student.add_pool("faulty")
+            np.testing.assert_array_equal(student.query(0, {"x": X[:3]})["y"], X[:3] * 2 + 1)
+            with pytest.raises(kd.AlignmentError, match=r"\[0\] twice in pass 0"):
+                list(student.loader(batch_size=16))

@@ -12,7 +12,8 @@ import pyarrow as pa
 import ray
 
 from kdserve._version import __version__
-from kdserve.core.batch import Knowledge
+from kdserve.core.batch import Knowledge, sample_ids
+from kdserve.core.idset import IdSet
 from kdserve.core.sampler import Sampler
 from kdserve.core.schema import Schema
 from kdserve.errors import KdserveError
@@ -88,7 +89,12 @@ class PoolSource(StreamSource):
                 f"{world}), or even_ranks='none'"
             )
         mine = list(range(sampler.rank, self.parts, world))
-        return part_batches(self._registry, self.pool, epoch, mine, _AHEAD)
+        seen = IdSet()
+        for batch in part_batches(self._registry, self.pool, epoch, mine, _AHEAD):
+            ids = sample_ids(batch)
+            if not seen.add_new(ids):  # parts that overlap: the data factory's mistake
+                self._refuse_repeated(ids, seen, epoch)
+            yield batch
 
     def query(
         self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool

@@ -263,6 +263,18 @@ class StreamSource(Source):
     ) -> Iterator[Knowledge]:
         """Query mode: the knowledge for each batch of inputs, in order."""
 
+    def _refuse_repeated(self, ids: np.ndarray, seen: IdSet, epoch: int) -> None:
+        """AlignmentError for a batch that repeats ids (within itself or the pass so far)."""
+        refuse_repeats(ids, f"a batch of teacher {self.name!r}", self.name)
+        again = ids[seen.contains(ids)]
+        raise AlignmentError(
+            f"teacher {self.name!r} sent sample id(s) {again[:5].tolist()} twice in "
+            f"pass {epoch}: each sample must appear once per pass; fix the teacher's reader "
+            f"or its sample_id feed",
+            teachers=(self.name, self.name),
+            sample_ids=(int(again[0]), int(again[0])),
+        )
+
 
 class TeacherSource(StreamSource):
     """A served teacher: its connection, and (asked for on first use, so that messages
@@ -396,18 +408,6 @@ class TeacherSource(StreamSource):
                 )
             if keep:
                 yield held.slice(0, keep)
-
-    def _refuse_repeated(self, ids: np.ndarray, seen: IdSet, epoch: int) -> None:
-        """AlignmentError for a batch that repeats ids (within itself or the pass so far)."""
-        refuse_repeats(ids, f"a batch of online teacher {self.name!r}", self.name)
-        again = ids[seen.contains(ids)]
-        raise AlignmentError(
-            f"online teacher {self.name!r} sent sample id(s) {again[:5].tolist()} twice in "
-            f"pass {epoch}: each sample must appear once per pass; fix the teacher's reader "
-            f"or its sample_id feed",
-            teachers=(self.name, self.name),
-            sample_ids=(int(again[0]), int(again[0])),
-        )
 
 
 def refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
