@@ -159,27 +159,27 @@ def test_unknown_pools_and_duplicate_names_are_refused() -> None:
         pool("twice", 1)
 
 
-def test_the_cli_shows_a_pools_replicas(tmp_path: Path) -> None:
-    with pool("cli", 2) as teachers:
-        teachers.dump(batches, tmp_path / "store")
-        done = subprocess.run(
-            [KDSERVE, "pool", "status", "cli", "--address", ray.get_runtime_context().gcs_address],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    assert done.returncode == 0, done.stderr
-    assert "pool cli: 2 replica(s)" in done.stdout
-    dumped = [line.split("dumped")[1].split()[0] for line in done.stdout.splitlines()[1:3]]
-    assert sum(map(int, dumped)) == N
-    missing = subprocess.run(
-        [KDSERVE, "pool", "status", "gone", "--address", ray.get_runtime_context().gcs_address],
+def pool_status_cli(name: str) -> subprocess.CompletedProcess[str]:
+    """``kdserve pool status NAME``, attached to this test's Ray cluster."""
+    address = ray.get_runtime_context().gcs_address
+    return subprocess.run(
+        [KDSERVE, "pool", "status", name, "--address", address],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_the_cli_shows_a_pools_replicas(tmp_path: Path) -> None:
+    with pool("cli", 2) as teachers:
+        teachers.dump(batches, tmp_path / "store")
+        done = pool_status_cli("cli")
+    assert done.returncode == 0, done.stderr
+    assert "pool cli: 2 replica(s)" in done.stdout
+    dumped = [line.split("dumped")[1].split()[0] for line in done.stdout.splitlines()[1:3]]
+    assert sum(map(int, dumped)) == N
+    missing = pool_status_cli("gone")
     assert missing.returncode == 1 and "no teacher pool named 'gone'" in missing.stderr
 
 
