@@ -50,6 +50,10 @@ class _Registry:
         self.replicas: dict[str, str] = {}
         self.answered: dict[str, int] = {}
         self.students: dict[str, dict[str, float]] = {}
+        self.data: Any = None  # the passes' data factory (serve), and their parts
+        self.parts = 0
+        self.work: dict[tuple[int, int], tuple[str, Any]] = {}  # part -> replica, result
+        self.turn = 0
 
     def report(self, student: str, answered: dict[str, int], figures: dict[str, float]) -> None:
         for replica, samples in answered.items():
@@ -63,12 +67,11 @@ class _Registry:
 
     def serve(self, data_factory: Any, parts: int) -> None:
         self.data, self.parts = data_factory, parts
-        self.work: dict[tuple[int, int], Any] = {}
-        self.turn = 0
+        self.work.clear()
 
     def layout(self) -> int:
         """How many parts a pass has (0: the pool serves no passes)."""
-        return getattr(self, "parts", 0)
+        return self.parts
 
     def part(self, epoch: int, part: int, avoid: str | None = None) -> list[Any]:
         """The knowledge of a part, as ``[ObjectRef]`` (asked of a replica the first time,
@@ -129,12 +132,18 @@ def pool_status(name: str) -> dict[str, dict[str, dict[str, Any]]]:
     """Pool ``name``'s figures, from any process attached to its Ray cluster:
     ``"replicas"``: per live replica, its address, the samples it dumped and their rate,
     and the samples it answered to students' queries; ``"students"``: per student
-    (PoolClient), the batches it received, the seconds it waited for them (stall) and
-    the mean number of queries it had in flight."""
+    (a PoolClient, or a rank's pass of PoolPasses or a Student), the batches or parts it
+    received, the seconds it waited for them (stall) and the mean number it had in
+    flight."""
     registry = find_pool(name)
     _, replicas = ray.get(registry.lookup.remote())
     answered, students = ray.get(registry.figures.remote())
-    handles = {r: ray.get_actor(_replica_name(r), namespace=NAMESPACE) for r in sorted(replicas)}
+    handles = {}
+    for replica in sorted(replicas):
+        try:
+            handles[replica] = ray.get_actor(_replica_name(replica), namespace=NAMESPACE)
+        except ValueError:  # killed for good, not yet noticed by a student: not live
+            continue
     stats = ray.get([h.stats.remote() for h in handles.values()])
     for replica, figures in zip(handles, stats, strict=True):
         figures["answered"] = answered.get(replica, 0)
