@@ -317,3 +317,22 @@ def test_a_student_queries_a_pool_and_refuses_overlapping_parts() -> None:
             np.testing.assert_array_equal(student.query(0, {"x": X[:3]})["y"], X[:3] * 2 + 1)
             with pytest.raises(kd.AlignmentError, match=r"\[0\] twice in pass 0"):
                 list(student.loader(batch_size=16))
+
+
+def test_a_pools_provenance_is_what_students_expect() -> None:
+    record = {"tokenizer": "bpe-4k", "vocab_size": 4096}
+    factory = functools.partial(make_program, 0.0)
+    with TeacherPool(
+        "recorded", factory, feeds=["x"], keep=KEEP, num_cpus=0, provenance=record
+    ) as teachers:
+        teachers.serve(pass_part, parts=2)
+        with kd.Student(expect=record) as student:
+            student.add_pool("recorded")
+            assert sum(len(b["sample_id"]) for b in student.loader(batch_size=64)) == N
+            assert student.get_teacher_desc()["0:pool:recorded"]["provenance"] == record
+        with kd.Student(expect={"tokenizer": "bpe-32k"}) as student:
+            student.add_pool("recorded")
+            with pytest.raises(kd.KdserveError, match="'tokenizer': 'bpe-4k'"):
+                student.start()
+        with pytest.raises(kd.KdserveError, match="provenance"):
+            TeacherPool("bad", factory, feeds=["x"], provenance={"x": [1, 2]})

@@ -33,6 +33,7 @@ from kdserve.store.combine import combine
 from kdserve.store.files import write_atomic
 from kdserve.student.messaging import query_batches
 from kdserve.teacher.encoder import Keep
+from kdserve.teacher.teacher import checked_provenance
 
 __all__ = ["NAMESPACE", "PoolClient", "TeacherPool", "find_pool", "pool_status"]
 
@@ -45,8 +46,9 @@ class _Registry:
     """The pool by name: its token, the address of each live replica, and the figures
     its students report (samples each replica answered; each student's stall time)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, provenance: dict[str, Any]) -> None:
         self.token = token
+        self.provenance = provenance  # what makes the pool's knowledge comparable
         self.replicas: dict[str, str] = {}
         self.answered: dict[str, int] = {}
         self.students: dict[str, dict[str, float]] = {}
@@ -108,6 +110,9 @@ class _Registry:
     def lookup(self) -> tuple[str, dict[str, str]]:
         return self.token, dict(self.replicas)
 
+    def recorded(self) -> dict[str, Any]:
+        return dict(self.provenance)
+
 
 def _registry_name(name: str) -> str:
     return f"kdserve-pool:{name}"
@@ -157,7 +162,9 @@ class TeacherPool:
     runs, on that actor's ``num_gpus``); ``feeds`` names the inputs a query carries and
     ``keep`` the knowledge, as for :func:`kdserve.serve`. Replicas listen on ``host``
     (127.0.0.1: one machine; a node's address on a cluster, where TLS belongs too) with
-    a token made for the pool. A replica that dies is restarted by Ray.
+    a token made for the pool. A replica that dies is restarted by Ray. ``provenance``
+    (as :class:`~kdserve.Teacher`'s) is what students' ``expect=`` checks, for passes and
+    queries alike.
     """
 
     def __init__(
@@ -171,6 +178,7 @@ class TeacherPool:
         num_cpus: float = 1,
         num_gpus: float = 0,
         host: str = "127.0.0.1",
+        provenance: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         if not ray.is_initialized():
             raise KdserveError(
@@ -181,7 +189,9 @@ class TeacherPool:
         self.name = name
         # Held here for the pool's life: Ray restarts a replica from this very object.
         self._factory = ray.put(program_factory)
+        recorded = checked_provenance(provenance or {})
         self._options = {"feeds": list(feeds), "keep": keep, "host": host}
+        self._options["provenance"] = recorded
         self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         try:
             ray.get_actor(_registry_name(name), namespace=NAMESPACE)
@@ -193,7 +203,7 @@ class TeacherPool:
         self._registry: Any = (
             ray.remote(_Registry)
             .options(name=_registry_name(name), namespace=NAMESPACE, num_cpus=0)
-            .remote(self._token)
+            .remote(self._token, recorded)
         )
         self._replicas: dict[str, Any] = {}
         self._next = 0

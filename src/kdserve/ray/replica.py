@@ -33,6 +33,7 @@ class Replica:
         keep: Keep | None,
         host: str,
         token: str,
+        provenance: Mapping[str, Any],
     ) -> None:
         self.name = name
         self.program = program_factory()
@@ -43,7 +44,7 @@ class Replica:
         self.busy = 0.0  # seconds spent dumping
         self.service: Service = serve(
             self.program, None, feeds=list(feeds), keep=keep, host=host, token=token,
-            progress=False, name=name,
+            progress=False, name=name, provenance=provenance,
         )  # fmt: skip
         import ray
 

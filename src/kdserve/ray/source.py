@@ -50,6 +50,7 @@ class PoolSource(StreamSource):
                 f"teacher pool {self.pool!r} serves no passes: call pool.serve(data_factory) "
                 f"before a student registers it"
             )
+        self.check_expect(self.comparable)
 
     @functools.cached_property
     def schema(self) -> Schema:
@@ -58,21 +59,23 @@ class PoolSource(StreamSource):
         data = fetch_part(self._registry, self.pool, 0, 0, ref)
         return Schema.from_arrow(pa.ipc.open_stream(pa.py_buffer(data)).schema)
 
-    @property
+    @functools.cached_property
     def provenance(self) -> dict[str, Any]:
-        return {}
+        recorded: dict[str, Any] = ray.get(self._registry.recorded.remote())
+        return recorded
 
     def _unexpected(self, what: str) -> KdserveError:
         return KdserveError(
-            f"teacher pool {self.pool!r} records provenance {what}: pools do not record "
-            f"provenance yet; drop those names from expect=",
+            f"teacher pool {self.pool!r} records provenance {what}: it serves another "
+            f"teacher's knowledge (None: not recorded; TeacherPool(provenance=...)), or "
+            f"drop those names from expect=",
             teacher=self.name,
         )
 
     def describe(self) -> dict[str, Any]:
         where = {"pool": self.pool, "parts": self.parts}
         return describe_teacher(
-            where, self.pool, None, __version__, {}, self.schema, self.vocab_map
+            where, self.pool, None, __version__, self.provenance, self.schema, self.vocab_map
         )
 
     def check_pass(self, epoch: int) -> None:

@@ -61,7 +61,7 @@ from kdserve.teacher.pipeline import Pipeline
 from kdserve.teacher.security import Pem, Security
 from kdserve.teacher.sinks import ServeSink, Sink, StoreSink
 
-__all__ = ["Teacher"]
+__all__ = ["Teacher", "checked_provenance"]
 
 _SHUTDOWN_WAIT = 5.0  # seconds close() waits for open calls to finish
 _SERVICE_WAIT = 30.0  # seconds close() waits for a running service to wind down
@@ -140,7 +140,7 @@ class Teacher:
         self.window_bytes = window_bytes
         self.student_grace = student_grace
         self.limits = limits or Limits()
-        self.provenance = _provenance(provenance or {})
+        self.provenance = checked_provenance(provenance or {})
         if out_port is not None and model is not None and len(model) > MAX_TEXT_CHARS:
             raise KdserveError(
                 f"model= is {len(model)} characters; an online teacher reports at most "
@@ -440,7 +440,7 @@ class Teacher:
         return self._server
 
 
-def _provenance(values: Mapping[str, Any]) -> dict[str, Any]:
+def checked_provenance(values: Mapping[str, Any]) -> dict[str, Any]:
     """``provenance`` checked: at most 64 names (of 1 to 256 characters) to plain values
     (str of at most 1024 characters, int, finite float, bool) -- what an online teacher's
     info can carry."""
