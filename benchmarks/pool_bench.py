@@ -3,8 +3,8 @@ latency-bound teacher (each batch takes a fixed time and releases the GIL, as a 
 teacher does), against N times one replica measured in the same run; goal >= 0.9 N.
 
 Three paths: queries spread by ``PoolClient.query_stream`` (``2N`` in flight), passes over
-the pool's own data (``PoolPasses``, ``2N`` parts ahead), and a pooled ``dump`` (one part
-per replica, combined into one store). Medians of ``--repeats``.
+the pool's own data (a ``Student`` with ``add_pool``: ``2N`` parts ahead), and a pooled
+``dump`` (one part per replica, combined into one store). Medians of ``--repeats``.
 
     python benchmarks/pool_bench.py            # about a minute on 2 cores (local Ray)
     python benchmarks/pool_bench.py --quick    # smoke test
@@ -31,7 +31,7 @@ import ray
 from report import run_table
 
 import kdserve as kd
-from kdserve.ray import PoolClient, PoolPasses, TeacherPool
+from kdserve.ray import PoolClient, TeacherPool
 
 
 def make_program(delay: float) -> Any:
@@ -72,7 +72,9 @@ def measure(args: argparse.Namespace, replicas: int) -> tuple[float, float, floa
             functools.partial(pass_batches, batches=args.batches, size=args.size),
             parts=args.batches // 2,
         )
-        reader = PoolPasses(name, batch_size=args.size, ahead=2 * replicas)
+        student = kd.Student()
+        student.add_pool(name)
+        reader = student.loader(batch_size=args.size)
         queries, passes, dumps = [], [], []
         for r in range(args.repeats):
             start = time.perf_counter()
@@ -87,6 +89,7 @@ def measure(args: argparse.Namespace, replicas: int) -> tuple[float, float, floa
                 start = time.perf_counter()
                 rows = pool.dump(data, Path(tmp) / f"store-{r}")
                 dumps.append(rows / (time.perf_counter() - start))
+        student.close()
     return statistics.median(queries), statistics.median(passes), statistics.median(dumps)
 
 

@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import kdserve as kd  # noqa: E402
-from kdserve.ray import PoolClient, PoolLoader, PoolPasses, TeacherPool  # noqa: E402
+from kdserve.ray import PoolClient, PoolLoader, TeacherPool  # noqa: E402
 
 N, D, BATCH = 240, 8, 16
 X = np.random.default_rng(0).normal(size=(N, D)).astype(np.float32)
@@ -235,7 +235,10 @@ def pass_part(epoch: int, part: int, parts: int) -> list[dict[str, Any]]:
 def test_passes_over_the_pools_own_data_reach_two_ranks_once_despite_deaths() -> None:
     with pool("own", 3, delay=0.03) as teachers:
         teachers.serve(pass_part, parts=12)
-        readers = [PoolPasses("own", batch_size=20, rank=r, world_size=2) for r in range(2)]
+        students = [kd.Student(rank=r, world_size=2) for r in range(2)]
+        for student in students:
+            student.add_pool("own")
+        readers = [student.loader(batch_size=20) for student in students]
         for epoch in range(2):
             ids = []
             for rank, reader in enumerate(readers):
@@ -248,11 +251,15 @@ def test_passes_over_the_pools_own_data_reach_two_ranks_once_despite_deaths() ->
                     assert len(batch["sample_id"]) <= 20
                     ids.append(batch["sample_id"])
             np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
+        for student in students:
+            student.close()
 
 
 def test_passes_need_a_pool_that_serves_them() -> None:
-    with pool("idle", 1), pytest.raises(kd.KdserveError, match=r"pool.serve\(data_factory\)"):
-        PoolPasses("idle", batch_size=8)
+    with pool("idle", 1), kd.Student() as student:
+        student.add_pool("idle")
+        with pytest.raises(kd.KdserveError, match=r"pool.serve\(data_factory\)"):
+            student.start()
 
 
 def test_a_student_merges_a_pool_with_a_store(tmp_path: Path) -> None:
@@ -279,15 +286,18 @@ def test_a_student_merges_a_pool_with_a_store(tmp_path: Path) -> None:
 
 
 def test_passes_spread_over_replicas_added_and_removed_mid_pass() -> None:
-    with pool("grown", 1, delay=0.03) as teachers:
+    with pool("grown", 1, delay=0.1) as teachers:  # a pass of ~3 s: scaling lands in it
         teachers.serve(pass_part, parts=15)
         ids = []
-        for i, batch in enumerate(PoolPasses("grown", batch_size=16, ahead=3)):
+        student = kd.Student(buf_size=1)  # read (nearly) as it is consumed
+        student.add_pool("grown")
+        for i, batch in enumerate(student.loader(batch_size=16)):
             if i == 2:
                 teachers.scale(3)
             if i == 9:
                 teachers.scale(1)
             ids.append(batch["sample_id"])
+        student.close()
         np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N))
         status = teachers.status()
         assert status["replicas"]["grown-0"]["samples"] < N  # the others took parts

@@ -52,7 +52,7 @@ class _Registry:
         self.replicas: dict[str, str] = {}
         self.answered: dict[str, int] = {}
         self.students: dict[str, dict[str, float]] = {}
-        self.data: Any = None  # the passes' data factory (serve), and their parts
+        self.data: Any = None  # the passes' data factory (an ObjectRef: serve), parts
         self.parts = 0
         self.work: dict[tuple[int, int], tuple[str, Any]] = {}  # part -> replica, result
         self.turn = 0
@@ -67,8 +67,8 @@ class _Registry:
 
     # -- passes over the pool's own data: parts computed on demand, spread over replicas
 
-    def serve(self, data_factory: Any, parts: int) -> None:
-        self.data, self.parts = data_factory, parts
+    def serve(self, data_factory: list[Any], parts: int) -> None:
+        self.data, self.parts = data_factory[0], parts
         self.work.clear()
 
     def layout(self) -> int:
@@ -137,7 +137,7 @@ def pool_status(name: str) -> dict[str, dict[str, dict[str, Any]]]:
     """Pool ``name``'s figures, from any process attached to its Ray cluster:
     ``"replicas"``: per live replica, its address, the samples it dumped and their rate,
     and the samples it answered to students' queries; ``"students"``: per student
-    (a PoolClient, or a rank's pass of PoolPasses or a Student), the batches or parts it
+    (a PoolClient, or one rank's pass of a Student's pool), the batches or parts it
     received, the seconds it waited for them (stall) and the mean number it had in
     flight."""
     registry = find_pool(name)
@@ -190,8 +190,7 @@ class TeacherPool:
         # Held here for the pool's life: Ray restarts a replica from this very object.
         self._factory = ray.put(program_factory)
         recorded = checked_provenance(provenance or {})
-        self._options = {"feeds": list(feeds), "keep": keep, "host": host}
-        self._options["provenance"] = recorded
+        self._options = {"feeds": list(feeds), "keep": keep, "host": host, "provenance": recorded}
         self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         try:
             ray.get_actor(_registry_name(name), namespace=NAMESPACE)
@@ -268,13 +267,15 @@ class TeacherPool:
         data_factory: Callable[[int, int, int], Iterable[Mapping[str, Any]]],
         parts: int | None = None,
     ) -> None:
-        """Serve passes over the pool's own data to :class:`~kdserve.ray.PoolPasses`
-        students: ``data_factory(epoch, part, parts)`` gives a part's input batches (with
-        globally unique ``sample_id``s). Parts are the unit of work: each is computed by
-        one replica when a student needs it, and again by another if that one dies
-        (default: 4 per replica, so that a pool that grows has work to share)."""
+        """Serve passes over the pool's own data to students that register the pool
+        (``Student.add_pool``): ``data_factory(epoch, part, parts)`` gives a part's input
+        batches (with globally unique ``sample_id``s). Parts are the unit of work: each
+        is computed by one replica when a student needs it, and again by another if that
+        one dies (default: 4 per replica, so that a pool that grows has work to share)."""
         count = parts or 4 * len(self._replicas)
-        ray.get(self._registry.serve.remote(ray.put(data_factory), count))
+        # In a list, the reference reaches the registry unresolved: each part's task gets
+        # it and Ray resolves it there, so the factory is serialised once, not per part.
+        ray.get(self._registry.serve.remote([ray.put(data_factory)], count))
 
     # -- offline ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from kdserve.core.batch import to_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
@@ -46,8 +47,6 @@ class Replica:
             self.program, None, feeds=list(feeds), keep=keep, host=host, token=token,
             progress=False, name=name, provenance=provenance,
         )  # fmt: skip
-        import ray
-
         ray.get(registry.register.remote(name, self.service.address))
 
     def _schema(self) -> Schema | None:

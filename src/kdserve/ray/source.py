@@ -1,13 +1,22 @@
 """A teacher pool as one of a Student's teachers (``Student.add_pool``,
 ``register_teacher(in_pool=...)``): its passes, over the pool's own data, drive the
-student's like a served teacher's, and stores registered beside it follow them."""
+student's like a served teacher's, and stores registered beside it follow them.
+
+The pool computes each part of a pass on one replica when a student needs it, and the
+knowledge reaches the student through Ray's object store as an Arrow IPC stream -- read
+without a copy, never pickled."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
+import socket
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 
@@ -18,14 +27,13 @@ from kdserve.core.sampler import Sampler
 from kdserve.core.schema import Schema
 from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
-from kdserve.ray.passes import fetch_part, part_batches
 from kdserve.ray.pool import PoolClient, find_pool
 from kdserve.student.sources import StreamSource, describe_teacher
 from kdserve.student.vocab_map import VocabMap
 
 __all__ = ["PoolSource"]
 
-_AHEAD = 4  # parts asked for before they are read
+_AHEAD = 2  # parts asked for before they are read, per replica of the pool
 
 
 class PoolSource(StreamSource):
@@ -92,8 +100,10 @@ class PoolSource(StreamSource):
                 f"{world}), or even_ranks='none'"
             )
         mine = list(range(sampler.rank, self.parts, world))
+        _, replicas = ray.get(self._registry.lookup.remote())
+        ahead = _AHEAD * max(1, len(replicas))  # enough to keep every replica busy
         seen = IdSet()
-        for batch in part_batches(self._registry, self.pool, epoch, mine, _AHEAD):
+        for batch in part_batches(self._registry, self.pool, epoch, mine, ahead):
             ids = sample_ids(batch)
             if not seen.add_new(ids):  # parts that overlap: the data factory's mistake
                 self._refuse_repeated(ids, seen, epoch)
@@ -114,3 +124,42 @@ class PoolSource(StreamSource):
             f"teacher {self.name!r} is a Ray teacher pool: it has no messages (send/recv); "
             f"ask it with query()"
         )
+
+
+def part_batches(
+    registry: Any, pool: str, epoch: int, parts: list[int], ahead: int
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of ``parts`` of pass ``epoch``, in order, ``ahead`` parts asked
+    for early; each part let go of (out of the object store) once read. At the end of
+    the pass the time spent waiting for parts (stall) goes to the pool's figures."""
+    asked: collections.deque[tuple[int, Any]] = collections.deque()
+    todo = iter(parts)
+    stall, depth, read = 0.0, 0, 0
+    while True:
+        while len(asked) < ahead and (part := next(todo, None)) is not None:
+            asked.append((part, registry.part.remote(epoch, part)))
+        if not asked:
+            break
+        depth += len(asked)
+        part, pending = asked.popleft()
+        start = time.perf_counter()
+        data = fetch_part(registry, pool, epoch, part, ray.get(pending)[0])
+        stall += time.perf_counter() - start
+        read += 1
+        yield from pa.ipc.open_stream(pa.py_buffer(data)) if len(data) else []
+        registry.taken.remote(epoch, part)
+    student = f"{socket.gethostname()}:{os.getpid()}:passes:{parts[0] if parts else 0}"
+    figures = {"batches": float(read), "stall_s": stall, "in_flight": depth / max(read, 1)}
+    registry.report.remote(student, {}, figures)
+
+
+def fetch_part(registry: Any, pool: str, epoch: int, part: int, ref: Any) -> np.ndarray:
+    """A part's Arrow stream; asked of another replica while its replica is gone."""
+    for _ in range(16):
+        try:
+            data: np.ndarray = ray.get(ref)
+            return data
+        except ray.exceptions.RayActorError:  # died for good, with the part unfinished
+            owner = ray.get(registry.owner.remote(epoch, part))
+            ref = ray.get(registry.part.remote(epoch, part, owner))[0]
+    raise KdserveError(f"teacher pool {pool!r}: part {part} of pass {epoch} failed 16 times")
