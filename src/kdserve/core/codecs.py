@@ -373,7 +373,8 @@ class TopK(Codec):
             np.put_along_axis(block, flat_top[lo : lo + step], 0, axis=-1)
             rest[lo : lo + step] = block.sum(axis=-1)
         kept = np.exp(values.astype(np.float64) - values[..., :1]).sum(axis=-1)
-        tail: np.ndarray = rest.reshape(kept.shape) / (rest.reshape(kept.shape) + kept)
+        rest = rest.reshape(kept.shape)
+        tail: np.ndarray = rest / (rest + kept)
         tiny = tail < _F32_EXP_FLOOR
         if work == np.float32 and tiny.any():
             exact = rows[tiny].astype(np.float64)
