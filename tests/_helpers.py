@@ -268,3 +268,11 @@ def spawned_until(
         yield proc
     finally:
         stop(proc)
+
+
+def torch_devices() -> list[str]:
+    """Devices the torch tests run on: the CPU, and CUDA where this machine has it (so the
+    device paths -- streams, pinned memory, top-k on the device -- are tested on a GPU)."""
+    import torch
+
+    return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 import kdserve as kd
+from _helpers import torch_devices
 from kdserve.torch import KnowledgeDataset, teacher_program, topk_kd_loss
 
 VOCAB, K = 40, 5
@@ -80,11 +82,13 @@ def test_top_k_sequence_knowledge_reaches_the_loss_compact_and_masked(tmp_path: 
     assert torch.all(student_logits.grad[pad] == 0)  # padding positions get no gradient
 
 
-def test_top_k_on_the_teachers_device_stores_what_host_coding_stores(tmp_path: Path) -> None:
-    model = TinyLM()
+@pytest.mark.parametrize("device", torch_devices())
+def test_top_k_on_the_teachers_device_stores_what_host_coding_stores(
+    tmp_path: Path, device: str
+) -> None:
     keep = kd.Schema([kd.Field("logits", "float32", (None, VOCAB), codec=kd.TopK(K))])
-    dense = teacher_program(model, inputs=["tokens"], devices=["cpu"])
-    coded = teacher_program(model, inputs=["tokens"], devices=["cpu"], topk={"logits": K})
+    dense = teacher_program(TinyLM(), inputs=["tokens"], devices=["cpu"])
+    coded = teacher_program(TinyLM(), inputs=["tokens"], devices=[device], topk={"logits": K})
     out = coded({"tokens": corpus()[0]["tokens"]})
     assert set(out["logits"]) == {"values", "indices", "tail"}  # no dense logits to the host
     assert out["logits"]["indices"].dtype == np.uint16

@@ -4,6 +4,7 @@ torch DataLoaders (with real worker processes) and torchdata's StatefulDataLoade
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -332,3 +333,20 @@ def test_pin_memory_pins_with_an_accelerator_and_warns_without(stores: Path) -> 
         with pytest.warns(UserWarning, match="no accelerator is available"):
             dataset = KnowledgeDataset([stores / "a"], batch_size=50, pin_memory=True)
         assert not next(iter(dataset))["logits"].is_pinned()
+
+
+def test_pinning_with_worker_processes_is_left_to_the_dataloader(stores: Path) -> None:
+    # pin_memory=True on the dataset and on a DataLoader with worker processes: the workers
+    # do not pin (that fails on CUDA), the DataLoader pins in the main process.
+    accelerator = torch.accelerator.is_available()
+    with warnings.catch_warnings():
+        if accelerator:
+            warnings.simplefilter("error")
+        else:  # both warn that nothing can be pinned without an accelerator
+            warnings.simplefilter("ignore")
+        dataset = KnowledgeDataset([stores / "a"], batch_size=20, pin_memory=True)
+        batches = list(DataLoader(dataset, batch_size=None, num_workers=4, pin_memory=True))
+    assert sorted(_ids(batches)) == list(range(N))
+    assert all(b["logits"].is_pinned() == accelerator for b in batches)
+    for b in batches:
+        np.testing.assert_allclose(b["logits"].numpy(), X[b["sample_id"].numpy()] @ WA, rtol=1e-6)
