@@ -327,7 +327,7 @@ class _CausalLM(nn.Module):
         self.masks.append(attention_mask)
         h = self.emb(tokens)
         steps = tokens.shape[1]
-        causal = torch.ones(steps, steps).tril()
+        causal = torch.ones(steps, steps, device=tokens.device).tril()
         h = (causal / causal.sum(-1, keepdim=True)) @ h  # each position: mean of its prefix
         return self.out(h)
 
@@ -351,3 +351,24 @@ def test_ragged_token_feeds_are_padded_masked_and_stored_without_padding(tmp_pat
         with torch.inference_mode():
             alone = model(torch.as_tensor(s)[None])[0].numpy()
         np.testing.assert_allclose(stored[i], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", torch_devices())
+def test_a_lanes_calls_run_on_its_own_thread_whichever_thread_calls(device):
+    # PyTorch keeps cuDNN's autotuning per thread: kd.dump and kd.serve call the program
+    # from new threads, so each lane runs on a thread of its own, made once.
+    log = []
+    model = _Sleepy(log)
+    model.meet = threading.Barrier(1)  # no sleep
+    program = teacher_program(model, devices=[device])
+    callers = []
+    for _ in range(3):
+        caller = threading.Thread(target=lambda: callers.append(program({"x": X})))
+        caller.start()
+        caller.join(timeout=20)
+    program({"x": X})
+    assert len(callers) == 3 and len(log) == 4
+    lane_threads = {t for _, t in log}
+    assert len(lane_threads) == 1 and threading.get_ident() not in lane_threads
+    with pytest.raises(ValueError, match="returned a tuple"):  # the lane's errors reach the caller
+        teacher_program(_Tuple(), devices=[device])({"x": X})
