@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import kdserve as kd
 from _helpers import Background, wait_for
 from kdserve.core.batch import from_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
@@ -378,3 +379,30 @@ def test_a_serve_sink_skips_a_pass_its_students_are_past():
     np.testing.assert_array_equal(np.concatenate([d[SAMPLE_ID] for d in data]), np.arange(n))
     np.testing.assert_array_equal(np.concatenate([d["y"] for d in data]), expected(np.arange(n)))
     assert_threads_end()
+
+
+class _Concurrent:
+    """A program that can run ``concurrency`` calls at once; each call waits for the
+    others (a Barrier), so it only completes if kdserve calls it from that many threads."""
+
+    def __init__(self, concurrency: Any) -> None:
+        self.concurrency = concurrency
+        self.meet = threading.Barrier(concurrency if isinstance(concurrency, int) else 1)
+        self.threads: set[int] = set()
+
+    def __call__(self, feed: dict[str, Any]) -> dict[str, Any]:
+        self.threads.add(threading.get_ident())
+        self.meet.wait(timeout=10)  # BrokenBarrierError if the calls were serialised
+        return {"y": feed["x"] * 2}
+
+
+def test_a_programs_concurrency_sets_the_default_inference_threads(tmp_path):
+    data = [{"x": inputs(9)[i : i + 3]} for i in range(0, 9, 3)]
+    keep = Schema([kd.Field("y", "float32", (WIDTH,))])
+    program = _Concurrent(3)
+    assert kd.dump(program, data, tmp_path / "s", keep=keep, progress=False) == 9
+    assert len(program.threads) == 3 and not program.meet.broken
+    stored = from_record_batch(StoreReader(tmp_path / "s").read(0, 9))
+    np.testing.assert_array_equal(stored["y"], inputs(9) * 2)
+    with pytest.raises(TypeError, match="concurrency attribute must be an int >= 1"):
+        kd.dump(_Concurrent(0), data, tmp_path / "t", keep=keep, progress=False)

@@ -313,6 +313,32 @@ def test_streams_run_two_calls_on_one_replica_at_once(tmp_path, device):
         teacher_program(model, devices=["cpu"], streams=0)
 
 
+@pytest.mark.parametrize("device", torch_devices())
+def test_two_streams_per_gpu_by_default_and_as_many_inference_threads(tmp_path, device):
+    # A GPU gets two lanes per device by default (copies overlap the other lane's forward
+    # pass); kd.dump calls the program from program.concurrency threads unless told.
+    lanes = 2 if device == "cuda" else 1
+    assert teacher_program(_mlp(), devices=[device]).concurrency == lanes
+    assert teacher_program(_mlp(), devices=[device, device]).concurrency == 2 * lanes
+    assert teacher_program(_mlp(), devices=[device], streams=3).concurrency == 3
+    log = []
+    model = _Sleepy(log)
+    program = teacher_program(model, devices=[device, device], streams=1)
+    meet = threading.Barrier(2)
+    for replica in program.replicas:
+        replica.log, replica.meet = log, meet  # every forward waits for a partner call
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    schema = kd.Schema([kd.Field("logits", "float32", (2,))])
+    kd.dump(
+        program,
+        [{"x": x[i : i + 10]} for i in range(0, 40, 10)],
+        tmp_path / "s",
+        keep=schema,
+        progress=False,
+    )  # no inference_threads=: the program's 2
+    assert not meet.broken and len({t for _, t in log}) == 2
+
+
 class _CausalLM(nn.Module):
     """A tiny causal LM: embedding, causal attention over the prefix, logits per position."""
 

@@ -30,7 +30,7 @@ def dump(
     compression: Compression = None,
     buf_size: int = 10,
     threads: int = 2,
-    inference_threads: int = 1,
+    inference_threads: int | None = None,
     provenance: Mapping[str, str | int | float | bool] | None = None,
 ) -> int:
     """Run ``program`` over ``data`` and write its knowledge to the store at ``path``;
@@ -41,7 +41,8 @@ def dump(
     ``feeds=[names]``) or a Pantheon reader config (with ``feeds=``). ``keep`` names the
     knowledge fields -- program outputs or feeds passed through, ``{name: output}``, or a
     :class:`~kdserve.Schema` with codecs; None keeps every output. ``threads`` encode in
-    parallel; ``inference_threads`` > 1 calls the program from that many threads at once.
+    parallel; ``inference_threads`` > 1 calls the program from that many threads at once
+    (default: the program's ``concurrency``, e.g. a ``teacher_program``'s lanes; else 1).
     The other options (``compression`` and ``provenance`` among them) are
     :class:`~kdserve.Teacher`'s.
     """

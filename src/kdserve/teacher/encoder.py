@@ -19,11 +19,23 @@ from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import SchemaError
 from kdserve.teacher.feeds import FeedBatch
 
-__all__ = ["Encoder", "Keep", "Program", "batch_length", "knowledge_names"]
+__all__ = ["Encoder", "Keep", "Program", "batch_length", "knowledge_names", "program_concurrency"]
 
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 Keep = Sequence[str] | Mapping[str, Any] | Schema
 """The knowledge fields to keep: names, ``{name: output or feed}``, or a declared Schema."""
+
+
+def program_concurrency(program: Program) -> int:
+    """How many threads call ``program`` by default: its ``concurrency`` attribute (a
+    ``teacher_program``'s lanes), else 1."""
+    n = getattr(program, "concurrency", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TypeError(
+            f"the program's concurrency attribute must be an int >= 1 (the calls it can run "
+            f"at once), got {n!r}; or pass num_inference_threads= / inference_threads="
+        )
+    return n
 
 
 class Encoder:

@@ -100,7 +100,7 @@ def serve(
     progress: bool | None = None,
     buf_size: int = 10,
     threads: int = 2,
-    inference_threads: int = 1,
+    inference_threads: int | None = None,
     limits: Limits | None = None,
     provenance: Mapping[str, str | int | float | bool] | None = None,
 ) -> Service:

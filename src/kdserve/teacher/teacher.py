@@ -56,7 +56,14 @@ from kdserve.online.replay import MIN_WINDOW_BYTES, ReplayWindow
 from kdserve.online.server import DEFAULT_CHUNK_BYTES, TeacherServer
 from kdserve.online.wire import MAX_TEXT_CHARS
 from kdserve.store import DEFAULT_SHARD_BYTES, Compression
-from kdserve.teacher.encoder import Encoder, Keep, Program, batch_length, knowledge_names
+from kdserve.teacher.encoder import (
+    Encoder,
+    Keep,
+    Program,
+    batch_length,
+    knowledge_names,
+    program_concurrency,
+)
 from kdserve.teacher.pipeline import Pipeline
 from kdserve.teacher.security import Pem, Security
 from kdserve.teacher.sinks import ServeSink, Sink, StoreSink
@@ -325,7 +332,7 @@ class Teacher:
         use_fp16: bool = False,
         times: int = 1,
         num_postprocess_threads: int = 2,
-        num_inference_threads: int = 1,
+        num_inference_threads: int | None = None,
     ) -> int:
         """Run ``program`` over the reader; store and/or serve the knowledge.
 
@@ -345,8 +352,10 @@ class Teacher:
         ``num_postprocess_threads`` encode batches (codecs, Arrow) in parallel. With
         ``num_inference_threads`` > 1 the program itself is called from that many threads
         at once (order is kept): use it with a program that is safe to call concurrently,
-        such as :func:`kdserve.torch.teacher_program` with one replica per device. (Without
-        a declared :class:`Schema`, the first batch runs alone, to learn the schema.)
+        such as :func:`kdserve.torch.teacher_program` with one replica per device. The
+        default (None) is the program's ``concurrency`` attribute if it has one (a
+        ``teacher_program`` on a GPU: 2 streams per device), else 1. (Without a declared
+        :class:`Schema`, the first batch runs alone, to learn the schema.)
         """
         self._check_started()
         server = self._server
@@ -355,6 +364,8 @@ class Teacher:
                 f"times={times}: a store is written once and students read it as often as "
                 f"they like; times > 1 is for online service (out_port=)"
             )
+        if num_inference_threads is None:
+            num_inference_threads = program_concurrency(program)
         if min(buf_size, num_postprocess_threads, num_inference_threads) < 1:
             raise ValueError(
                 "buf_size, num_postprocess_threads and num_inference_threads must be >= 1"

@@ -70,8 +70,12 @@ class TeacherProgram:
 
     **Streams.** ``streams=2`` lets each replica run two calls at once, each on its own
     CUDA stream (on a CPU: two threads), so that one batch's copy to the device and the
-    copy of its outputs back overlap another batch's forward pass. Give the teacher that
-    many inference threads: ``num_inference_threads = len(devices) * streams``.
+    copy of its outputs back overlap another batch's forward pass. The default is 2 when
+    a device is a CUDA GPU (on an H100 it took a ResNet-50 dump from 0.85x to 1.08x the
+    bare loop; it holds two batches' activations at once, so pass ``streams=1`` when one
+    batch barely fits) and 1 otherwise. ``.concurrency`` (``len(devices) * streams``) is
+    how many calls can run at once; :func:`kdserve.dump`, :func:`kdserve.serve` and
+    :class:`kdserve.Teacher` call the program from that many threads unless told otherwise.
 
     **Autocast.** With ``autocast`` (e.g. ``torch.bfloat16``) the forward pass runs under
     ``torch.autocast(device_type, dtype=autocast)`` and floating outputs are returned as
@@ -100,7 +104,7 @@ class TeacherProgram:
         devices: Sequence[str | torch.device] | None = None,
         autocast: torch.dtype | None = None,
         output_dtype: torch.dtype | None = None,
-        streams: int = 1,
+        streams: int | None = None,
         mask_arg: str | None = None,
         pad_value: int | float = 0,
         topk: Mapping[str, int] | None = None,
@@ -146,6 +150,8 @@ class TeacherProgram:
             raise ValueError("devices must name at least one device, e.g. ['cuda:0', 'cuda:1']")
         self.module = module
         module.eval()
+        if streams is None:
+            streams = 2 if any(d.type == "cuda" for d in self.devices) else 1
         if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
             raise ValueError(f"streams must be an int >= 1, got {streams!r}")
         replicas = [module.to(self.devices[0])]
@@ -168,6 +174,12 @@ class TeacherProgram:
         ]
         self._freed = threading.Condition()
         self._turn = itertools.count()
+
+    @property
+    def concurrency(self) -> int:
+        """How many calls can run at once (one per lane: ``len(devices) * streams``); the
+        number of threads kdserve calls the program from by default."""
+        return len(self._lanes)
 
     def __repr__(self) -> str:
         return (
