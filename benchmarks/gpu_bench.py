@@ -10,16 +10,22 @@ importable; bf16 autocast; 1000 logits per image):
 
 * bare loop: for each batch, a pageable host-to-device copy, the forward pass, the logits
   to the host as float32, kept in memory;
-* ``kd.dump``: ``teacher_program(net, inputs=["x"], outputs="logits",
+* ``kd.dump``, defaults: ``teacher_program(net, inputs=["x"], outputs="logits",
   autocast=torch.bfloat16)`` over the same batches into a store (``use_fp16=True``), timed
-  from the call to its return (the store complete and durable);
-* ``kd.dump``, tuned: the same with ``streams=2`` (two calls at once on two CUDA streams,
-  ``inference_threads=2``: one batch's copies overlap another's forward pass) and
-  ``output_dtype=torch.float16`` (logits cast on the device, half the bytes to the host);
-* ``kd.serve``: the same program served to a student in another process (spawn), which
+  from the call to its return (the store complete and durable). On a GPU the program runs
+  two CUDA streams and kd.dump calls it from two threads (one batch's copies overlap the
+  other's forward pass);
+* ``kd.dump``, ``streams=1``: one batch at a time, as the bare loop;
+* ``kd.dump``, fp16 on the device: the defaults with ``output_dtype=torch.float16`` (logits
+  cast on the device, half the bytes to the host);
+* ``kd.serve``: the defaults' program served to a student in another process (spawn), which
   reads one pass; timed, as in ``proxy_bench.py``, from the moment the connected student
   asks for the pass to the end of the last batch's forward pass (logits on the host), not
   counting the first batch (computed while the teacher waited for its student).
+
+Under each teacher row, where the time went in the last kdserve run and in a bare run:
+the median program call, and the share of the run in which no call was running (the
+device waiting for the host).
 
 Student side (ResNet-18, or a small conv net; a training step = bf16-autocast forward,
 ``kd_loss`` against the teacher's logits at T=2, backward, SGD step; the images are on the
@@ -31,7 +37,9 @@ teacher's knowledge arrives; the store is a dump of random fp16 logits, made unt
   ``DataLoader(batch_size=None, num_workers=0)``, each batch moved with
   ``.to(device, non_blocking=True)``;
 * ``KnowledgeDataset(pin_memory=False)`` in ``DataLoader(num_workers=--workers,
-  pin_memory=True, persistent_workers=True)``, the same loop.
+  pin_memory=True, persistent_workers=True)``, the same loop;
+* reference (no goal): a plain torch ``IterableDataset`` of the same batches in memory, in
+  the same DataLoader -- what torch's worker processes cost without kdserve.
 
 On a CPU device nothing is pinned (pinning needs an accelerator; the output says so).
 Rates are images per second, synchronised with the device at both ends of a pass. Every
@@ -54,6 +62,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -145,67 +154,100 @@ def can_pin(device: torch.device) -> bool:
 
 
 class Teacher:
-    """One batch size's teacher: the network, its kdserve program and the feeds."""
+    """One batch size's teacher: the network, its kdserve programs and the feeds. Every
+    program call's span is traced (``spans``), for the "where the time goes" lines."""
 
     def __init__(self, args: argparse.Namespace, images: np.ndarray, batch: int) -> None:
         self.args, self.batch, self.device = args, batch, torch.device(args.device)
         self.net = make_net("teacher", args).to(self.device).eval()
-        self.program = teacher_program(
-            self.net, inputs=["x"], outputs="logits", devices=[args.device], autocast=torch.bfloat16
-        )
-        self.tuned = teacher_program(
-            self.net,
-            inputs=["x"],
-            outputs="logits",
-            devices=[args.device],
-            autocast=torch.bfloat16,
-            output_dtype=torch.float16,
-            streams=2,
-        )
+        common: dict[str, Any] = {
+            "inputs": ["x"],
+            "outputs": "logits",
+            "devices": [args.device],
+            "autocast": torch.bfloat16,
+        }
+        self.programs = {  # the defaults (two CUDA streams on a GPU), one stream, fp16 out
+            "defaults": teacher_program(self.net, **common),
+            "streams=1": teacher_program(self.net, **common, streams=1),
+            "fp16 on device": teacher_program(self.net, **common, output_dtype=torch.float16),
+        }
         self.data = [{"x": images[i : i + batch]} for i in range(0, len(images), batch)]
         self.rows = len(images)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each traced call
+        self.window = (0.0, 0.0)  # the timed span of the last run
+
+    def traced(self, program: Any) -> Any:
+        def call(feed: dict[str, Any]) -> Any:
+            start = time.perf_counter()
+            out = program(feed)
+            self.spans.append((start, time.perf_counter()))
+            return out
+
+        return call
 
     def bare(self) -> float:
         device = self.device
+        self.spans.clear()
         sync(device)
         start = time.perf_counter()
         kept = []
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             for feed in self.data:
+                began = time.perf_counter()
                 x = torch.from_numpy(feed["x"]).to(device)  # pageable, as a user writes it
                 kept.append(self.net(x).float().cpu().numpy())
-        seconds = time.perf_counter() - start
+                self.spans.append((began, time.perf_counter()))
+        self.window = (start, time.perf_counter())
         assert sum(len(k) for k in kept) == self.rows
-        return self.rows / seconds
+        return self.rows / (self.window[1] - start)
 
-    def dump(self, workdir: Path, tuned: bool = False) -> float:
-        """``tuned``: two CUDA streams (two inference threads) and logits cast to float16 on
-        the device before the copy to the host, instead of the defaults."""
+    def dump(self, workdir: Path, variant: str) -> float:
+        program = self.programs[variant]
         path = workdir / f"dump-{self.batch}"
         shutil.rmtree(path, ignore_errors=True)
+        self.spans.clear()
         sync(self.device)
         start = time.perf_counter()
-        if tuned:
-            written = kd.dump(self.tuned, self.data, path, progress=False, inference_threads=2)
-        else:
-            written = kd.dump(self.program, self.data, path, use_fp16=True, progress=False)
-        seconds = time.perf_counter() - start
+        written = kd.dump(
+            self.traced(program),
+            self.data,
+            path,
+            use_fp16=True,
+            progress=False,
+            inference_threads=program.concurrency,  # the tracing wrapper hides it
+        )
+        self.window = (start, time.perf_counter())
         assert written == self.rows
-        return written / seconds
+        return written / (self.window[1] - start)
 
-    def serve(self, workdir: Path) -> float:
+    def serve(self) -> float:
         """From the connected student's request to the end of the last forward pass."""
-        ends: list[float] = []  # when each batch's logits were on the host
-
-        def program(feed: dict[str, Any]) -> dict[str, np.ndarray]:
-            out = self.program(feed)
-            ends.append(time.perf_counter())
-            return out
-
-        with kd.serve(program, self.data, use_fp16=True, progress=False) as service:
+        program = self.programs["defaults"]
+        self.spans.clear()
+        with kd.serve(
+            self.traced(program),
+            self.data,
+            use_fp16=True,
+            progress=False,
+            inference_threads=program.concurrency,
+        ) as service:
             served, start = serve_one_pass(service, self.batch, 60.0)
         assert served == self.rows, served
-        return (served - len(self.data[0]["x"])) / (ends[-1] - start)
+        self.window = (start, max(end for _, end in self.spans))
+        return (served - len(self.data[0]["x"])) / (self.window[1] - start)
+
+    def where(self) -> str:
+        """Where the last run's time went: the median program call, and the share of the
+        run in which no call was running (the device waiting for the host)."""
+        start, end = self.window
+        calls = sorted(s for s in self.spans if s[1] > start)
+        busy, reach = 0.0, start
+        for began, finish in calls:  # the union of the (possibly overlapping) calls
+            begin = max(began, reach)
+            if finish > begin:
+                busy, reach = busy + finish - begin, finish
+        median = statistics.median(f - b for b, f in calls) * 1e3
+        return f"call p50 {median:.2f} ms, no call running {1 - busy / (end - start):.1%}"
 
 
 # --- student ---------------------------------------------------------------------------
@@ -254,6 +296,7 @@ class StudentRun:
             num_workers=0,
         )
         self.loader_w: torch.utils.data.DataLoader[Any] | None = None
+        self.loader_r: torch.utils.data.DataLoader[Any] | None = None
 
     def step(self, ids: torch.Tensor, teacher: torch.Tensor) -> None:
         x = self.images[ids]
@@ -300,8 +343,34 @@ class StudentRun:
             )
         return self._feed(self.loader_w)
 
+    def reference(self) -> float:
+        """torch's own cost of worker processes, without kdserve: a plain IterableDataset
+        of the same batches held in memory, in the same DataLoader."""
+        if self.loader_r is None:
+            batches = [{"sample_id": i.cpu(), "logits": t.cpu()} for i, t in self.resident]
+            self.loader_r = torch.utils.data.DataLoader(
+                InMemory(batches),
+                batch_size=None,
+                num_workers=self.args.workers,
+                pin_memory=self.pin,
+                persistent_workers=True,
+            )
+        return self._feed(self.loader_r)
+
     def close(self) -> None:
-        self.loader_w = None  # shuts its workers down
+        self.loader_w = self.loader_r = None  # shuts their workers down
+
+
+class InMemory(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """Batches held in memory, split over a DataLoader's workers (the reference row)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        return iter(self.batches[worker::workers])
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -313,28 +382,34 @@ def run(args: argparse.Namespace, images: np.ndarray, workdir: Path) -> list[str
         f"{'ratio':>6}  goal"
     ]
 
-    def add(name: str, pair: tuple[Callable[[], float], Callable[[], float]]) -> None:
+    def add(
+        name: str,
+        pair: tuple[Callable[[], float], Callable[[], float]],
+        where: Callable[[], str] | None = None,
+        goal: float | None = GOAL,
+    ) -> None:
+        """A row: bare and kdserve alternating; ``where`` tells where the last kdserve
+        run's time went, and the bare loop's (the pair's second runs last on odd repeats)."""
         started = time.perf_counter()
         bare, ours = alternate(pair, args.repeats, warm_up=True)
-        lines.append(ratio_row(name, bare, ours, GOAL, 52))
+        lines.append(ratio_row(name, bare, ours, goal, 52))
         print(f"  {lines[-1]}   ({time.perf_counter() - started:.0f} s)", flush=True)
+        if where is not None:
+            kdserve_where = where()
+            pair[0]()
+            print(f"      kdserve: {kdserve_where}; bare: {where()}", flush=True)
 
     if "teacher" in args.parts:
         for batch in args.batch_sizes:
             t = Teacher(args, images, batch)
-            add(
-                f"teacher b{batch}: kd.dump (fp16 store)",
-                (t.bare, partial(t.dump, workdir)),
-            )
-            add(
-                f"teacher b{batch}: kd.dump, streams=2, fp16 on device",
-                (t.bare, partial(t.dump, workdir, True)),
-            )
-            if not args.no_serve:
+            for variant in t.programs:
                 add(
-                    f"teacher b{batch}: kd.serve -> student process",
-                    (t.bare, partial(t.serve, workdir)),
+                    f"teacher b{batch}: kd.dump, {variant}",
+                    (t.bare, partial(t.dump, workdir, variant)),
+                    t.where,
                 )
+            if not args.no_serve:
+                add(f"teacher b{batch}: kd.serve -> student process", (t.bare, t.serve), t.where)
             del t
     if "student" in args.parts:
         store = prepare_store(args, workdir)
@@ -346,6 +421,11 @@ def run(args: argparse.Namespace, images: np.ndarray, workdir: Path) -> list[str
                 add(
                     f"student b{batch}: {args.workers} workers, DataLoader {pinned}",
                     (s.bare, s.workers),
+                )
+                add(
+                    f"  reference: torch alone, {args.workers} workers",
+                    (s.bare, s.reference),
+                    goal=None,
                 )
             finally:
                 s.close()
