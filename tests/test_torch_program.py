@@ -398,3 +398,15 @@ def test_a_lanes_calls_run_on_its_own_thread_whichever_thread_calls(device):
     assert len(lane_threads) == 1 and threading.get_ident() not in lane_threads
     with pytest.raises(ValueError, match="returned a tuple"):  # the lane's errors reach the caller
         teacher_program(_Tuple(), devices=[device])({"x": X})
+
+
+class _OutOfMemory(nn.Module):
+    def forward(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_with_two_streams_says_how_to_hold_one_batch():
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"streams=2.*pass streams=1"):
+        teacher_program(_OutOfMemory(), devices=["cpu"], streams=2)({"x": X})
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"20\.00 GiB$"):  # one stream: as is
+        teacher_program(_OutOfMemory(), devices=["cpu"])({"x": X})

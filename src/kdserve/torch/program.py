@@ -92,7 +92,7 @@ class TeacherProgram:
 
     The module is put in eval mode. It exposes
     ``.module`` (the module given), ``.replicas`` (one module per device, ``replicas[0]`` is
-    ``module``), ``.devices``, ``.inputs`` and ``.outputs``, for inspection.
+    ``module``), ``.devices``, ``.streams``, ``.inputs`` and ``.outputs``, for inspection.
     """
 
     def __init__(
@@ -154,6 +154,7 @@ class TeacherProgram:
             streams = 2 if any(d.type == "cuda" for d in self.devices) else 1
         if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
             raise ValueError(f"streams must be an int >= 1, got {streams!r}")
+        self.streams = streams
         replicas = [module.to(self.devices[0])]
         replicas += [copy.deepcopy(module).to(d).eval() for d in self.devices[1:]]
         self.replicas: list[nn.Module] = replicas
@@ -190,7 +191,16 @@ class TeacherProgram:
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         args_np, lengths = _pad_sequences(self._select(feed), self.pad_value)
         with self._lane() as lane:
-            return self._threads[lane].submit(self._run, lane, args_np, lengths).result()
+            try:
+                return self._threads[lane].submit(self._run, lane, args_np, lengths).result()
+            except torch.cuda.OutOfMemoryError as exc:
+                if self.streams == 1:
+                    raise
+                raise torch.cuda.OutOfMemoryError(
+                    f"{exc}\nkdserve: teacher_program runs {self.streams} batches at once on "
+                    f"each device (streams={self.streams}); pass streams=1 to hold one batch "
+                    f"at a time, or make the batches smaller"
+                ) from exc
 
     def _run(
         self, lane: int, args_np: list[tuple[str, Any]], lengths: np.ndarray | None
