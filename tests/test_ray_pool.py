@@ -304,12 +304,38 @@ def test_passes_spread_over_replicas_added_and_removed_mid_pass() -> None:
         assert any(s["batches"] == 15 for s in status["students"].values())  # stall reported
 
 
-def test_ranks_refuse_a_pass_they_cannot_share_evenly() -> None:
-    with pool("uneven", 1) as teachers:
+def test_ranks_even_out_parts_they_cannot_share_evenly() -> None:
+    """5 parts of 48 rows for 2 ranks: rank 0 reads 3 parts, rank 1 two. Padded, both get
+    144 rows (rank 1 repeats its first 48); unevened, each sample once; a pool with fewer
+    parts than ranks is refused. Rank 0 reads its whole pass first, so its shares come
+    from parts rank 1 has not asked for yet."""
+    with pool("uneven", 2) as teachers:
         teachers.serve(pass_part, parts=5)
+        for epoch in range(2):  # the registry's part rows, pass after pass
+            got = []
+            for rank in range(2):
+                with kd.Student(rank=rank, world_size=2, even_ranks="pad") as student:
+                    student.add_pool("uneven")
+                    ids = np.concatenate([b["sample_id"] for b in student.loader(batch_size=8)])
+                got.append(ids)
+            assert [len(ids) for ids in got] == [144, 144]
+            assert set(np.concatenate(got)) == set(range(N))
+            assert len(set(got[1])) == 96  # 48 repeated rows of its own
+        got = []
+        for rank in range(2):
+            with kd.Student(rank=rank, world_size=2, even_ranks="none") as student:
+                student.add_pool("uneven")
+                got.append(np.concatenate([b["sample_id"] for b in student.loader(batch_size=8)]))
+        assert [len(ids) for ids in got] == [144, 96]
+        np.testing.assert_array_equal(np.sort(np.concatenate(got)), np.arange(N))
+        with kd.Student(rank=0, world_size=2, even_ranks="drop") as student:
+            student.add_pool("uneven")
+            with pytest.raises(kd.KdserveError, match="differ too much in size"):
+                list(student.loader(batch_size=8))
+        teachers.serve(pass_part, parts=1)
         with kd.Student(rank=0, world_size=2) as student:
             student.add_pool("uneven")
-            with pytest.raises(kd.KdserveError, match="cannot share evenly"):
+            with pytest.raises(kd.KdserveError, match="fewer than the 2 ranks"):
                 list(student.loader(batch_size=8))
 
 

@@ -54,7 +54,9 @@ class _Registry:
         self.students: dict[str, dict[str, float]] = {}
         self.data: Any = None  # the passes' data factory (an ObjectRef: serve), parts
         self.parts = 0
-        self.work: dict[tuple[int, int], tuple[str, Any]] = {}  # part -> replica, result
+        # (pass, part) -> the replica computing it, [its knowledge, its rows] (ObjectRefs)
+        self.work: dict[tuple[int, int], tuple[str, list[Any]]] = {}
+        self.sizes: dict[tuple[int, int], int] = {}  # rows of the parts students have read
         self.turn = 0
 
     def report(self, student: str, answered: dict[str, int], figures: dict[str, float]) -> None:
@@ -70,14 +72,16 @@ class _Registry:
     def serve(self, data_factory: list[Any], parts: int) -> None:
         self.data, self.parts = data_factory[0], parts
         self.work.clear()
+        self.sizes.clear()
 
     def layout(self) -> int:
         """How many parts a pass has (0: the pool serves no passes)."""
         return self.parts
 
     def part(self, epoch: int, part: int, avoid: str | None = None) -> list[Any]:
-        """The knowledge of a part, as ``[ObjectRef]`` (asked of a replica the first time,
-        or again of another than ``avoid`` when that one died with it)."""
+        """A part's knowledge and its rows, as ``[ObjectRef, ObjectRef]`` (asked of a
+        replica the first time, or again of another than ``avoid`` when that one died with
+        it)."""
         key = (epoch, part)
         while key not in self.work or avoid is not None:
             names = sorted(set(self.replicas) - {avoid}) or sorted(self.replicas)
@@ -92,14 +96,34 @@ class _Registry:
                 continue
             self.work[key] = (name, actor.compute.remote(self.data, epoch, part, self.parts))
             avoid = None
-        return [self.work[key][1]]
+        return self.work[key][1]
 
-    def owner(self, epoch: int, part: int) -> str:
-        return str(self.work[(epoch, part)][0])
+    def rows(self, epoch: int) -> list[Any]:
+        """Every part's rows in pass ``epoch``, so that ranks can even their shares: a
+        number for a part a student has read, else ``[ObjectRef]`` of the count (parts no
+        student asked for yet are computed now, for the rank that will read them)."""
+        out: list[Any] = []
+        for part in range(self.parts):
+            known = self.sizes.get((epoch, part))
+            out.append(known if known is not None else [self.part(epoch, part)[1]])
+        return out
 
-    def taken(self, epoch: int, part: int) -> None:
-        """A student has the part: its knowledge leaves the object store."""
+    def again(self, epoch: int, part: int) -> list[Any] | int:
+        """After the replica computing a part died for good: the part asked of another
+        (as :meth:`part` gives it), or its rows if a student has read it meanwhile."""
+        known = self.sizes.get((epoch, part))
+        if known is not None:
+            return known
+        work = self.work.get((epoch, part))
+        return self.part(epoch, part, None if work is None else work[0])
+
+    def taken(self, epoch: int, part: int, rows: int) -> None:
+        """A student has the part (``rows`` of it): its knowledge leaves the object store;
+        the rows are kept for the pass (older passes' are dropped)."""
         self.work.pop((epoch, part), None)
+        self.sizes[(epoch, part)] = rows
+        for old in [k for k in self.sizes if k[0] < epoch - 1]:
+            del self.sizes[old]
 
     def register(self, name: str, address: str) -> None:
         self.replicas[name] = address

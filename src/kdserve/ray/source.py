@@ -90,24 +90,32 @@ class PoolSource(StreamSource):
         """A pool serves every pass it is asked for."""
 
     def share(self, epoch: int, sampler: Sampler) -> Iterator[pa.RecordBatch]:
-        """This rank's parts: ``i % world_size == rank``. Data-parallel ranks must get as
-        many parts each (the pool's data factory keeps the parts equal in size)."""
+        """This rank's parts (``i % world_size == rank``), each sample once; with several
+        ranks, evened to the others' shares (``sampler.even``) by the parts' rows."""
         world = sampler.world_size
-        if world > 1 and sampler.even != "none" and self.parts % world:
+        if world > 1 and sampler.even != "none" and self.parts < world:
             raise KdserveError(
-                f"teacher pool {self.pool!r} serves {self.parts} parts a pass, which "
-                f"{world} ranks cannot share evenly: pool.serve(..., parts=a multiple of "
-                f"{world}), or even_ranks='none'"
+                f"teacher pool {self.pool!r} serves {self.parts} part(s) a pass, fewer than "
+                f"the {world} ranks: pool.serve(..., parts=at least {world}), or "
+                f"even_ranks='none'"
             )
         mine = list(range(sampler.rank, self.parts, world))
         _, replicas = ray.get(self._registry.lookup.remote())
         ahead = _AHEAD * max(1, len(replicas))  # enough to keep every replica busy
         seen = IdSet()
-        for batch in part_batches(self._registry, self.pool, epoch, mine, ahead):
-            ids = sample_ids(batch)
-            if not seen.add_new(ids):  # parts that overlap: the data factory's mistake
-                self._refuse_repeated(ids, seen, epoch)
-            yield batch
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for batch in part_batches(self._registry, self.pool, epoch, mine, ahead):
+                ids = sample_ids(batch)
+                if not seen.add_new(ids):  # parts that overlap: the data factory's mistake
+                    self._refuse_repeated(ids, seen, epoch)
+                yield batch
+
+        def shares() -> list[int]:
+            rows = part_rows(self._registry, self.pool, epoch)
+            return [sum(rows[rank::world]) for rank in range(world)]
+
+        return self._evened(batches(), sampler, shares)
 
     def query(
         self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool
@@ -146,8 +154,11 @@ def part_batches(
         data = fetch_part(registry, pool, epoch, part, ray.get(pending)[0])
         stall += time.perf_counter() - start
         read += 1
-        yield from pa.ipc.open_stream(pa.py_buffer(data)) if len(data) else []
-        registry.taken.remote(epoch, part)
+        rows = 0
+        for batch in pa.ipc.open_stream(pa.py_buffer(data)) if len(data) else []:
+            rows += batch.num_rows
+            yield batch
+        registry.taken.remote(epoch, part, rows)
     student = f"{socket.gethostname()}:{os.getpid()}:passes:{parts[0] if parts else 0}"
     figures = {"batches": float(read), "stall_s": stall, "in_flight": depth / max(read, 1)}
     registry.report.remote(student, {}, figures)
@@ -155,11 +166,28 @@ def part_batches(
 
 def fetch_part(registry: Any, pool: str, epoch: int, part: int, ref: Any) -> np.ndarray:
     """A part's Arrow stream; asked of another replica while its replica is gone."""
+    data: np.ndarray = _fetch(registry, pool, epoch, part, ref, 0)
+    return data
+
+
+def part_rows(registry: Any, pool: str, epoch: int) -> list[int]:
+    """Every part's rows in pass ``epoch`` (parts not yet read are computed for it)."""
+    rows = ray.get(registry.rows.remote(epoch))
+    return [
+        int(n if isinstance(n, int) else _fetch(registry, pool, epoch, part, n[0], 1))
+        for part, n in enumerate(rows)
+    ]
+
+
+def _fetch(registry: Any, pool: str, epoch: int, part: int, ref: Any, which: int) -> Any:
+    """Object ``which`` of a part's result (0: its Arrow stream, 1: its rows), asked of
+    another replica while the one computing it is gone."""
     for _ in range(16):
         try:
-            data: np.ndarray = ray.get(ref)
-            return data
+            return ray.get(ref)
         except ray.exceptions.RayActorError:  # died for good, with the part unfinished
-            owner = ray.get(registry.owner.remote(epoch, part))
-            ref = ray.get(registry.part.remote(epoch, part, owner))[0]
+            again = ray.get(registry.again.remote(epoch, part))
+            if isinstance(again, int):  # its rows: read meanwhile (only asked with which=1)
+                return again
+            ref = again[which]
     raise KdserveError(f"teacher pool {pool!r}: part {part} of pass {epoch} failed 16 times")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -263,6 +263,50 @@ class StreamSource(Source):
     ) -> Iterator[Knowledge]:
         """Query mode: the knowledge for each batch of inputs, in order."""
 
+    def _evened(
+        self,
+        batches: Iterator[pa.RecordBatch],
+        sampler: Sampler,
+        shares: Callable[[], list[int]],
+    ) -> Iterator[pa.RecordBatch]:
+        """``batches`` (this rank's share of a pass), evened with the other ranks' once the
+        pass is over: ``shares()`` is every rank's rows. ``even="pad"`` repeats this rank's
+        first rows up to the largest share, ``"drop"`` cuts its last batch to the smallest
+        (so data-parallel ranks step together: a collective never waits for a rank that
+        has finished)."""
+        even = sampler.even if sampler.world_size > 1 else "none"
+        rows = 0
+        first: pa.RecordBatch | None = None  # padding repeats this rank's first rows
+        held: pa.RecordBatch | None = None  # dropping may cut the last batch
+        for batch in batches:
+            rows += batch.num_rows
+            first = batch if first is None else first
+            ready: pa.RecordBatch | None = batch
+            if even == "drop":  # one batch behind: the last one may have to be cut
+                ready, held = held, batch
+            if ready is not None:
+                yield ready
+        if even == "none":
+            return
+        told = shares()
+        if even == "pad":
+            missing = max(told) - rows
+            while missing > 0 and first is not None:
+                piece = first.slice(0, missing)
+                yield piece
+                missing -= piece.num_rows
+        elif held is not None:
+            keep = held.num_rows - (rows - min(told))
+            if keep < 0:
+                raise KdserveError(
+                    f"teacher {self.name!r}'s batches differ too much in size for "
+                    f"even_ranks='drop' (rank {sampler.rank} has {rows} rows, the smallest "
+                    f"share is {min(told)}); use even_ranks='pad', or give the ranks equal "
+                    f"shares (batches of one size; a pool's parts of one size, as many each)"
+                )
+            if keep:
+                yield held.slice(0, keep)
+
     def _refuse_repeated(self, ids: np.ndarray, seen: IdSet, epoch: int) -> None:
         """AlignmentError for a batch that repeats ids (within itself or the pass so far)."""
         refuse_repeats(ids, f"a batch of teacher {self.name!r}", self.name)
@@ -367,47 +411,26 @@ class TeacherSource(StreamSource):
         ranks, evened to the others' shares (``sampler.even``) once the pass is over, since
         the teacher deals whole batches to ranks in turn."""
         rank, world = sampler.rank, sampler.world_size
-        even = sampler.even if world > 1 else "none"
         ack_every = max(1, self.info.buf_size // 2)
         seen = IdSet()
-        rows = 0
-        first: pa.RecordBatch | None = None  # padding repeats this rank's first rows
-        held: pa.RecordBatch | None = None  # dropping may cut the last batch
-        shares: list[int] = []  # every rank's rows, told at the end of the pass
-        for batch in self._client.stream_pass(epoch, rank, world, ack_every, shares):
-            ids = sample_ids(batch)
-            if not seen.add_new(ids):
-                self._refuse_repeated(ids, seen, epoch)
-            rows += batch.num_rows
-            first = batch if first is None else first
-            ready: pa.RecordBatch | None = batch
-            if even == "drop":  # one batch behind: the last one may have to be cut
-                ready, held = held, batch
-            if ready is not None:
-                yield ready
-        if even == "none":
-            return
-        if len(shares) != world:
-            raise ProtocolError(
-                f"online teacher {self.name!r} ended pass {epoch} without telling the "
-                f"ranks' shares (got {shares}); is it an older kdserve? Use even_ranks='none'"
-            )
-        if even == "pad":
-            missing = max(shares) - rows
-            while missing > 0 and first is not None:
-                piece = first.slice(0, missing)
-                yield piece
-                missing -= piece.num_rows
-        elif held is not None:
-            keep = held.num_rows - (rows - min(shares))
-            if keep < 0:
-                raise KdserveError(
-                    f"online teacher {self.name!r}'s batches differ too much in size for "
-                    f"even_ranks='drop' (rank {rank} has {rows} rows, the smallest share is "
-                    f"{min(shares)}); use even_ranks='pad' or batches of one size"
+        told: list[int] = []  # every rank's rows, told at the end of the pass
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for batch in self._client.stream_pass(epoch, rank, world, ack_every, told):
+                ids = sample_ids(batch)
+                if not seen.add_new(ids):
+                    self._refuse_repeated(ids, seen, epoch)
+                yield batch
+
+        def shares() -> list[int]:
+            if len(told) != world:
+                raise ProtocolError(
+                    f"online teacher {self.name!r} ended pass {epoch} without telling the "
+                    f"ranks' shares (got {told}); is it an older kdserve? Use even_ranks='none'"
                 )
-            if keep:
-                yield held.slice(0, keep)
+            return told
+
+        return self._evened(batches(), sampler, shares)
 
 
 def refuse_repeats(ids: np.ndarray, where: str, teacher: str) -> None:
