@@ -311,16 +311,17 @@ def test_ranks_even_out_parts_they_cannot_share_evenly() -> None:
     from parts rank 1 has not asked for yet."""
     with pool("uneven", 2) as teachers:
         teachers.serve(pass_part, parts=5)
-        for epoch in range(2):  # the registry's part rows, pass after pass
-            got = []
-            for rank in range(2):
-                with kd.Student(rank=rank, world_size=2, even_ranks="pad") as student:
-                    student.add_pool("uneven")
-                    ids = np.concatenate([b["sample_id"] for b in student.loader(batch_size=8)])
-                got.append(ids)
+        students = [kd.Student(rank=r, world_size=2, even_ranks="pad") for r in range(2)]
+        for student in students:
+            student.add_pool("uneven")
+        loaders = [student.loader(batch_size=8) for student in students]
+        for _ in range(2):  # two passes: the registry keeps each pass's part rows
+            got = [np.concatenate([b["sample_id"] for b in loader]) for loader in loaders]
             assert [len(ids) for ids in got] == [144, 144]
             assert set(np.concatenate(got)) == set(range(N))
             assert len(set(got[1])) == 96  # 48 repeated rows of its own
+        for student in students:
+            student.close()
         got = []
         for rank in range(2):
             with kd.Student(rank=rank, world_size=2, even_ranks="none") as student:
@@ -372,3 +373,23 @@ def test_a_pools_provenance_is_what_students_expect() -> None:
                 student.start()
         with pytest.raises(kd.KdserveError, match="provenance"):
             TeacherPool("bad", factory, feeds=["x"], provenance={"x": [1, 2]})
+
+
+def test_a_pools_queries_go_through_its_vocab_map() -> None:
+    """A pool of another vocabulary: its top-k indices reach the student in the student's
+    token ids, compact and decoded."""
+    keep = kd.Schema([kd.Field("y", "float32", (D,), codec=kd.TopK(3))])
+    ids = np.array([9, 0, 7, 2, 6, 1, 3, 4])  # the pool's token t is the student's ids[t]
+    factory = functools.partial(make_program, 0.0)
+    with TeacherPool("mapped", factory, feeds=["x"], keep=keep, replicas=2, num_cpus=0) as teachers:
+        teachers.serve(pass_part, parts=2)
+        with kd.Student() as student:
+            student.add_pool("mapped", vocab_map=kd.VocabMap(ids, 10))
+            out = student.query(0, {"x": X[:4]}, decode=False)["y"]
+            dense = student.query(0, {"x": X[:4]})["y"]
+    top = np.argsort(-(X[:4] * 2 + 1), axis=1)[:, :3]
+    np.testing.assert_array_equal(np.sort(out["indices"], 1), np.sort(ids[top], 1))
+    assert dense.shape == (4, 10)
+    np.testing.assert_array_equal(
+        np.take_along_axis(dense, out["indices"].astype(np.intp), 1), out["values"]
+    )

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from kdserve.core.batch import Knowledge, from_record_batch
@@ -408,13 +409,22 @@ class PoolClient:
         except ValueError:
             ray.get(self._registry.unregister.remote(name))
 
-    def query(self, inputs: Mapping[str, Any], *, decode: bool = True) -> Knowledge:
-        """The knowledge for one batch of inputs, from one replica (another if it fails)."""
+    def query(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        decode: bool = True,
+        read: Callable[[pa.RecordBatch], Knowledge] | None = None,
+    ) -> Knowledge:
+        """The knowledge for one batch of inputs, from one replica (another if it fails).
+        ``read`` turns the answer into knowledge (default: ``kd.from_record_batch`` with
+        ``decode``; a Student passes its teacher's, which applies a vocab_map)."""
+        if read is None:
+            read = functools.partial(from_record_batch, decode=decode)
         tried: set[str] = set()
         while True:
             name, client = self._pick(tried)
             try:
-                read = functools.partial(from_record_batch, decode=decode)
                 out = next(query_batches(client, [inputs], 1, read))
             except TeacherUnavailableError:
                 tried.add(name)
@@ -429,16 +439,21 @@ class PoolClient:
             return out
 
     def query_stream(
-        self, batches: Iterable[Mapping[str, Any]], max_in_flight: int = 4, *, decode: bool = True
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        max_in_flight: int = 4,
+        *,
+        decode: bool = True,
+        read: Callable[[pa.RecordBatch], Knowledge] | None = None,
     ) -> Iterator[Knowledge]:
         """Knowledge for each batch, in input order, ``max_in_flight`` queries at once,
-        spread over the replicas."""
+        spread over the replicas (``decode`` and ``read`` as for :meth:`query`)."""
         depth = 0
         try:
             with ThreadPoolExecutor(max_in_flight, thread_name_prefix="kdserve-pool") as pool:
                 pending: list[Future[Knowledge]] = []
                 for inputs in batches:
-                    pending.append(pool.submit(self.query, inputs, decode=decode))
+                    pending.append(pool.submit(self.query, inputs, decode=decode, read=read))
                     if len(pending) >= max_in_flight:
                         depth += len(pending)
                         yield self._wait(pending.pop(0))

@@ -120,12 +120,10 @@ class PoolSource(StreamSource):
     def query(
         self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool
     ) -> Iterator[Knowledge]:
-        if self.vocab_map is not None:
-            raise KdserveError(
-                f"queries to teacher pool {self.pool!r} do not apply a vocab_map yet; map "
-                f"the indices yourself or register the pool without one"
-            )
-        return PoolClient(self.pool).query_stream(batches, max_in_flight, decode=decode)
+        def read(answer: pa.RecordBatch) -> Knowledge:  # through the vocab_map, if any
+            return self.knowledge(answer, decode, Schema.from_arrow(answer.schema))
+
+        return PoolClient(self.pool).query_stream(batches, max_in_flight, read=read)
 
     def client(self) -> TeacherClient:
         raise KdserveError(
