@@ -410,3 +410,19 @@ def test_out_of_memory_with_two_streams_says_how_to_hold_one_batch():
         teacher_program(_OutOfMemory(), devices=["cpu"], streams=2)({"x": X})
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"20\.00 GiB$"):  # one stream: as is
         teacher_program(_OutOfMemory(), devices=["cpu"])({"x": X})
+
+
+def test_a_programs_lane_threads_end_with_it():
+    before = set(threading.enumerate())
+    program = teacher_program(_mlp(), devices=["cpu", "cpu"])
+    program({"x": X})
+    program({"x": X})
+    lanes = [t for t in set(threading.enumerate()) - before if t.name.startswith("kdserve-lane")]
+    assert len(lanes) == 2  # one thread per lane, started by its first call
+    del program
+    import gc
+
+    gc.collect()
+    for thread in lanes:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in lanes)

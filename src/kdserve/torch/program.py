@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -169,10 +170,9 @@ class TeacherProgram:
         # keeps some state per thread (cuDNN's autotuning results, cuBLAS handles), and a
         # new thread rebuilds it -- about a second of ResNet-50 autotuning on an H100 --
         # while kd.dump and kd.serve call the program from threads of their own.
-        self._threads = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"kdserve-lane{i}")
-            for i in range(len(self._lanes))
-        ]
+        self._threads = [_LaneThread(f"kdserve-lane{i}") for i in range(len(self._lanes))]
+        for lane in self._threads:  # the threads end with the program
+            weakref.finalize(self, lane.stop)
         self._freed = threading.Condition()
         self._turn = itertools.count()
 
@@ -192,7 +192,8 @@ class TeacherProgram:
         args_np, lengths = _pad_sequences(self._select(feed), self.pad_value)
         with self._lane() as lane:
             try:
-                return self._threads[lane].submit(self._run, lane, args_np, lengths).result()
+                out: dict[str, Any] = self._threads[lane].call(self._run, lane, args_np, lengths)
+                return out
             except torch.cuda.OutOfMemoryError as exc:
                 if self.streams == 1:
                     raise
@@ -352,6 +353,54 @@ class TeacherProgram:
             value = value.float()
         array: np.ndarray = value.cpu().numpy()
         return array
+
+
+class _LaneThread:
+    """A thread that runs one lane's calls, one at a time, for whichever thread calls
+    (started on the first call; a lock hands each result back, a few microseconds)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on this thread; its result, or its exception raised here."""
+        if self._thread is None:
+            with self._starting:
+                if self._thread is None:
+                    thread = threading.Thread(
+                        target=_serve_calls, args=(self._calls,), name=self.name, daemon=True
+                    )
+                    thread.start()
+                    self._thread = thread
+        done = threading.Lock()
+        done.acquire()
+        box: list[tuple[bool, Any]] = []
+        self._calls.put((fn, args, box, done))
+        done.acquire()  # released by the lane thread once box holds the outcome
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        """Let the thread end (its program is gone)."""
+        self._calls.put(None)
+
+
+def _serve_calls(calls: queue.SimpleQueue[Any]) -> None:
+    """A lane thread's loop: run each call, hand back its outcome; None ends it."""
+    while (item := calls.get()) is not None:
+        fn, args, box, done = item
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # raised again on the calling thread
+            box.append((False, exc))
+        finally:
+            done.release()
+        del item, fn, args, box, done  # hold nothing of a finished call while waiting
 
 
 def _names(what: str, names: Sequence[str]) -> list[str]:
