@@ -12,7 +12,9 @@ Teacher side (batches of ``--batch`` feeds, float32 logits of width ``--width``)
 * bare loop: ``for feed in data: program(feed)`` (the device time, then the logits
   are on the host), knowledge kept in memory;
 * ``kd.dump``: the same program over the same data into a store (fp16 knowledge);
-* ``kd.serve``: the same program served to a student in another process (times=1).
+* ``kd.serve``: the same program served to a student in another process (times=1);
+* (with PyTorch) ``kd.dump`` of an ``nn.Module`` doing the same as a ``teacher_program``,
+  against the module called in a loop: what the program wrapper adds (its lane thread).
 
 Student side (knowledge of 1, 2 or 4 teachers in stores, merged with "mean"):
 
@@ -121,6 +123,52 @@ def teacher_serve(args: argparse.Namespace, workdir: Path) -> float:
         served, start = serve_one_pass(service, args.batch, 30.0)
     assert served == len(data) * args.batch
     return (served - args.batch) / (program.ends[-1] - start)  # type: ignore[attr-defined]
+
+
+def torch_teacher(args: argparse.Namespace) -> Any:
+    """An ``nn.Module`` whose forward pass is the device time and returns the logits."""
+    import torch
+
+    class Teacher(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            pool = np.random.default_rng(1).standard_normal((4, args.batch, args.width))
+            self.pool = torch.from_numpy(pool.astype(np.float32))
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            device_work(args)
+            self.calls += 1
+            return self.pool[self.calls % 4][: len(x)]
+
+    return Teacher()
+
+
+def program_bare(args: argparse.Namespace, workdir: Path) -> float:
+    """The module called over the data, as a user's loop calls it (torch rows)."""
+    import torch
+
+    data, module = make_data(args), torch_teacher(args)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        kept = [module(torch.from_numpy(feed["x"])).numpy() for feed in data]
+    seconds = time.perf_counter() - start
+    assert len(kept) == len(data)
+    return len(data) * args.batch / seconds
+
+
+def program_dump(args: argparse.Namespace, workdir: Path) -> float:
+    """``kd.dump`` of the module as a ``teacher_program`` (its lane thread included)."""
+    from kdserve.torch import teacher_program
+
+    data, program = make_data(args), teacher_program(torch_teacher(args), devices=["cpu"])
+    path = workdir / "dump-program"
+    shutil.rmtree(path, ignore_errors=True)
+    start = time.perf_counter()
+    written = kd.dump(program, data, path, use_fp16=True, progress=False, overwrite=True)
+    seconds = time.perf_counter() - start
+    assert written == len(data) * args.batch
+    return written / seconds
 
 
 # --- student ---------------------------------------------------------------------------
@@ -235,6 +283,11 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         label = f"student: {teachers} teacher(s), merged"
         lines.append(ratio_row(label, bare, ours, GOALS.get(teachers), 34))
     if args.torch:
+        bare, ours = alternate(
+            (lambda: program_bare(args, workdir), lambda: program_dump(args, workdir)),
+            args.repeats,
+        )
+        lines.append(ratio_row("teacher: kd.dump, teacher_program", bare, ours, GOALS[1], 34))
         paths = prepare_stores(args, workdir, 1)
         for workers in (0, 2):
             bare, ours = alternate(

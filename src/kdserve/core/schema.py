@@ -113,10 +113,16 @@ class Field:
         return Field(self.name, self.dtype, self.shape, codec)
 
     def arrow_type(self) -> pa.DataType:
-        """The Arrow type of this field's column."""
-        parts = {name: _tensor_type(dt, shape) for name, (dt, shape) in self.layout().items()}
-        row = next(iter(parts.values())) if len(parts) == 1 else pa.struct(parts)
-        return pa.list_(row) if self.is_sequence else row
+        """The Arrow type of this field's column (made once: a field never changes, and
+        every batch asks)."""
+        made: pa.DataType | None = self.__dict__.get("_arrow_type")
+        if made is None:
+            layout = self.layout().items()
+            parts = {name: _tensor_type(dt, shape) for name, (dt, shape) in layout}
+            row = next(iter(parts.values())) if len(parts) == 1 else pa.struct(parts)
+            made = pa.list_(row) if self.is_sequence else row
+            object.__setattr__(self, "_arrow_type", made)
+        return made
 
     def to_arrow(self) -> pa.Field:
         meta = {
@@ -267,12 +273,16 @@ class Schema:
         return replace(self, fields=self.fields, metadata={**self.metadata, **metadata})
 
     def to_arrow(self) -> pa.Schema:
-        """The Arrow schema of a knowledge batch: ``sample_id`` then each field."""
-        arrow_fields = [pa.field(SAMPLE_ID, pa.int64(), nullable=False)]
-        arrow_fields += [f.to_arrow() for f in self.fields]
-        return pa.schema(
-            arrow_fields, metadata={f"kdserve.meta.{k}": v for k, v in self.metadata.items()}
-        )
+        """The Arrow schema of a knowledge batch: ``sample_id`` then each field (made once:
+        a schema never changes, and every batch asks)."""
+        made: pa.Schema | None = self.__dict__.get("_arrow")
+        if made is None:
+            arrow_fields = [pa.field(SAMPLE_ID, pa.int64(), nullable=False)]
+            arrow_fields += [f.to_arrow() for f in self.fields]
+            meta = {f"kdserve.meta.{k}": v for k, v in self.metadata.items()}
+            made = pa.schema(arrow_fields, metadata=meta)
+            object.__setattr__(self, "_arrow", made)
+        return made
 
     @classmethod
     def from_arrow(cls, arrow_schema: pa.Schema) -> Schema:
