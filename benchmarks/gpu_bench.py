@@ -25,7 +25,8 @@ importable; bf16 autocast; 1000 logits per image):
 
 Under each teacher row, where the time went in the last kdserve run and in a bare run:
 the median program call, and the share of the run in which no call was running (the
-device waiting for the host).
+device waiting for the host); under each student row, how long the training loop waited
+for its next batch.
 
 Student side (ResNet-18, or a small conv net; a training step = bf16-autocast forward,
 ``kd_loss`` against the teacher's logits at T=2, backward, SGD step; the images are on the
@@ -175,6 +176,7 @@ class Teacher:
         self.rows = len(images)
         self.spans: list[tuple[float, float]] = []  # (start, end) of each traced call
         self.window = (0.0, 0.0)  # the timed span of the last run
+        self.bare_trace = ""  # where the last bare run's time went
 
     def traced(self, program: Any) -> Any:
         def call(feed: dict[str, Any]) -> Any:
@@ -198,6 +200,7 @@ class Teacher:
                 kept.append(self.net(x).float().cpu().numpy())
                 self.spans.append((began, time.perf_counter()))
         self.window = (start, time.perf_counter())
+        self.bare_trace = self.trace()
         assert sum(len(k) for k in kept) == self.rows
         return self.rows / (self.window[1] - start)
 
@@ -237,8 +240,12 @@ class Teacher:
         return (served - len(self.data[0]["x"])) / (self.window[1] - start)
 
     def where(self) -> str:
-        """Where the last run's time went: the median program call, and the share of the
-        run in which no call was running (the device waiting for the host)."""
+        """Where the time went in the last kdserve run and the last bare one."""
+        return f"kdserve: {self.trace()}; bare: {self.bare_trace}"
+
+    def trace(self) -> str:
+        """The last run's median program call, and the share of the run in which no call
+        was running (the device waiting for the host)."""
         start, end = self.window
         calls = sorted(s for s in self.spans if s[1] > start)
         busy, reach = 0.0, start
@@ -297,6 +304,7 @@ class StudentRun:
         )
         self.loader_w: torch.utils.data.DataLoader[Any] | None = None
         self.loader_r: torch.utils.data.DataLoader[Any] | None = None
+        self.waits: list[float] = []  # per step of the last fed run: time in next()
 
     def step(self, ids: torch.Tensor, teacher: torch.Tensor) -> None:
         x = self.images[ids]
@@ -317,9 +325,16 @@ class StudentRun:
 
     def _feed(self, loader: Any) -> float:
         device = self.device
+        self.waits.clear()
         sync(device)
         start, rows = time.perf_counter(), 0
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            self.waits.append(time.perf_counter() - asked)
+            if batch is None:
+                break
             ids = batch["sample_id"].to(device, non_blocking=True)
             teacher = batch["logits"].to(device, non_blocking=True)
             rows += len(batch["sample_id"])
@@ -328,6 +343,14 @@ class StudentRun:
         seconds = time.perf_counter() - start
         assert rows == self.rows, (rows, self.rows)
         return rows / seconds
+
+    def where(self) -> str:
+        """How long the last fed run's steps waited for their batch."""
+        waits = self.waits[:-1] or [0.0]  # the last: the loader's end
+        return (
+            f"the loop waited for a batch: p50 {statistics.median(waits) * 1e3:.2f} ms, "
+            f"{sum(waits) * 1e3:.0f} ms a pass"
+        )
 
     def dataset(self) -> float:
         return self._feed(self.loader0)
@@ -388,16 +411,13 @@ def run(args: argparse.Namespace, images: np.ndarray, workdir: Path) -> list[str
         where: Callable[[], str] | None = None,
         goal: float | None = GOAL,
     ) -> None:
-        """A row: bare and kdserve alternating; ``where`` tells where the last kdserve
-        run's time went, and the bare loop's (the pair's second runs last on odd repeats)."""
+        """A row: bare and kdserve alternating; ``where`` tells where the time went."""
         started = time.perf_counter()
         bare, ours = alternate(pair, args.repeats, warm_up=True)
         lines.append(ratio_row(name, bare, ours, goal, 52))
         print(f"  {lines[-1]}   ({time.perf_counter() - started:.0f} s)", flush=True)
         if where is not None:
-            kdserve_where = where()
-            pair[0]()
-            print(f"      kdserve: {kdserve_where}; bare: {where()}", flush=True)
+            print(f"      {where()}", flush=True)
 
     if "teacher" in args.parts:
         for batch in args.batch_sizes:
@@ -417,14 +437,20 @@ def run(args: argparse.Namespace, images: np.ndarray, workdir: Path) -> list[str
         for batch in args.batch_sizes:
             s = StudentRun(args, images, store, batch)
             try:
-                add(f"student b{batch}: KnowledgeDataset {pinned}, 0 workers", (s.bare, s.dataset))
+                add(
+                    f"student b{batch}: KnowledgeDataset {pinned}, 0 workers",
+                    (s.bare, s.dataset),
+                    s.where,
+                )
                 add(
                     f"student b{batch}: {args.workers} workers, DataLoader {pinned}",
                     (s.bare, s.workers),
+                    s.where,
                 )
                 add(
                     f"  reference: torch alone, {args.workers} workers",
                     (s.bare, s.reference),
+                    s.where,
                     goal=None,
                 )
             finally:
