@@ -316,7 +316,8 @@ def test_streams_run_two_calls_on_one_replica_at_once(tmp_path, device):
 @pytest.mark.parametrize("device", torch_devices())
 def test_two_streams_per_gpu_by_default_and_as_many_inference_threads(tmp_path, device):
     # A GPU gets two lanes per device by default (copies overlap the other lane's forward
-    # pass); kd.dump calls the program from program.concurrency threads unless told.
+    # pass); kd.dump calls the program from program.concurrency threads unless told: one
+    # per lane.
     lanes = 2 if device == "cuda" else 1
     assert teacher_program(_mlp(), devices=[device]).concurrency == lanes
     assert teacher_program(_mlp(), devices=[device, device]).concurrency == 2 * lanes
@@ -336,7 +337,11 @@ def test_two_streams_per_gpu_by_default_and_as_many_inference_threads(tmp_path, 
         keep=schema,
         progress=False,
     )  # no inference_threads=: the program's 2
-    assert not meet.broken and len({t for _, t in log}) == 2
+    assert not meet.broken and len({t for _, t in log}) == 2  # each lane on its thread
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "s").read(0, 40))
+    with torch.inference_mode():
+        expected = model.lin.cpu()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(stored["logits"], expected, rtol=1e-4, atol=1e-5)
 
 
 class _CausalLM(nn.Module):
