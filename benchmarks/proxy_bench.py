@@ -102,11 +102,15 @@ def teacher_bare(args: argparse.Namespace, workdir: Path) -> float:
 
 
 def teacher_dump(args: argparse.Namespace, workdir: Path) -> float:
-    data, program = make_data(args), make_program(args, 1)
-    path = workdir / "dump"
+    return timed_dump(args, make_program(args, 1), workdir / "dump")
+
+
+def timed_dump(args: argparse.Namespace, program: Any, path: Path) -> float:
+    """Samples per second of ``kd.dump(program)`` over the data into a new store."""
+    data = make_data(args)
     shutil.rmtree(path, ignore_errors=True)
     start = time.perf_counter()
-    written = kd.dump(program, data, path, use_fp16=True, progress=False, overwrite=True)
+    written = kd.dump(program, data, path, use_fp16=True, progress=False)
     seconds = time.perf_counter() - start
     assert written == len(data) * args.batch
     return written / seconds
@@ -161,14 +165,8 @@ def program_dump(args: argparse.Namespace, workdir: Path) -> float:
     """``kd.dump`` of the module as a ``teacher_program`` (its lane thread included)."""
     from kdserve.torch import teacher_program
 
-    data, program = make_data(args), teacher_program(torch_teacher(args), devices=["cpu"])
-    path = workdir / "dump-program"
-    shutil.rmtree(path, ignore_errors=True)
-    start = time.perf_counter()
-    written = kd.dump(program, data, path, use_fp16=True, progress=False, overwrite=True)
-    seconds = time.perf_counter() - start
-    assert written == len(data) * args.batch
-    return written / seconds
+    program = teacher_program(torch_teacher(args), devices=["cpu"])
+    return timed_dump(args, program, workdir / "dump-program")
 
 
 # --- student ---------------------------------------------------------------------------
