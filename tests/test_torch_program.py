@@ -431,3 +431,34 @@ def test_a_programs_lane_threads_end_with_it():
     for thread in lanes:
         thread.join(timeout=10)
     assert not any(t.is_alive() for t in lanes)
+
+
+_FORKED = {}  # what a forked child calls (fork copies it; nothing is pickled)
+
+
+def _call_in_child(conn):
+    conn.send_bytes(_FORKED["program"]({"x": X})["logits"].tobytes())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a threaded process
+def test_a_forked_child_gets_lane_threads_of_its_own():
+    # fork copies the program but not its lane threads: a child's calls must not wait
+    # forever on a thread that exists only in the parent.
+    import multiprocessing
+
+    program = teacher_program(_mlp(), devices=["cpu"])
+    expected = program({"x": X})["logits"]  # the parent's lane thread is running
+    _FORKED["program"] = program
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    child = ctx.Process(target=_call_in_child, args=(theirs,))
+    child.start()
+    try:
+        assert mine.poll(30), "the forked child's call never returned"
+        got = np.frombuffer(mine.recv_bytes(), dtype=np.float32).reshape(expected.shape)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(program({"x": X})["logits"], expected)  # parent still fine

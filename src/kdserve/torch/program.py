@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import queue
 import threading
 import weakref
@@ -353,19 +354,20 @@ class _LaneThread:
     def __init__(self, name: str) -> None:
         self.name = name
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._pid = 0  # the process whose thread serves the calls (0: none started yet)
         self._starting = threading.Lock()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on this thread; its result, or its exception raised here."""
-        if self._thread is None:
+        if self._pid != os.getpid():  # first call, or a forked child (it has no thread)
             with self._starting:
-                if self._thread is None:
-                    thread = threading.Thread(
+                if self._pid != os.getpid():
+                    if self._pid:  # the parent's queue may hold its calls: a new one
+                        self._calls = queue.SimpleQueue()
+                    threading.Thread(
                         target=_serve_calls, args=(self._calls,), name=self.name, daemon=True
-                    )
-                    thread.start()
-                    self._thread = thread
+                    ).start()
+                    self._pid = os.getpid()
         done = threading.Lock()
         done.acquire()
         box: list[tuple[bool, Any]] = []
