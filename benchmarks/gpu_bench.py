@@ -14,7 +14,9 @@ importable; bf16 autocast; 1000 logits per image):
   autocast=torch.bfloat16)`` over the same batches into a store (``use_fp16=True``), timed
   from the call to its return (the store complete and durable). On a GPU the program runs
   two CUDA streams and kd.dump calls it from two threads (one batch's copies overlap the
-  other's forward pass);
+  other's forward pass), and each stream copies its inputs through pinned buffers;
+* ``kd.dump``, pageable inputs: the defaults with ``pin_inputs=False`` (each batch copied
+  from the feed's pageable memory, as the bare loop does);
 * ``kd.dump``, ``streams=1``: one batch at a time, as the bare loop;
 * ``kd.dump``, fp16 on the device: the defaults with ``output_dtype=torch.float16`` (logits
   cast on the device, half the bytes to the host);
@@ -167,8 +169,9 @@ class Teacher:
             "devices": [args.device],
             "autocast": torch.bfloat16,
         }
-        self.programs = {  # the defaults (two CUDA streams on a GPU), one stream, fp16 out
+        self.programs = {  # the defaults (two CUDA streams, pinned inputs on a GPU), ...
             "defaults": teacher_program(self.net, **common),
+            "pageable inputs": teacher_program(self.net, **common, pin_inputs=False),
             "streams=1": teacher_program(self.net, **common, streams=1),
             "fp16 on device": teacher_program(self.net, **common, output_dtype=torch.float16),
         }

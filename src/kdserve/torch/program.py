@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID
+from kdserve.torch.staging import Staging, to_tensor
 
 __all__ = ["TeacherProgram", "teacher_program"]
 
@@ -32,12 +33,13 @@ __all__ = ["TeacherProgram", "teacher_program"]
 class TeacherProgram:
     """Wrap ``module`` as a teacher ``program``: ``program(feed) -> {name: np.ndarray}``.
 
-    **Inputs.** Each feed array is turned into a tensor on the replica's device
-    (``torch.as_tensor``) and the module is called with them *positionally*: the feeds named
-    by ``inputs``, in that order, or -- with ``inputs=None`` -- every feed in the feed dict's
-    order (the teacher's ``feed_list`` order) except kdserve's ``sample_id``. Feeds not
-    named in ``inputs`` (labels, ids) are not passed. A module that takes keyword arguments
-    or needs feed preprocessing can be wrapped in a small ``nn.Module`` that does it.
+    **Inputs.** Each feed array is turned into a tensor on the replica's device (see
+    *Pinned inputs*; on the CPU ``torch.as_tensor``, no copy) and the module is called with
+    them *positionally*: the feeds named by ``inputs``, in that order, or -- with
+    ``inputs=None`` -- every feed in the feed dict's order (the teacher's ``feed_list``
+    order) except kdserve's ``sample_id``. Feeds not named in ``inputs`` (labels, ids) are
+    not passed. A module that takes keyword arguments or needs feed preprocessing can be
+    wrapped in a small ``nn.Module`` that does it.
 
     **Sequences.** A ragged input (token sequences of different lengths: a list of arrays
     or a :class:`~kdserve.Ragged`) is padded on the right with ``pad_value`` to
@@ -76,6 +78,12 @@ class TeacherProgram:
     at once; :func:`kdserve.dump`, :func:`kdserve.serve` and :class:`kdserve.Teacher` call
     the program from that many threads unless told otherwise.
 
+    **Pinned inputs.** On a CUDA device each lane copies its inputs into pinned host
+    buffers of its own, kept from call to call, and from there to the device without
+    blocking its thread, so the copy overlaps the launch of the forward pass
+    (``pin_inputs=False``: a plain copy from the feed's pageable memory, which blocks).
+    The buffers hold one batch's inputs per lane.
+
     **Autocast.** With ``autocast`` (e.g. ``torch.bfloat16``) the forward pass runs under
     ``torch.autocast(device_type, dtype=autocast)`` and floating outputs are returned as
     float32 arrays. (bfloat16 outputs, which numpy cannot hold, always become float32.)
@@ -91,7 +99,8 @@ class TeacherProgram:
 
     The module is put in eval mode. It exposes
     ``.module`` (the module given), ``.replicas`` (one module per device, ``replicas[0]`` is
-    ``module``), ``.devices``, ``.streams``, ``.inputs`` and ``.outputs``, for inspection.
+    ``module``), ``.devices``, ``.streams``, ``.pin_inputs``, ``.inputs`` and ``.outputs``,
+    for inspection.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class TeacherProgram:
         autocast: torch.dtype | None = None,
         output_dtype: torch.dtype | None = None,
         streams: int | None = None,
+        pin_inputs: bool = True,
         mask_arg: str | None = None,
         pad_value: int | float = 0,
         topk: Mapping[str, int] | None = None,
@@ -163,6 +173,12 @@ class TeacherProgram:
             for _ in range(streams)
             for r, d in enumerate(self.devices)
         ]
+        # Pinned buffers per CUDA lane, for copies that do not block its thread.
+        self.pin_inputs = bool(pin_inputs)
+        self._staging = [
+            Staging(self.devices[r]) if stream is not None and self.pin_inputs else None
+            for r, stream in self._lanes
+        ]
         self._pending = [0 for _ in self._lanes]  # calls running or queued, per lane
         self._choosing = threading.Lock()
         # Each lane runs its calls on a thread of its own, whichever thread calls: PyTorch
@@ -210,7 +226,11 @@ class TeacherProgram:
         device = self.devices[index]
         on_stream = nullcontext() if stream is None else torch.cuda.stream(stream)
         with on_stream, torch.inference_mode(), self._autocast(device):
-            args = [_to_tensor(name, value, device) for name, value in args_np]
+            staging = self._staging[lane]
+            if staging is None:
+                args = [to_tensor(name, value, device) for name, value in args_np]
+            else:
+                args = staging.copy(args_np)
             kwargs = {}
             if lengths is not None and self.mask_arg is not None:
                 steps = torch.arange(_longest(lengths), device=device)
@@ -448,24 +468,7 @@ def _as_ragged(value: Any) -> Ragged | None:
     return None
 
 
-def _to_tensor(name: str, value: Any, device: torch.device) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    try:
-        array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    except ValueError:  # numpy refuses inhomogeneous (ragged) nested lists
-        array = np.empty(0, dtype=object)
-    if array.dtype == object:
-        raise TypeError(
-            f"feed {name!r} is ragged (an object array) and cannot become one tensor; pad it "
-            f"in the reader, or leave it out of inputs="
-        )
-    if not array.flags.writeable:
-        array = array.copy()  # torch warns about (and cannot safely share) read-only memory
-    return torch.as_tensor(array, device=device)
-
-
 teacher_program = TeacherProgram
 """``teacher_program(module, inputs=..., outputs=..., devices=..., autocast=...,
-output_dtype=..., streams=..., mask_arg=..., pad_value=..., topk=...)``: the
+output_dtype=..., streams=..., pin_inputs=..., mask_arg=..., pad_value=..., topk=...)``: the
 name to call it by, as a function (see :class:`TeacherProgram`)."""
