@@ -462,3 +462,28 @@ def test_a_forked_child_gets_lane_threads_of_its_own():
             child.kill()
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(program({"x": X})["logits"], expected)  # parent still fine
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a threaded process
+def test_a_child_forked_while_a_parent_thread_holds_the_programs_locks_does_not_hang():
+    # A fork copies a lock held by another thread as held, and never releases it there:
+    # the child's program gets new ones (here the parent holds them across the fork, as a
+    # thread choosing a lane or starting a lane thread at that instant would).
+    import multiprocessing
+
+    program = teacher_program(_mlp(), devices=["cpu"])
+    expected = program({"x": X})["logits"]
+    _FORKED["program"] = program
+    ctx = multiprocessing.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    with program._choosing, program._threads[0]._starting:
+        child = ctx.Process(target=_call_in_child, args=(theirs,))
+        child.start()
+    try:
+        assert mine.poll(30), "the forked child's call hung on a lock held at the fork"
+        got = np.frombuffer(mine.recv_bytes(), dtype=np.float32).reshape(expected.shape)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(got, expected)

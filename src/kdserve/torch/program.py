@@ -179,8 +179,6 @@ class TeacherProgram:
             Staging(self.devices[r]) if stream is not None and self.pin_inputs else None
             for r, stream in self._lanes
         ]
-        self._pending = [0 for _ in self._lanes]  # calls running or queued, per lane
-        self._choosing = threading.Lock()
         # Each lane runs its calls on a thread of its own, whichever thread calls: PyTorch
         # keeps some state per thread (cuDNN's autotuning results, cuBLAS handles), and a
         # new thread rebuilds it -- about a second of ResNet-50 autotuning on an H100 --
@@ -189,6 +187,16 @@ class TeacherProgram:
         for lane in self._threads:  # the threads end with the program
             weakref.finalize(self, lane.stop)
         self._turn = itertools.count()
+        self._reset()
+        _PROGRAMS.add(self)
+
+    def _reset(self) -> None:
+        """No call running or queued, no lane thread yet, new locks: at the start, and in
+        a forked child (where a lock a parent's thread held at the fork stays held)."""
+        self._pending = [0 for _ in self._lanes]  # calls running or queued, per lane
+        self._choosing = threading.Lock()
+        for lane in self._threads:
+            lane.reset()
 
     @property
     def concurrency(self) -> int:
@@ -373,21 +381,24 @@ class _LaneThread:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.reset()
+
+    def reset(self) -> None:
+        """No thread yet: at the start, and in a forked child (fork copies no thread, and
+        the parent's queue may hold its calls)."""
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._pid = 0  # the process whose thread serves the calls (0: none started yet)
+        self._started = False
         self._starting = threading.Lock()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on this thread; its result, or its exception raised here."""
-        if self._pid != os.getpid():  # first call, or a forked child (it has no thread)
+        if not self._started:
             with self._starting:
-                if self._pid != os.getpid():
-                    if self._pid:  # the parent's queue may hold its calls: a new one
-                        self._calls = queue.SimpleQueue()
+                if not self._started:
                     threading.Thread(
                         target=_serve_calls, args=(self._calls,), name=self.name, daemon=True
                     ).start()
-                    self._pid = os.getpid()
+                    self._started = True
         done = threading.Lock()
         done.acquire()
         box: list[tuple[bool, Any]] = []
@@ -401,6 +412,19 @@ class _LaneThread:
     def stop(self) -> None:
         """Let the thread end (its program is gone)."""
         self._calls.put(None)
+
+
+_PROGRAMS: weakref.WeakSet[TeacherProgram] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, a fork pool) has none of its parent's threads:
+    its programs start lane threads of their own, with new locks."""
+    for program in list(_PROGRAMS):
+        program._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _serve_calls(calls: queue.SimpleQueue[Any]) -> None:
