@@ -440,27 +440,37 @@ def _call_in_child(conn):
     conn.send_bytes(_FORKED["program"]({"x": X})["logits"].tobytes())
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a threaded process
-def test_a_forked_child_gets_lane_threads_of_its_own():
-    # fork copies the program but not its lane threads: a child's calls must not wait
-    # forever on a thread that exists only in the parent.
+def _logits_from_a_forked_child(program, held=()):
+    """What ``program`` returns when called in a child forked while the parent holds the
+    locks ``held``."""
     import multiprocessing
+    from contextlib import ExitStack
 
-    program = teacher_program(_mlp(), devices=["cpu"])
-    expected = program({"x": X})["logits"]  # the parent's lane thread is running
     _FORKED["program"] = program
     ctx = multiprocessing.get_context("fork")
     mine, theirs = ctx.Pipe()
-    child = ctx.Process(target=_call_in_child, args=(theirs,))
-    child.start()
+    with ExitStack() as holding:
+        for lock in held:
+            holding.enter_context(lock)
+        child = ctx.Process(target=_call_in_child, args=(theirs,))
+        child.start()
     try:
         assert mine.poll(30), "the forked child's call never returned"
-        got = np.frombuffer(mine.recv_bytes(), dtype=np.float32).reshape(expected.shape)
+        return np.frombuffer(mine.recv_bytes(), dtype=np.float32)
     finally:
         child.join(10)
         if child.is_alive():
             child.kill()
-    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a threaded process
+def test_a_forked_child_gets_lane_threads_of_its_own():
+    # fork copies the program but not its lane threads: a child's calls must not wait
+    # forever on a thread that exists only in the parent.
+    program = teacher_program(_mlp(), devices=["cpu"])
+    expected = program({"x": X})["logits"]  # the parent's lane thread is running
+    got = _logits_from_a_forked_child(program)
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
     np.testing.assert_array_equal(program({"x": X})["logits"], expected)  # parent still fine
 
 
@@ -469,21 +479,7 @@ def test_a_child_forked_while_a_parent_thread_holds_the_programs_locks_does_not_
     # A fork copies a lock held by another thread as held, and never releases it there:
     # the child's program gets new ones (here the parent holds them across the fork, as a
     # thread choosing a lane or starting a lane thread at that instant would).
-    import multiprocessing
-
     program = teacher_program(_mlp(), devices=["cpu"])
     expected = program({"x": X})["logits"]
-    _FORKED["program"] = program
-    ctx = multiprocessing.get_context("fork")
-    mine, theirs = ctx.Pipe()
-    with program._choosing, program._threads[0]._starting:
-        child = ctx.Process(target=_call_in_child, args=(theirs,))
-        child.start()
-    try:
-        assert mine.poll(30), "the forked child's call hung on a lock held at the fork"
-        got = np.frombuffer(mine.recv_bytes(), dtype=np.float32).reshape(expected.shape)
-    finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-    np.testing.assert_array_equal(got, expected)
+    got = _logits_from_a_forked_child(program, (program._choosing, program._threads[0]._starting))
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
