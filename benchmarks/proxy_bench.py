@@ -261,7 +261,7 @@ def _in_memory_dataset(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     lines = [
-        f"{'what (samples/s)':<34} {'bare':>9} {'kdserve':>9} {'kdserve min..max':<19} "
+        f"{'what (samples/s)':<40} {'bare':>9} {'kdserve':>9} {'kdserve min..max':<19} "
         f"{'ratio':>6}  goal"
     ]
     teacher = {"teacher: kd.dump (store, fp16)": teacher_dump}
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         bare, ours = alternate(
             (lambda: teacher_bare(args, workdir), lambda f=fn: f(args, workdir)), args.repeats
         )
-        lines.append(ratio_row(name, bare, ours, GOALS[1], 34))
+        lines.append(ratio_row(name, bare, ours, GOALS[1], 40))
     for teachers in args.teachers:
         paths = prepare_stores(args, workdir, teachers)
         bare, ours = alternate(
@@ -279,13 +279,13 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
             args.repeats,
         )
         label = f"student: {teachers} teacher(s), merged"
-        lines.append(ratio_row(label, bare, ours, GOALS.get(teachers), 34))
+        lines.append(ratio_row(label, bare, ours, GOALS.get(teachers), 40))
     if args.torch:
         bare, ours = alternate(
             (lambda: program_bare(args, workdir), lambda: program_dump(args, workdir)),
             args.repeats,
         )
-        lines.append(ratio_row("teacher: kd.dump, teacher_program", bare, ours, GOALS[1], 34))
+        lines.append(ratio_row("teacher: kd.dump, teacher_program", bare, ours, GOALS[1], 40))
         paths = prepare_stores(args, workdir, 1)
         for workers in (0, 2):
             bare, ours = alternate(
@@ -296,12 +296,12 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
                 args.repeats,
             )
             label = f"student: KnowledgeDataset, {workers} workers"
-            lines.append(ratio_row(label, bare, ours, GOALS[1], 34))
+            lines.append(ratio_row(label, bare, ours, GOALS[1], 40))
         bare, ours = alternate(
             (lambda: dataset_bare(args, paths), lambda: dataset_loader(args, None, 2)),
             args.repeats,
         )
-        lines.append(ratio_row("reference: torch, in memory, 2 workers", bare, ours, None, 34))
+        lines.append(ratio_row("reference: torch, in memory, 2 workers", bare, ours, None, 40))
     return lines
 
 
