@@ -111,3 +111,16 @@ def test_pinned_and_pageable_inputs_give_the_same_knowledge(tmp_path, device):
     with torch.inference_mode():
         expected = Scale()(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(stored[True]["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_buffer_that_cannot_be_pinned_is_an_ordinary_one_and_says_so(caplog):
+    # Without an accelerator torch cannot pin memory: the lane still works, copying from
+    # ordinary memory, and says why (on a machine with CUDA the pinning succeeds).
+    staging = Staging(torch.device("cpu"), pin=True)
+    images = RNG.integers(0, 256, size=(4, 3, 8, 8), dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="kdserve"):
+        (out,) = staging.copy([("images", images)])
+    np.testing.assert_array_equal(out.numpy(), images)
+    pinned = torch.cuda.is_available()
+    assert staging.pin is pinned and staging.buffers["images"].is_pinned() is pinned
+    assert ("could not pin 1024 bytes for input 'images'" in caplog.text) is not pinned

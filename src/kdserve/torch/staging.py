@@ -11,6 +11,7 @@ power of two when a larger batch comes), so no batch allocates host memory.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Staging", "to_tensor"]
+
+_log = logging.getLogger(__name__)
 
 
 class Staging:
@@ -67,7 +70,18 @@ class Staging:
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < nbytes:
             size = 1 << (nbytes - 1).bit_length()  # room for somewhat larger batches to come
-            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            try:
+                buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            except RuntimeError as exc:  # no page-locked memory to be had: copies that block
+                _log.warning(
+                    "teacher_program: could not pin %d bytes for input %r (%s); its lane "
+                    "copies from ordinary memory (pin_inputs=False avoids trying)",
+                    size,
+                    name,
+                    str(exc).splitlines()[0],
+                )
+                self.pin = False
+                buffer = torch.empty(size, dtype=torch.uint8)
             self.buffers[name] = buffer
         return buffer
 
