@@ -85,7 +85,7 @@ class ReplayWindow:
     def _drop_acknowledged(self, rank: int) -> None:
         before = self._resume[rank]
         for key in [k for k in self._batches if self._owner(k[1]) == rank and k < before]:
-            self._bytes -= self._batches.pop(key).nbytes
+            self._bytes -= self._batches.pop(key).get_total_buffer_size()
 
     # -- producer -------------------------------------------------------------------
 
@@ -117,7 +117,7 @@ class ReplayWindow:
             self._wait(lambda: len(self._batches) < limit or self._bytes < self.min_bytes)
             if position >= self._resume.get(self._owner(position[1]), (0, 0)):
                 self._batches[position] = batch
-                self._bytes += batch.nbytes
+                self._bytes += batch.get_total_buffer_size()
                 self._cond.notify_all()
 
     def count_rows(self, position: Position, rows: int) -> None:

@@ -49,7 +49,7 @@ def _messages(
     end = ticket.seq  # the rank's next batch; past its last one when the pass is over
     for s, batch in items:
         end = s + world
-        if batch.nbytes >= chunk_bytes:
+        if batch.get_total_buffer_size() >= chunk_bytes:
             yield from _grouped(pass_, group)
             group = []
             parts = slice_rows(batch, chunk_bytes)
@@ -57,7 +57,7 @@ def _messages(
                 yield part, _buffer(ChunkMeta(pass_, s, i, len(parts)))
             continue
         group.append((s, batch))
-        full = sum(b.nbytes for _, b in group) >= chunk_bytes
+        full = sum(b.get_total_buffer_size() for _, b in group) >= chunk_bytes
         if full or not window.ready(pass_, s + world):
             yield from _grouped(pass_, group)  # never wait with batches held
             group = []
