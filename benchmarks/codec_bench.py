@@ -5,7 +5,12 @@ operation a hand-written version needs over the same data -- ``np.argpartition``
 ``--repeats`` alternating runs; the goal is at most 2x.
 
     python benchmarks/codec_bench.py            # seconds
+    python benchmarks/codec_bench.py --torch    # with torch loaded: its float16 casts
     python benchmarks/codec_bench.py --quick    # smoke test
+
+With ``--torch`` the process imports PyTorch first, as a PyTorch user's does: kdserve's
+float16 casts (the fp16 codec) then go through torch's vectorised ones; the baseline stays
+numpy's ``astype``.
 """
 
 from __future__ import annotations
@@ -76,7 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seqs", type=int, default=4, help="sequences per batch")
     p.add_argument("--length", type=int, default=50, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--torch", action="store_true", help="import torch first (float16 casts)")
     args = p.parse_args(argv)
+    if args.torch:
+        import torch  # noqa: F401  (loaded: kdserve.core.half casts through it)
     if args.quick:
         args.repeats, args.vocab = 1, 1000
     return args
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"kdserve {kd.__version__}, numpy {np.__version__}; {args.seqs} sequences x "
         f"{args.length} tokens x vocabulary {args.vocab} (float32), {args.repeats} repeats"
+        f"{', torch loaded' if args.torch else ''}"
     )
     return run_table("kdserve-codec-", lambda workdir: run(args, workdir))
 

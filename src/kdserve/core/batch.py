@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kdserve.core.half import astype
 from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID, Field, Schema
 from kdserve.errors import SchemaError
@@ -168,7 +169,7 @@ def _check_rows(f: Field, rows: np.ndarray, what: str) -> np.ndarray:
                 f"field's dtype",
                 field=f.name,
             )
-        rows = rows.astype(f.dtype)
+        rows = astype(rows, f.dtype)
     return rows
 
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from kdserve.core.half import astype
 from kdserve.errors import CodecError
 
 __all__ = ["Bf16", "Codec", "Fp16", "Int8", "TopK", "codec_from_spec"]
@@ -95,7 +96,7 @@ class Fp16(_Cast):
 
     def encode(self, rows: np.ndarray, field: str) -> Parts:
         with np.errstate(over="ignore"):
-            data = rows.astype(np.float16)
+            data = astype(rows, np.float16)
         # Only values that came out at the edge (+-65504 or +-inf) can be out of range:
         # look at the originals there, not over the whole array. Values in (65504, 65520)
         # would silently round to 65504, so they are refused as well.
@@ -116,7 +117,7 @@ class Fp16(_Cast):
     def decode(
         self, parts: Mapping[str, np.ndarray], dtype: np.dtype[Any], inner_shape: tuple[int, ...]
     ) -> np.ndarray:
-        return parts["data"].astype(dtype)
+        return astype(parts["data"], dtype)
 
 
 @dataclass(frozen=True)
