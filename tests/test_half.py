@@ -10,7 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")  # loaded: the casts below go through it
 
-from kdserve.core.half import MIN_SIZE, astype  # noqa: E402
+from kdserve.core.codecs import Bf16  # noqa: E402
+from kdserve.core.half import MIN_SIZE, astype, bfloat16_bits  # noqa: E402
 
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every bit pattern
 
@@ -60,6 +61,34 @@ def test_float32_and_float64_round_to_float16_exactly_as_numpy_rounds_them():
             got, torch_ran = _through_torch(astype, wide, np.float16)
             assert torch_ran
             _assert_same_bits(got, wide.astype(np.float16))
+
+
+def _bfloat16_reference(f32):
+    """Round to nearest, ties to even, on the 16 bits that bfloat16 drops."""
+    bits = f32.view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_bfloat16_rounding_through_torch_equals_ties_to_even_on_the_bits():
+    every_top = np.arange(1 << 16, dtype=np.uint32) << 16  # every bfloat16, then nudged
+    nudged = [every_top | low for low in (0, 0x7FFF, 0x8000, 0x8001, 0xFFFF)]
+    f32 = np.concatenate([*(n.view(np.float32) for n in nudged), _hard_float32s()])
+    got, torch_ran = _through_torch(bfloat16_bits, f32)
+    assert torch_ran
+    nan = np.isnan(f32)
+    np.testing.assert_array_equal(got[~nan], _bfloat16_reference(f32)[~nan])
+    assert np.isnan((got[nan].astype(np.uint32) << 16).view(np.float32)).all()
+    step = len(f32) // (MIN_SIZE - 1)
+    small = np.ascontiguousarray(f32[::step][: MIN_SIZE - 1])  # too few: numpy's passes
+    small_got, torch_ran = _through_torch(bfloat16_bits, small)
+    real = ~np.isnan(small)
+    assert not torch_ran
+    np.testing.assert_array_equal(small_got[real], _bfloat16_reference(small)[real])
+    # the codec sets NaNs to one pattern and keeps finite values finite, either way
+    coded = Bf16().encode(f32, "x")["data"]
+    assert (coded[nan] == 0x7FC0).all()
+    finite = np.isfinite(f32)
+    assert ((coded[finite] & 0x7FFF) < 0x7F80).all()
 
 
 def test_store_memory_strides_and_odd_inputs_cast_without_warnings_or_copies_of_input():

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from kdserve.core.half import astype
+from kdserve.core.half import astype, bfloat16_bits
 from kdserve.errors import CodecError
 
 __all__ = ["Bf16", "Codec", "Fp16", "Int8", "TopK", "codec_from_spec"]
@@ -141,15 +141,7 @@ class Bf16(_Cast):
                     field=field,
                     codec=self.name,
                 )
-        # Round to nearest, ties to even, on the 16 bits that are dropped (in place: one
-        # scratch array, this is the hot loop of a bf16 dump).
-        bits = f32.view(np.uint32)
-        work = bits >> 16
-        work &= np.uint32(1)
-        work += np.uint32(0x7FFF)
-        work += bits
-        work >>= 16
-        out = work.astype(np.uint16)
+        out = bfloat16_bits(f32)  # to nearest, ties to even
         nan = np.isnan(f32)  # NaN bits can carry into the sign or wrap: set them apart
         if nan.any():
             out[nan] = 0x7FC0

@@ -1,13 +1,14 @@
-"""Casts to and from float16, fast where the process has PyTorch.
+"""Casts to and from 16-bit floats (float16, bfloat16), fast where the process has PyTorch.
 
 numpy converts float16 one value at a time: about 1.7 ns a value from float32 and 0.9 ns
-back, even on CPUs with vector instructions for it (F16C). PyTorch's casts use them. When
-the process has imported ``torch`` (kdserve never imports it here), large contiguous casts
-go through it -- 8x faster from float32, 3.5x back, for 256,000 values -- reading the
-array in place (DLPack: no copy, read-only store memory included). The result is numpy's
-``astype``, bit for bit, but for NaNs: they stay NaN, with a sign and payload torch may
-change. Casts run in pieces small enough that torch keeps each on the
-calling thread: its OpenMP threads would hang a child forked after the parent used them.
+back, even on CPUs with vector instructions for it (F16C); bfloat16 it lacks, so rounding
+to it takes six array passes. PyTorch's casts are vectorised. When the process has
+imported ``torch`` (kdserve never imports it here), large contiguous casts go through it
+-- for 256,000 values 7.5x faster to float16, 3.4x back -- reading the array in place
+(DLPack: no copy, read-only store memory included). The results are numpy's, bit for bit,
+but for NaNs: they stay NaN, with a sign and payload torch may change. Casts run in pieces
+small enough that torch keeps each on the calling thread: its OpenMP threads would hang a
+child forked after the parent used them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["astype"]
+__all__ = ["astype", "bfloat16_bits"]
 
 _FLOATS = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 _HALF = np.dtype(np.float16)
@@ -27,26 +28,57 @@ _PIECE = 32767  # values a piece: under torch's grain size (32768), so no OpenMP
 
 def astype(array: np.ndarray, dtype: Any) -> np.ndarray:
     """``array.astype(dtype)`` (a new array); through torch when it is a float cast to or
-    from float16 of a C-contiguous array of at least :data:`MIN_SIZE` values and torch is
-    loaded."""
+    from float16 and torch can take ``array`` (see :func:`_torch_for`)."""
     dtype = np.dtype(dtype)
+    torch = _torch_for(array)
+    if (
+        torch is None
+        or _HALF not in (array.dtype, dtype)
+        or array.dtype == dtype
+        or dtype not in _FLOATS
+    ):
+        return array.astype(dtype)
+    out = np.empty(array.shape, dtype)
+    _copy_in_pieces(torch, array, torch.from_numpy(out.reshape(-1)))
+    return out
+
+
+def bfloat16_bits(f32: np.ndarray) -> np.ndarray:
+    """The bfloat16 nearest each value of the float32 array ``f32`` (ties to even), as
+    uint16 bit patterns. NaNs come out with any NaN's bits, and finite values past
+    bfloat16's largest as +-inf (0x7F80): callers set both as they need."""
+    torch = _torch_for(f32)
+    if torch is None:  # in place on one scratch array: the hot loop of a bf16 dump
+        bits = f32.view(np.uint32)
+        work = bits >> 16
+        work &= np.uint32(1)
+        work += np.uint32(0x7FFF)
+        work += bits
+        work >>= 16
+        return work.astype(np.uint16)
+    out = np.empty(f32.shape, np.uint16)
+    _copy_in_pieces(
+        torch, f32, torch.from_numpy(out.view(np.int16).reshape(-1)).view(torch.bfloat16)
+    )
+    return out
+
+
+def _torch_for(array: np.ndarray) -> Any:
+    """The loaded torch module if it should cast ``array`` (a C-contiguous, aligned,
+    native float array of at least :data:`MIN_SIZE` values), else None."""
     torch = sys.modules.get("torch")
     if (
         torch is None
         or array.size < MIN_SIZE
-        or _HALF not in (array.dtype, dtype)
-        or array.dtype == dtype
         or array.dtype not in _FLOATS  # (non-native byte order is not in _FLOATS either)
-        or dtype not in _FLOATS
         or not (array.flags.c_contiguous and array.flags.aligned)
     ):
-        return array.astype(dtype)
-    try:
-        source = torch.from_dlpack(array.reshape(-1))
-    except (BufferError, TypeError, ValueError, RuntimeError):  # what DLPack refuses
-        return array.astype(dtype)
-    out = np.empty(array.shape, dtype)
-    target = torch.from_numpy(out.reshape(-1))
+        return None
+    return torch
+
+
+def _copy_in_pieces(torch: Any, array: np.ndarray, target: Any) -> None:
+    """``target`` (a flat tensor) = ``array`` cast to its dtype, :data:`_PIECE` at a time."""
+    source = torch.from_dlpack(array.reshape(-1))
     for start in range(0, array.size, _PIECE):
         target[start : start + _PIECE].copy_(source[start : start + _PIECE])
-    return out
