@@ -153,3 +153,14 @@ def test_a_child_forked_after_torch_used_its_threads_still_casts():
         if child.is_alive():
             child.kill()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_torch_that_cannot_cast_leaves_the_casts_to_numpy(monkeypatch):
+    # A process may have loaded a torch older than kdserve's extra (no torch.from_dlpack):
+    # the casts are numpy's then, the same values.
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    wide = _BIG.reshape(1024, 1024)
+    _assert_same_bits(astype(wide, np.float16), wide.astype(np.float16))
+    np.testing.assert_array_equal(bfloat16_bits(wide), _bfloat16_reference(wide))

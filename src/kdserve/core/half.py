@@ -14,6 +14,7 @@ child forked after the parent used them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,8 @@ def astype(array: np.ndarray, dtype: Any) -> np.ndarray:
     ):
         return array.astype(dtype)
     out = np.empty(array.shape, dtype)
-    _copy_in_pieces(torch, array, torch.from_numpy(out.reshape(-1)))
+    if not _copy_in_pieces(torch, array, lambda: torch.from_numpy(out.reshape(-1))):
+        return array.astype(dtype)
     return out
 
 
@@ -48,19 +50,21 @@ def bfloat16_bits(f32: np.ndarray) -> np.ndarray:
     uint16 bit patterns. NaNs come out with any NaN's bits, and finite values past
     bfloat16's largest as +-inf (0x7F80): callers set both as they need."""
     torch = _torch_for(f32)
-    if torch is None:  # in place on one scratch array: the hot loop of a bf16 dump
-        bits = f32.view(np.uint32)
-        work = bits >> 16
-        work &= np.uint32(1)
-        work += np.uint32(0x7FFF)
-        work += bits
-        work >>= 16
-        return work.astype(np.uint16)
-    out = np.empty(f32.shape, np.uint16)
-    _copy_in_pieces(
-        torch, f32, torch.from_numpy(out.view(np.int16).reshape(-1)).view(torch.bfloat16)
-    )
-    return out
+    if torch is not None:
+        out = np.empty(f32.shape, np.uint16)
+
+        def halves() -> Any:  # the output's bits, as bfloat16 for torch to write
+            return torch.from_numpy(out.view(np.int16).reshape(-1)).view(torch.bfloat16)
+
+        if _copy_in_pieces(torch, f32, halves):
+            return out
+    bits = f32.view(np.uint32)  # numpy, in place on one scratch array: a bf16 dump's hot loop
+    work = bits >> 16
+    work &= np.uint32(1)
+    work += np.uint32(0x7FFF)
+    work += bits
+    work >>= 16
+    return work.astype(np.uint16)
 
 
 def _torch_for(array: np.ndarray) -> Any:
@@ -77,8 +81,13 @@ def _torch_for(array: np.ndarray) -> Any:
     return torch
 
 
-def _copy_in_pieces(torch: Any, array: np.ndarray, target: Any) -> None:
-    """``target`` (a flat tensor) = ``array`` cast to its dtype, :data:`_PIECE` at a time."""
-    source = torch.from_dlpack(array.reshape(-1))
-    for start in range(0, array.size, _PIECE):
-        target[start : start + _PIECE].copy_(source[start : start + _PIECE])
+def _copy_in_pieces(torch: Any, array: np.ndarray, target: Callable[[], Any]) -> bool:
+    """``target()`` (a flat tensor) = ``array`` cast to its dtype, :data:`_PIECE` values at
+    a time; False where this torch cannot (e.g. one older than kdserve's torch extra)."""
+    try:
+        source, into = torch.from_dlpack(array.reshape(-1)), target()
+        for start in range(0, array.size, _PIECE):
+            into[start : start + _PIECE].copy_(source[start : start + _PIECE])
+    except (AttributeError, BufferError, RuntimeError, TypeError, ValueError):
+        return False
+    return True
