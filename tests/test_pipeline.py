@@ -7,8 +7,11 @@ to every sink and re-raised, and readers that yield nothing. Every wait is bound
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +409,110 @@ def test_a_programs_concurrency_sets_the_default_inference_threads(tmp_path):
     np.testing.assert_array_equal(stored["y"], inputs(9) * 2)
     with pytest.raises(TypeError, match="concurrency attribute must be an int >= 1"):
         kd.dump(_Concurrent(0), data, tmp_path / "t", keep=keep, progress=False)
+
+
+# -- a program that submits its calls -------------------------------------------------
+
+
+class Submitting(Program):
+    """y = 2x + 1 that also offers ``submit``: its calls queue for one thread of its own
+    (a lane), which waits ``pause`` s before it takes each (as a lane busy with another
+    call would), so a call can be cancelled while queued. ``most``: the most calls ever
+    submitted and not yet ended; ``cancelled``: the first sample of each call cancelled."""
+
+    def __init__(self, fail_at: int | None = None, pause: float = 0.0) -> None:
+        super().__init__(fail_at)
+        self.pause = pause
+        self.queue: queue.SimpleQueue[tuple[Future[Any], dict[str, Any]]] = queue.SimpleQueue()
+        self.cancelled: list[int] = []
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._lane, name="test-lane", daemon=True).start()
+
+    def submit(self, feed: dict[str, Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        self.queue.put((future, feed))
+        return future
+
+    def _lane(self) -> None:
+        while True:
+            future, feed = self.queue.get()
+            time.sleep(self.pause)
+            outcome: tuple[bool, Any] | None = None
+            if future.set_running_or_notify_cancel():
+                try:
+                    outcome = (True, self(feed))
+                except ArithmeticError as exc:
+                    outcome = (False, exc)
+            else:
+                self.cancelled.append(int(feed["x"][0, 0]) // WIDTH)
+            with self.lock:  # ended before the caller hears of it
+                self.in_flight -= 1
+            if outcome is not None:
+                future.set_result(outcome[1]) if outcome[0] else future.set_exception(outcome[1])
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_a_program_that_submits_is_kept_one_call_ahead_per_call_running(tmp_path, calls):
+    n = 42
+    store = store_sink(tmp_path / "store")
+    schemas = Schemas([store])
+    program = Submitting(pause=0.002)
+    sink = Recorder()
+    p = pipeline(batches(n), encoder(program, schemas), [sink, store], calls=calls)
+    assert run(p) == n
+    store.finish()
+    assert program.calls == list(range(0, n, BATCH))  # each batch once, in order
+    assert program.most == 2 * calls  # one queued behind each call running, never more
+    assert sink.positions() == [(0, s) for s in range(-(-n // BATCH))]
+    np.testing.assert_array_equal(sink.rows(schemas.schema)["y"], expected(np.arange(n)))
+    reader, data = stored(tmp_path / "store")
+    assert reader.complete
+    np.testing.assert_array_equal(data["y"], expected(np.arange(n)))
+    assert_threads_end()
+
+
+def test_a_submitted_call_that_fails_is_re_raised_and_the_one_queued_never_runs():
+    program = Submitting(fail_at=12, pause=0.2)
+    sink = Recorder()
+    with pytest.raises(ArithmeticError, match="broke on sample 12"):
+        run(pipeline(batches(40), encoder(program, Schemas()), [sink]))
+    assert sink.positions() == [(0, 0), (0, 1), (0, 2)]
+    assert sink.failures == ["ArithmeticError: the program broke on sample 12"]
+    wait_for(lambda: program.in_flight == 0, WAIT, "the queued call to be dropped")
+    assert program.calls == [0, 4, 8, 12] and program.cancelled == [16]
+    assert_threads_end()
+
+
+def test_a_stop_cancels_the_call_queued_and_computes_nothing_after_it():
+    stop = threading.Event()
+
+    def stop_after(pass_: int, seq: int) -> None:
+        if seq == 2:
+            stop.set()
+
+    program = Submitting(pause=0.2)
+    sink = Recorder(on_put=stop_after)
+    p = pipeline({"batch_generator": endless}, encoder(program, Schemas()), [sink], stop=stop)
+    assert run(p) == 3 * BATCH
+    assert sink.positions() == [(0, 0), (0, 1), (0, 2)] and sink.failures == []
+    wait_for(lambda: program.in_flight == 0, WAIT, "the queued call to be dropped")
+    assert program.calls == [0, 4, 8, 12] and program.cancelled == [16]
+    assert_threads_end()
+
+
+def test_a_submit_that_is_not_the_protocol_is_a_clear_type_error():
+    class NoFuture(Program):
+        def submit(self, feed: dict[str, Any]) -> Any:
+            return self(feed)
+
+    class NotAMethod(Program):
+        submit = 3
+
+    with pytest.raises(TypeError, match=r"submit\(feed\) must return a concurrent.futures.Future"):
+        run(pipeline(batches(12), encoder(NoFuture(), Schemas()), [Recorder()]))
+    with pytest.raises(TypeError, match="submit attribute must be a method"):
+        run(pipeline(batches(12), encoder(NotAMethod(), Schemas()), [Recorder()]))

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import kdserve as kd  # noqa: E402
-from _helpers import torch_devices  # noqa: E402
+from _helpers import torch_devices, wait_for  # noqa: E402
 from kdserve.torch import teacher_program  # noqa: E402
 
 X = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
@@ -403,6 +403,62 @@ def test_a_lanes_calls_run_on_its_own_thread_whichever_thread_calls(device):
     assert len(lane_threads) == 1 and threading.get_ident() not in lane_threads
     with pytest.raises(ValueError, match="returned a tuple"):  # the lane's errors reach the caller
         teacher_program(_Tuple(), devices=[device])({"x": X})
+
+
+class _Gated(nn.Module):
+    """Doubles its input once ``gate`` opens (shared by every replica); ``seen`` records
+    the first input value of each call that ran."""
+
+    gate: threading.Event
+    seen: list[float]
+
+    def forward(self, x):
+        assert self.gate.wait(timeout=20), "the test never opened the gate"
+        self.seen.append(float(x[0, 0]))
+        return x * 2
+
+
+def test_submit_queues_a_call_and_a_queued_call_cancelled_never_runs():
+    model = _Gated()
+    program = teacher_program(model, devices=["cpu", "cpu"])
+    gate, seen = threading.Event(), []
+    for replica in program.replicas:  # set after the copy: an Event cannot be copied
+        replica.gate, replica.seen = gate, seen
+    lanes = program._threads
+    running = [program.submit({"x": X + i}) for i in range(2)]  # one on each lane
+    queued = program.submit({"x": X + 2})  # behind one of them
+    last = program.submit({"x": X + 3})  # behind the other
+    assert [t.pending for t in lanes] == [2, 2]
+    wait_for(lambda: all(f.running() for f in running), 10, "the first two calls to start")
+    assert not any(f.cancel() for f in running)  # running: too late to cancel
+    assert queued.cancel() and queued.cancelled()
+    gate.set()
+    for i, future in ((0, running[0]), (1, running[1]), (3, last)):
+        np.testing.assert_array_equal(future.result(timeout=20)["logits"], (X + i) * 2)
+    assert sorted(seen) == [X[0, 0] + i for i in (0, 1, 3)]  # never the cancelled one
+    wait_for(lambda: [t.pending for t in lanes] == [0, 0], 10, "the lanes to count it done")
+    failing = teacher_program(_Tuple(), devices=["cpu"]).submit({"x": X})
+    assert isinstance(failing.exception(timeout=20), ValueError)  # the lane's error, as is
+
+
+def test_kd_dump_keeps_one_call_queued_behind_each_running_one(tmp_path):
+    # The lane starts its next batch as one ends, without waiting for kdserve's thread.
+    seen = []
+
+    class Watched(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            seen.append([t.pending for t in program._threads])  # as the call ends
+            return x * 2
+
+    program = teacher_program(Watched(), devices=["cpu", "cpu"])
+    xs = np.arange(24 * 6, dtype=np.float32).reshape(24, 6)
+    data = [{"x": xs[i : i + 2]} for i in range(0, 24, 2)]
+    assert kd.dump(program, data, tmp_path / "s", progress=False) == 24
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "s").read(0, 24))
+    np.testing.assert_array_equal(stored["logits"], xs * 2)
+    assert max(max(p) for p in seen) == 2  # one running, one queued, never more
+    assert sum(p == [2, 2] for p in seen) >= 3  # both lanes held a call in reserve
 
 
 class _OutOfMemory(nn.Module):

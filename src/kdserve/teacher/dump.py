@@ -41,8 +41,9 @@ def dump(
     ``feeds=[names]``) or a Pantheon reader config (with ``feeds=``). ``keep`` names the
     knowledge fields -- program outputs or feeds passed through, ``{name: output}``, or a
     :class:`~kdserve.Schema` with codecs; None keeps every output. ``threads`` encode in
-    parallel; ``inference_threads`` > 1 calls the program from that many threads at once
-    (default: the program's ``concurrency``, e.g. a ``teacher_program``'s lanes; else 1).
+    parallel; ``inference_threads`` > 1 runs that many program calls at once (default: the
+    program's ``concurrency``, e.g. a ``teacher_program``'s lanes; else 1): from that many
+    threads, or -- for a program with ``submit`` -- queued to it, one more behind each.
     The other options (``compression`` and ``provenance`` among them) are
     :class:`~kdserve.Teacher`'s.
     """

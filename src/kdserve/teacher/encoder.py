@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +20,34 @@ from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.errors import SchemaError
 from kdserve.teacher.feeds import FeedBatch
 
-__all__ = ["Encoder", "Keep", "Program", "batch_length", "knowledge_names", "program_concurrency"]
+__all__ = [
+    "Encoder",
+    "Keep",
+    "Program",
+    "batch_length",
+    "knowledge_names",
+    "program_concurrency",
+    "program_submit",
+]
 
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 Keep = Sequence[str] | Mapping[str, Any] | Schema
 """The knowledge fields to keep: names, ``{name: output or feed}``, or a declared Schema."""
+
+
+def program_submit(program: Program) -> Callable[[FeedBatch], Future[Any]] | None:
+    """The program's ``submit`` if it has one (a ``teacher_program``): it queues a call
+    and returns the Future of its outputs at once, so kdserve can keep the next batch
+    queued while one runs. None: the program is only called."""
+    submit = getattr(program, "submit", None)
+    if submit is None:
+        return None
+    if not callable(submit):
+        raise TypeError(
+            f"the program's submit attribute must be a method submit(feed) -> "
+            f"concurrent.futures.Future (of what program(feed) returns), got {submit!r}"
+        )
+    return cast(Callable[[FeedBatch], "Future[Any]"], submit)
 
 
 def program_concurrency(program: Program) -> int:
@@ -66,7 +90,10 @@ class Encoder:
 
     def infer(self, feed: FeedBatch) -> dict[str, Any]:
         """Run the program on one feed batch and pick the fields to keep."""
-        outputs = self.program(feed)
+        return self.knowledge(feed, self.program(feed))
+
+    def knowledge(self, feed: FeedBatch, outputs: Any) -> dict[str, Any]:
+        """The fields to keep from the program's ``outputs`` for ``feed`` (and its feeds)."""
         if not isinstance(outputs, Mapping):
             raise SchemaError(
                 f"program must return a dict of output arrays, got {type(outputs).__name__}"

@@ -350,12 +350,16 @@ class Teacher:
         returns; if it raises, the store is left incomplete and a re-run resumes it.
 
         ``num_postprocess_threads`` encode batches (codecs, Arrow) in parallel. With
-        ``num_inference_threads`` > 1 the program itself is called from that many threads
-        at once (order is kept): use it with a program that is safe to call concurrently,
-        such as :func:`kdserve.torch.teacher_program` with one replica per device. The
-        default (None) is the program's ``concurrency`` attribute if it has one (a
-        ``teacher_program`` on a GPU: 2 streams per device), else 1. (Without a declared
-        :class:`Schema`, the first batch runs alone, to learn the schema.)
+        ``num_inference_threads`` > 1 that many program calls run at once (order is kept):
+        use it with a program that is safe to call concurrently, such as
+        :func:`kdserve.torch.teacher_program` with one replica per device. The default
+        (None) is the program's ``concurrency`` attribute if it has one (a
+        ``teacher_program`` on a GPU: 2 streams per device), else 1. A program with a
+        ``submit(feed)`` method returning a ``concurrent.futures.Future`` of its outputs
+        (a ``teacher_program``) is not called from threads: its calls are submitted, one
+        queued behind each running one, so it never waits for kdserve between batches.
+        (Without a declared :class:`Schema`, the first batch runs alone, to learn the
+        schema.)
         """
         self._check_started()
         server = self._server
@@ -402,8 +406,8 @@ class Teacher:
             times=times,
             base=self._position,
             buf_size=buf_size,
-            threads=max(num_postprocess_threads, num_inference_threads),
-            concurrent=num_inference_threads > 1,
+            threads=num_postprocess_threads,
+            calls=num_inference_threads,
             label=f"teacher {self.name}",
             progress=self.progress,
         )

@@ -15,8 +15,9 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -75,8 +76,10 @@ class TeacherProgram:
     bare loop with one stream, and at 1.08x with two and float16 outputs). Two batches'
     activations are held at once: pass ``streams=1`` when one batch barely fits.
     ``.concurrency`` (``len(devices) * streams``, one per lane) is how many calls can run
-    at once; :func:`kdserve.dump`, :func:`kdserve.serve` and :class:`kdserve.Teacher` call
-    the program from that many threads unless told otherwise.
+    at once. ``.submit(feed)`` queues a call and returns its ``concurrent.futures.Future``
+    at once; :func:`kdserve.dump`, :func:`kdserve.serve` and :class:`kdserve.Teacher` keep
+    one call queued behind each running one that way, so a lane starts its next batch as
+    one ends, without waiting for kdserve's thread to wake.
 
     **Pinned inputs.** On a CUDA device each lane copies its inputs into pinned host
     buffers of its own, kept from call to call, and from there to the device without
@@ -193,16 +196,14 @@ class TeacherProgram:
     def _reset(self) -> None:
         """No call running or queued, no lane thread yet, new locks: at the start, and in
         a forked child (where a lock a parent's thread held at the fork stays held)."""
-        self._pending = [0 for _ in self._lanes]  # calls running or queued, per lane
         self._choosing = threading.Lock()
         for lane in self._threads:
             lane.reset()
 
     @property
     def concurrency(self) -> int:
-        """How many calls can run at once (one per lane: ``len(devices) * streams``); the
-        number of threads kdserve calls the program from by default. (Two calls queued
-        per lane measured slower on the CPU proxy: 0.936 of the bare loop against 0.954.)"""
+        """How many calls can run at once (one per lane: ``len(devices) * streams``);
+        kdserve keeps as many more queued behind them by default (see :meth:`submit`)."""
         return len(self._lanes)
 
     def __repr__(self) -> str:
@@ -212,24 +213,41 @@ class TeacherProgram:
         )
 
     def __call__(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        return self.submit(feed).result()
+
+    def submit(self, feed: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        """Queue one call on a lane and return at once: the Future of its outputs (what
+        ``program(feed)`` returns; its exception, if it fails). :func:`kdserve.dump` and
+        :func:`kdserve.serve` keep a call queued behind each running one this way, so a
+        lane starts its next batch the moment one ends, without waiting for the caller's
+        thread to wake."""
         args_np, lengths = _pad_sequences(self._select(feed), self.pad_value)
-        with self._lane() as lane:
-            try:
-                out: dict[str, Any] = self._threads[lane].call(self._run, lane, args_np, lengths)
-                return out
-            except torch.cuda.OutOfMemoryError as exc:
-                if self.streams == 1:
-                    raise
-                raise torch.cuda.OutOfMemoryError(
-                    f"{exc}\nkdserve: teacher_program runs {self.streams} batches at once on "
-                    f"each device (streams={self.streams}); pass streams=1 to hold one batch "
-                    f"at a time, or make the batches smaller"
-                ) from exc
+        n = len(self._lanes)
+        with self._choosing:  # the lane with the fewest calls, round-robin among equals
+            start = next(self._turn) % n
+            lane = min(((start + k) % n for k in range(n)), key=lambda i: self._threads[i].pending)
+            return self._threads[lane].submit(self._run, lane, args_np, lengths)
 
     def _run(
         self, lane: int, args_np: list[tuple[str, Any]], lengths: np.ndarray | None
     ) -> dict[str, Any]:
         """One call on ``lane``'s own thread."""
+        try:
+            return self._forward(lane, args_np, lengths)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.streams == 1:
+                raise
+            raise torch.cuda.OutOfMemoryError(
+                f"{exc}\nkdserve: teacher_program runs {self.streams} batches at once on "
+                f"each device (streams={self.streams}); pass streams=1 to hold one batch "
+                f"at a time, or make the batches smaller"
+            ) from exc
+
+    def _forward(
+        self, lane: int, args_np: list[tuple[str, Any]], lengths: np.ndarray | None
+    ) -> dict[str, Any]:
+        """The module on ``lane``'s replica and stream: inputs in, outputs named and on
+        the host."""
         index, stream = self._lanes[lane]
         device = self.devices[index]
         on_stream = nullcontext() if stream is None else torch.cuda.stream(stream)
@@ -272,21 +290,6 @@ class TeacherProgram:
         return [(n, feed[n]) for n in self.inputs]
 
     # -- replicas ---------------------------------------------------------------------
-
-    @contextmanager
-    def _lane(self) -> Iterator[int]:
-        """A lane for one call: the one with the fewest calls running or queued,
-        round-robin among equals (its thread runs them in turn)."""
-        n = len(self._lanes)
-        with self._choosing:
-            start = next(self._turn) % n
-            index = min(((start + k) % n for k in range(n)), key=self._pending.__getitem__)
-            self._pending[index] += 1
-        try:
-            yield index
-        finally:
-            with self._choosing:
-                self._pending[index] -= 1
 
     def _autocast(self, device: torch.device) -> AbstractContextManager[Any]:
         if self.autocast is None:
@@ -376,8 +379,9 @@ class TeacherProgram:
 
 
 class _LaneThread:
-    """A thread that runs one lane's calls, one at a time, for whichever thread calls
-    (started on the first call; a lock hands each result back: 5-70 us, the OS's wake-up)."""
+    """A thread that runs one lane's calls, one at a time and in order, for whichever
+    thread submits them (started on the first call). ``pending`` counts the calls queued
+    or running."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -389,25 +393,48 @@ class _LaneThread:
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._started = False
         self._starting = threading.Lock()
+        self._counting = threading.Lock()
+        self.pending = 0
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on this thread; its result, or its exception raised here."""
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``fn(*args)`` on this thread; the Future of its result. A call cancelled
+        before it starts never runs."""
         if not self._started:
             with self._starting:
                 if not self._started:
-                    threading.Thread(
-                        target=_serve_calls, args=(self._calls,), name=self.name, daemon=True
-                    ).start()
+                    threading.Thread(target=self._serve, name=self.name, daemon=True).start()
                     self._started = True
-        done = threading.Lock()
-        done.acquire()
-        box: list[tuple[bool, Any]] = []
-        self._calls.put((fn, args, box, done))
-        done.acquire()  # released by the lane thread once box holds the outcome
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        future: Future[Any] = Future()
+        with self._counting:
+            self.pending += 1
+        self._calls.put((future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        """The thread's loop: run each call in turn; None ends it."""
+        calls = self._calls  # this thread's queue, even after a fork replaces the attribute
+        while (item := calls.get()) is not None:
+            self._run_one(*item)
+            del item  # hold nothing of a finished call while waiting for the next
+
+    def _run_one(self, future: Future[Any], fn: Callable[..., Any], args: Any) -> None:
+        """One call, unless it was cancelled; it is counted done before its Future is
+        set, so a caller the Future wakes sees this lane free."""
+        if not future.set_running_or_notify_cancel():
+            self._count_done()
+            return
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # raised again by future.result()
+            self._count_done()
+            future.set_exception(exc)
+        else:
+            self._count_done()
+            future.set_result(result)
+
+    def _count_done(self) -> None:
+        with self._counting:
+            self.pending -= 1
 
     def stop(self) -> None:
         """Let the thread end (its program is gone)."""
@@ -425,19 +452,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _serve_calls(calls: queue.SimpleQueue[Any]) -> None:
-    """A lane thread's loop: run each call, hand back its outcome; None ends it."""
-    while (item := calls.get()) is not None:
-        fn, args, box, done = item
-        try:
-            box.append((True, fn(*args)))
-        except BaseException as exc:  # raised again on the calling thread
-            box.append((False, exc))
-        finally:
-            done.release()
-        del item, fn, args, box, done  # hold nothing of a finished call while waiting
 
 
 def _names(what: str, names: Sequence[str]) -> list[str]:
