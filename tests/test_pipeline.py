@@ -152,12 +152,12 @@ def pipeline_threads() -> list[threading.Thread]:
     return [
         t
         for t in threading.enumerate()
-        if t.name.startswith(("kdserve-infer", "kdserve-encode")) and t.is_alive()
+        if t.name.startswith(("kdserve-infer", "kdserve-encode", "kdserve-call")) and t.is_alive()
     ]
 
 
 def assert_threads_end() -> None:
-    """The pipeline's reading/inference thread and its encoding pool end, within WAIT s."""
+    """The pipeline's reading thread, its lanes and its encoding pool end, within WAIT s."""
     wait_for(lambda: not pipeline_threads(), WAIT, "the pipeline's threads to end")
 
 

@@ -424,11 +424,11 @@ def test_submit_queues_a_call_and_a_queued_call_cancelled_never_runs():
     gate, seen = threading.Event(), []
     for replica in program.replicas:  # set after the copy: an Event cannot be copied
         replica.gate, replica.seen = gate, seen
-    lanes = program._threads
+    lanes = program._calls
     running = [program.submit({"x": X + i}) for i in range(2)]  # one on each lane
     queued = program.submit({"x": X + 2})  # behind one of them
     last = program.submit({"x": X + 3})  # behind the other
-    assert [t.pending for t in lanes] == [2, 2]
+    assert lanes.pending == [2, 2]
     wait_for(lambda: all(f.running() for f in running), 10, "the first two calls to start")
     assert not any(f.cancel() for f in running)  # running: too late to cancel
     assert queued.cancel() and queued.cancelled()
@@ -436,7 +436,7 @@ def test_submit_queues_a_call_and_a_queued_call_cancelled_never_runs():
     for i, future in ((0, running[0]), (1, running[1]), (3, last)):
         np.testing.assert_array_equal(future.result(timeout=20)["logits"], (X + i) * 2)
     assert sorted(seen) == [X[0, 0] + i for i in (0, 1, 3)]  # never the cancelled one
-    wait_for(lambda: [t.pending for t in lanes] == [0, 0], 10, "the lanes to count it done")
+    wait_for(lambda: lanes.pending == [0, 0], 10, "the lanes to count it done")
     failing = teacher_program(_Tuple(), devices=["cpu"]).submit({"x": X})
     assert isinstance(failing.exception(timeout=20), ValueError)  # the lane's error, as is
 
@@ -448,7 +448,7 @@ def test_kd_dump_keeps_one_call_queued_behind_each_running_one(tmp_path):
     class Watched(nn.Module):
         def forward(self, x):
             time.sleep(0.05)
-            seen.append([t.pending for t in program._threads])  # as the call ends
+            seen.append(list(program._calls.pending))  # as the call ends
             return x * 2
 
     program = teacher_program(Watched(), devices=["cpu", "cpu"])
@@ -537,5 +537,5 @@ def test_a_child_forked_while_a_parent_thread_holds_the_programs_locks_does_not_
     # thread choosing a lane or starting a lane thread at that instant would).
     program = teacher_program(_mlp(), devices=["cpu"])
     expected = program({"x": X})["logits"]
-    got = _logits_from_a_forked_child(program, (program._choosing, program._threads[0]._starting))
+    got = _logits_from_a_forked_child(program, (program._calls._lock,))
     np.testing.assert_array_equal(got.reshape(expected.shape), expected)

@@ -116,16 +116,12 @@ class Encoder:
             self.samples += batch_length(feed)
         return knowledge
 
-    def first(self, feed: FeedBatch) -> dict[str, Any]:
-        """Infer and publish the schema from the first batch; return its knowledge, so
-        that it is not computed twice."""
-        knowledge = self.infer(feed)
+    def first(self, feed: FeedBatch, outputs: Any) -> dict[str, Any]:
+        """The first batch's knowledge from its ``outputs``, publishing the schema it
+        sets (computed once)."""
+        knowledge = self.knowledge(feed, outputs)
         self.publish(infer_schema(knowledge, self.use_fp16))
         return knowledge
-
-    def infer_batch(self, feed: FeedBatch, ids: np.ndarray) -> pa.RecordBatch:
-        """Inference and encoding in one step (for concurrent inference)."""
-        return self.batch(self.infer(feed), ids)
 
     def batch(self, knowledge: dict[str, Any], ids: np.ndarray) -> pa.RecordBatch:
         """Encode one batch of knowledge with the teacher's schema."""

@@ -1,8 +1,8 @@
-"""Pipeline: one knowledge service's threads. Reading and inference run on a background
-thread (or, for a program that can ``submit``, on the program's own threads, fed ahead
-by it), encoding (codecs, Arrow) on a small pool, delivery to the sinks on the calling
-thread; the stages overlap, bounded by ``buf_size`` batches, and all of them watch one
-stop signal, so a stop takes effect between two batches."""
+"""Pipeline: one knowledge service's threads. Reading runs on a background thread, which
+keeps the program's lanes (:mod:`kdserve.core.lanes`) one call ahead; encoding (codecs,
+Arrow) runs on a small pool, delivery to the sinks on the calling thread. The stages
+overlap, bounded by ``buf_size`` batches, and all of them watch one stop signal, so a
+stop takes effect between two batches."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from kdserve.core.lanes import Lanes
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.schema import SAMPLE_ID
 from kdserve.errors import KdserveError, SchemaError
 from kdserve.online.replay import WindowStoppedError
 from kdserve.teacher.encoder import Encoder, batch_length, program_submit
-from kdserve.teacher.feeds import iter_feed_batches
+from kdserve.teacher.feeds import FeedBatch, iter_feed_batches
 from kdserve.teacher.sinks import Rows, Sink
 
 __all__ = ["Pipeline"]
@@ -66,9 +68,9 @@ class Pipeline:
 
     Sample ids are reader positions counted from ``base`` unless the reader yields a
     ``sample_id`` feed; ``position`` is the next one after the run. ``calls`` is how many
-    program calls run at once: a program with ``submit`` (a ``teacher_program``) gets
-    one more queued behind each, so its lanes never wait for this thread; another with
-    ``calls`` > 1 is called from that many of the pool's threads.
+    program calls run at once, each with one more queued behind it: on the program's own
+    lanes if it has ``submit`` (a ``teacher_program``), else on ``calls`` lanes of the
+    pipeline's. ``threads`` encode.
     """
 
     def __init__(
@@ -118,57 +120,71 @@ class Pipeline:
         return delivered
 
     def _produce(self) -> Iterator[_Work]:
-        """Reading and inference (the background thread's part)."""
+        """Reading, and inference submitted to the program's lanes (or the pipeline's own,
+        for a plain program), one call queued behind each running one: the background
+        thread's part."""
+        submit = program_submit(self.encoder.program)
+        lanes = None
+        if submit is None:
+            lanes = Lanes(self.calls, "kdserve-call")
+            submit = partial(lanes.submit, self._call)
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="kdserve-encode") as pool:
+                for p in range(self.times):
+                    if p == 0 or any(s.pass_needed(p) for s in self.sinks):
+                        yield from self._pass(p, submit, pool)
+                    # else every student is past this pass (a restarted teacher)
+        finally:
+            if lanes is not None:
+                lanes.stop()
+
+    def _pass(
+        self, p: int, submit: Callable[[FeedBatch], Any], pool: ThreadPoolExecutor
+    ) -> Iterator[_Work]:
+        """One pass over the reader."""
         encoder = self.encoder
-        submit = program_submit(encoder.program)
-        threads = self.threads if submit is not None else max(self.threads, self.calls)
-        with ThreadPoolExecutor(threads, thread_name_prefix="kdserve-encode") as pool:
-            for p in range(self.times):
-                if p and not any(s.pass_needed(p) for s in self.sinks):
-                    continue  # every student is past this pass (a restarted teacher)
-                count = 0
-                self.position = self.base
-                queued: deque[_Queued] = deque()  # calls submitted, oldest first
-                try:
-                    for seq, feed in enumerate(
-                        iter_feed_batches(self.reader_config, self.feed_list, p)
-                    ):
-                        if self.stop.is_set():
-                            return
-                        count += 1
-                        ids = self._ids(feed)
-                        early = encoder.first(feed) if encoder.schema() is None else None
-                        wants = [
-                            (s, r) for s in self.sinks if (r := s.wants(p, seq, ids)) is not None
-                        ]
-                        if not wants:
-                            continue
-                        if early is not None:  # students need the schema: it ran alone
-                            yield _Work(p, seq, pool.submit(encoder.batch, early, ids), wants)
-                        elif submit is not None:  # a call queued behind each running one
-                            queued.append(_Queued(seq, feed, ids, wants, _submitted(submit, feed)))
-                            while len(queued) >= 2 * self.calls:
-                                yield self._finish(p, queued.popleft(), pool)
-                        elif self.calls > 1:
-                            future = pool.submit(encoder.infer_batch, feed, ids)
-                            yield _Work(p, seq, future, wants)
-                        else:
-                            future = pool.submit(encoder.batch, encoder.infer(feed), ids)
-                            yield _Work(p, seq, future, wants)
-                    while queued:
-                        yield self._finish(p, queued.popleft(), pool)
-                finally:  # stopped or failed: calls not yet started never run
-                    for call in queued:
-                        call.future.cancel()
-                _check_count(count, p)
-                yield _Work(p, count, None)
+        count = 0
+        self.position = self.base
+        queued: deque[_Queued] = deque()  # calls submitted, oldest first
+        try:
+            for seq, feed in enumerate(iter_feed_batches(self.reader_config, self.feed_list, p)):
+                if self.stop.is_set():
+                    return
+                count += 1
+                ids = self._ids(feed)
+                if encoder.schema() is None:  # students need the schema: the first batch alone
+                    knowledge = encoder.first(feed, _submitted(submit, feed).result())
+                    wants = self._wants(p, seq, ids)
+                    if wants:
+                        yield _Work(p, seq, pool.submit(encoder.batch, knowledge, ids), wants)
+                    continue
+                wants = self._wants(p, seq, ids)
+                if not wants:
+                    continue
+                queued.append(_Queued(seq, feed, ids, wants, _submitted(submit, feed)))
+                while len(queued) >= 2 * self.calls:
+                    yield self._finish(p, queued.popleft(), pool)
+            while queued:
+                yield self._finish(p, queued.popleft(), pool)
+        finally:  # stopped or failed: calls not yet started never run
+            for call in queued:
+                call.future.cancel()
+        _check_count(count, p)
+        yield _Work(p, count, None)
+
+    def _wants(self, p: int, seq: int, ids: np.ndarray) -> list[tuple[Sink, Rows]]:
+        """The sinks that want batch ``(p, seq)``, with the rows each wants."""
+        return [(s, r) for s in self.sinks if (r := s.wants(p, seq, ids)) is not None]
+
+    def _call(self, lane: int, feed: FeedBatch) -> Any:
+        """A plain program's call, on one of the pipeline's lanes."""
+        return self.encoder.program(feed)
 
     def _finish(self, pass_: int, call: _Queued, pool: ThreadPoolExecutor) -> _Work:
         """Wait for a submitted call's outputs; hand its knowledge to the encoding pool."""
         knowledge = self.encoder.knowledge(call.feed, call.future.result())
-        return _Work(
-            pass_, call.seq, pool.submit(self.encoder.batch, knowledge, call.ids), call.wants
-        )
+        future = pool.submit(self.encoder.batch, knowledge, call.ids)
+        return _Work(pass_, call.seq, future, call.wants)
 
     def _ids(self, feed: dict[str, Any]) -> np.ndarray:
         """A feed batch's sample ids: its ``sample_id`` feed, or reader positions."""

@@ -10,12 +10,9 @@ under ``torch.autocast``.
 from __future__ import annotations
 
 import copy
-import itertools
 import os
-import queue
-import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdserve.core.lanes import Lanes
 from kdserve.core.ragged import Ragged
 from kdserve.core.schema import SAMPLE_ID
 from kdserve.torch.staging import Staging, to_tensor
@@ -186,19 +184,9 @@ class TeacherProgram:
         # keeps some state per thread (cuDNN's autotuning results, cuBLAS handles), and a
         # new thread rebuilds it -- about a second of ResNet-50 autotuning on an H100 --
         # while kd.dump and kd.serve call the program from threads of their own.
-        self._threads = [_LaneThread(f"kdserve-lane{i}") for i in range(len(self._lanes))]
-        for lane in self._threads:  # the threads end with the program
-            weakref.finalize(self, lane.stop)
-        self._turn = itertools.count()
-        self._reset()
+        self._calls = Lanes(len(self._lanes), "kdserve-lane")
+        weakref.finalize(self, self._calls.stop)  # the threads end with the program
         _PROGRAMS.add(self)
-
-    def _reset(self) -> None:
-        """No call running or queued, no lane thread yet, new locks: at the start, and in
-        a forked child (where a lock a parent's thread held at the fork stays held)."""
-        self._choosing = threading.Lock()
-        for lane in self._threads:
-            lane.reset()
 
     @property
     def concurrency(self) -> int:
@@ -222,11 +210,7 @@ class TeacherProgram:
         lane starts its next batch the moment one ends, without waiting for the caller's
         thread to wake."""
         args_np, lengths = _pad_sequences(self._select(feed), self.pad_value)
-        n = len(self._lanes)
-        with self._choosing:  # the lane with the fewest calls, round-robin among equals
-            start = next(self._turn) % n
-            lane = min(((start + k) % n for k in range(n)), key=lambda i: self._threads[i].pending)
-            return self._threads[lane].submit(self._run, lane, args_np, lengths)
+        return self._calls.submit(self._run, args_np, lengths)
 
     def _run(
         self, lane: int, args_np: list[tuple[str, Any]], lengths: np.ndarray | None
@@ -378,69 +362,6 @@ class TeacherProgram:
         return array
 
 
-class _LaneThread:
-    """A thread that runs one lane's calls, one at a time and in order, for whichever
-    thread submits them (started on the first call). ``pending`` counts the calls queued
-    or running."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.reset()
-
-    def reset(self) -> None:
-        """No thread yet: at the start, and in a forked child (fork copies no thread, and
-        the parent's queue may hold its calls)."""
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._started = False
-        self._starting = threading.Lock()
-        self._counting = threading.Lock()
-        self.pending = 0
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Queue ``fn(*args)`` on this thread; the Future of its result. A call cancelled
-        before it starts never runs."""
-        if not self._started:
-            with self._starting:
-                if not self._started:
-                    threading.Thread(target=self._serve, name=self.name, daemon=True).start()
-                    self._started = True
-        future: Future[Any] = Future()
-        with self._counting:
-            self.pending += 1
-        self._calls.put((future, fn, args))
-        return future
-
-    def _serve(self) -> None:
-        """The thread's loop: run each call in turn; None ends it."""
-        calls = self._calls  # this thread's queue, even after a fork replaces the attribute
-        while (item := calls.get()) is not None:
-            self._run_one(*item)
-            del item  # hold nothing of a finished call while waiting for the next
-
-    def _run_one(self, future: Future[Any], fn: Callable[..., Any], args: Any) -> None:
-        """One call, unless it was cancelled; it is counted done before its Future is
-        set, so a caller the Future wakes sees this lane free."""
-        if not future.set_running_or_notify_cancel():
-            self._count_done()
-            return
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # raised again by future.result()
-            self._count_done()
-            future.set_exception(exc)
-        else:
-            self._count_done()
-            future.set_result(result)
-
-    def _count_done(self) -> None:
-        with self._counting:
-            self.pending -= 1
-
-    def stop(self) -> None:
-        """Let the thread end (its program is gone)."""
-        self._calls.put(None)
-
-
 _PROGRAMS: weakref.WeakSet[TeacherProgram] = weakref.WeakSet()
 
 
@@ -448,7 +369,7 @@ def _after_fork_in_child() -> None:
     """A forked child (a DataLoader worker, a fork pool) has none of its parent's threads:
     its programs start lane threads of their own, with new locks."""
     for program in list(_PROGRAMS):
-        program._reset()
+        program._calls.reset()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
