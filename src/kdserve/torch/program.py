@@ -351,14 +351,17 @@ class TeacherProgram:
                 f"module output {name!r} is a {type(value).__name__}, not a Tensor; return "
                 f"tensors, or leave {name!r} out of outputs="
             )
-        value = value.detach()
+        # Each tensor method called here lets other threads take the GIL from this lane
+        # (torch releases it in every op): call only those that do something.
+        if value.requires_grad:
+            value = value.detach()
         if value.is_floating_point() and self.output_dtype is not None:
             value = value.to(self.output_dtype)  # on the device, before the copy to the host
         elif value.is_floating_point() and (
             self.autocast is not None or value.dtype == torch.bfloat16
         ):
             value = value.float()
-        array: np.ndarray = value.cpu().numpy()
+        array: np.ndarray = (value if value.is_cpu else value.cpu()).numpy()
         return array
 
 
