@@ -354,10 +354,11 @@ class Teacher:
         use it with a program that is safe to call concurrently, such as
         :func:`kdserve.torch.teacher_program` with one replica per device. The default
         (None) is the program's ``concurrency`` attribute if it has one (a
-        ``teacher_program`` on a GPU: 2 streams per device), else 1. A program with a
-        ``submit(feed)`` method returning a ``concurrent.futures.Future`` of its outputs
-        (a ``teacher_program``) is not called from threads: its calls are submitted, one
-        queued behind each running one, so it never waits for kdserve between batches.
+        ``teacher_program`` on a GPU: 2 streams per device), else 1. Each call runs on a
+        thread of its own (a lane, kept for the whole service) with the next one queued
+        behind it, so the program never waits for kdserve between batches; a program with
+        a ``submit(feed)`` method returning a ``concurrent.futures.Future`` of its outputs
+        (a ``teacher_program``) gets its calls submitted to its own threads instead.
         (Without a declared :class:`Schema`, the first batch runs alone, to learn the
         schema.)
         """
