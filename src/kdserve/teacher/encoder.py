@@ -37,8 +37,8 @@ Keep = Sequence[str] | Mapping[str, Any] | Schema
 
 def program_submit(program: Program) -> Callable[[FeedBatch], Future[Any]] | None:
     """The program's ``submit`` if it has one (a ``teacher_program``): it queues a call
-    and returns the Future of its outputs at once, so kdserve can keep the next batch
-    queued while one runs. None: the program is only called."""
+    on the program's own threads and returns the Future of its outputs at once. None: a
+    plain callable, which kdserve runs on threads of its own."""
     submit = getattr(program, "submit", None)
     if submit is None:
         return None
@@ -51,8 +51,8 @@ def program_submit(program: Program) -> Callable[[FeedBatch], Future[Any]] | Non
 
 
 def program_concurrency(program: Program) -> int:
-    """How many threads call ``program`` by default: its ``concurrency`` attribute (a
-    ``teacher_program``'s lanes), else 1."""
+    """How many calls of ``program`` run at once by default: its ``concurrency``
+    attribute (a ``teacher_program``'s lanes), else 1."""
     n = getattr(program, "concurrency", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise TypeError(

@@ -43,7 +43,7 @@ class _Work:
 
 @dataclass
 class _Queued:
-    """A feed batch whose program call was submitted (a program with ``submit``)."""
+    """A feed batch whose program call was submitted to a lane, waiting for its outputs."""
 
     seq: int
     feed: dict[str, Any]

@@ -77,7 +77,9 @@ class TeacherProgram:
     at once. ``.submit(feed)`` queues a call and returns its ``concurrent.futures.Future``
     at once; :func:`kdserve.dump`, :func:`kdserve.serve` and :class:`kdserve.Teacher` keep
     one call queued behind each running one that way, so a lane starts its next batch as
-    one ends, without waiting for kdserve's thread to wake.
+    one ends, without waiting for kdserve's thread to wake. (A function that wraps the
+    program hides ``submit``: kdserve then calls it from a thread of its own, and each
+    batch is handed over once more.)
 
     **Pinned inputs.** On a CUDA device each lane copies its inputs into pinned host
     buffers of its own, kept from call to call, and from there to the device without
