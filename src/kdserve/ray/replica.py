@@ -4,6 +4,8 @@ crash serves on a new port and registers it again, so students find it."""
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -12,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from kdserve.core.batch import to_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.teacher.dump import dump
-from kdserve.teacher.encoder import Encoder, Keep, infer_schema
+from kdserve.teacher.encoder import Encoder, Keep
+from kdserve.teacher.pipeline import Pipeline
 from kdserve.teacher.serve import Service, serve
+from kdserve.teacher.sinks import Rows, Sink
 
 __all__ = ["Replica"]
 
@@ -37,6 +40,7 @@ class Replica:
         provenance: Mapping[str, Any],
     ) -> None:
         self.name = name
+        self.feeds = [f for f in feeds if f != SAMPLE_ID]
         self.program = program_factory()
         self.keep = keep
         self.schema: Schema | None = keep if isinstance(keep, Schema) else None
@@ -85,30 +89,53 @@ class Replica:
     ) -> tuple[np.ndarray, int]:
         """The knowledge of part ``part`` of ``parts`` of pass ``epoch``, as one Arrow IPC
         stream in a uint8 array (which Ray's object store hands to a student without a
-        copy), and its rows (two objects: ranks even their shares by the rows alone)."""
-        rows = 0
+        copy), and its rows (two objects: ranks even their shares by the rows alone).
+        It runs through a teacher's pipeline: the program's next batch is queued while
+        the host encodes the last one."""
         start = time.perf_counter()
-        sink = pa.BufferOutputStream()
-        writer: pa.ipc.RecordBatchStreamWriter | None = None
-        for inputs in data_factory(epoch, part, parts):
-            feed = dict(inputs)
-            ids = np.asarray(feed.pop(SAMPLE_ID))
-            knowledge = self.encoder.infer(feed)
-            if self.schema is None:
-                self._publish(infer_schema(knowledge, False))
-            assert self.schema is not None
-            batch = to_record_batch(knowledge, self.schema, ids)
-            if writer is None:
-                writer = pa.ipc.new_stream(sink, batch.schema)
-            writer.write_batch(batch)
-            rows += len(ids)
-        if writer is not None:
-            writer.close()
-        self.samples += rows
+        batches = iter(data_factory(epoch, part, parts))
+        first = next(batches, None)
+        stream = _Stream()
+        if first is not None:  # (an empty part is an empty stream)
+            Pipeline(
+                itertools.chain([first], batches),
+                [*self.feeds, SAMPLE_ID],
+                self.encoder,
+                [stream],
+                stop=threading.Event(),
+                label=f"replica {self.name}",
+                progress=False,
+            ).run()
+        self.samples += stream.rows
         self.busy += time.perf_counter() - start
-        return np.frombuffer(sink.getvalue(), dtype=np.uint8), rows
+        return stream.value(), stream.rows
 
     def stats(self) -> dict[str, Any]:
         """This replica's figures: address, samples dumped and their rate."""
         rate = self.samples / self.busy if self.busy else 0.0
         return {"address": self.service.address, "samples": self.samples, "samples_per_s": rate}
+
+
+class _Stream(Sink):
+    """A part's knowledge batches, written in order into one Arrow IPC stream in memory."""
+
+    def __init__(self) -> None:
+        self.buffer = pa.BufferOutputStream()
+        self.writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self.rows = 0
+
+    def wants(self, pass_: int, seq: int, ids: np.ndarray) -> Rows | None:
+        return True
+
+    def put(self, pass_: int, seq: int, batch: pa.RecordBatch, rows: Rows) -> int:
+        if self.writer is None:
+            self.writer = pa.ipc.new_stream(self.buffer, batch.schema)
+        self.writer.write_batch(batch)
+        self.rows += batch.num_rows
+        return int(batch.num_rows)
+
+    def value(self) -> np.ndarray:
+        """The stream's bytes (empty if no batch came)."""
+        if self.writer is not None:
+            self.writer.close()
+        return np.frombuffer(self.buffer.getvalue(), dtype=np.uint8)
