@@ -396,15 +396,24 @@ def test_a_pools_queries_go_through_its_vocab_map() -> None:
 
 
 def gappy_part(epoch: int, part: int, parts: int) -> list[dict[str, Any]]:
-    """Like ``pass_part``, but the last part holds no batch at all."""
-    return [] if part == parts - 1 else pass_part(epoch, part, parts - 1)
+    """Like ``pass_part``, but the first and the last part hold no batch at all."""
+    return [] if part in (0, parts - 1) else pass_part(epoch, part - 1, parts - 2)
+
+
+def no_part(epoch: int, part: int, parts: int) -> list[dict[str, Any]]:
+    return []
 
 
 def test_a_part_with_no_batch_is_an_empty_part_of_the_pass() -> None:
     with pool("gappy", 1, delay=0.0) as teachers, kd.Student() as student:
-        teachers.serve(gappy_part, parts=3)
+        teachers.serve(gappy_part, parts=4)
         student.add_pool("gappy")
         got = [b for b in student.loader(batch_size=24)]
         ids = np.concatenate([b["sample_id"] for b in got])
         np.testing.assert_array_equal(np.sort(ids), np.arange(N))
         np.testing.assert_array_equal(np.concatenate([b["y"] for b in got]), X[ids] * 2 + 1)
+    with pool("void", 1, delay=0.0) as teachers, kd.Student() as student:
+        teachers.serve(no_part, parts=2)
+        student.add_pool("void")
+        with pytest.raises(kd.KdserveError, match=r"none of the 2 parts .* holds a batch"):
+            list(student.loader(batch_size=24))

@@ -62,10 +62,17 @@ class PoolSource(StreamSource):
 
     @functools.cached_property
     def schema(self) -> Schema:
-        """From the pool's first part (which its rank then reads from the object store)."""
-        ref = ray.get(self._registry.part.remote(0, 0))[0]
-        data = fetch_part(self._registry, self.pool, 0, 0, ref)
-        return Schema.from_arrow(pa.ipc.open_stream(pa.py_buffer(data)).schema)
+        """From the pool's first part that holds a batch (which its rank then reads from
+        the object store)."""
+        for part in range(self.parts):
+            ref = ray.get(self._registry.part.remote(0, part))[0]
+            data = fetch_part(self._registry, self.pool, 0, part, ref)
+            if len(data):  # (a part with no batch is an empty stream)
+                return Schema.from_arrow(pa.ipc.open_stream(pa.py_buffer(data)).schema)
+        raise KdserveError(
+            f"teacher pool {self.pool!r}: none of the {self.parts} parts of its first pass "
+            f"holds a batch; its data_factory yields nothing for any part"
+        )
 
     @functools.cached_property
     def provenance(self) -> dict[str, Any]:
