@@ -47,7 +47,8 @@ def astype(array: np.ndarray, dtype: Any) -> np.ndarray:
 
 def bfloat16_bits(f32: np.ndarray) -> np.ndarray:
     """The bfloat16 nearest each value of the float32 array ``f32`` (ties to even), as
-    uint16 bit patterns. NaNs come out with any NaN's bits, and finite values past
+    uint16 bit patterns. A NaN comes out as any bits (numpy's rounding can carry a NaN's
+    mantissa into its sign: 0x7FFFFFFF gives 0x8000, -0.0), and finite values past
     bfloat16's largest as +-inf (0x7F80): callers set both as they need."""
     torch = _torch_for(f32)
     if torch is not None:
