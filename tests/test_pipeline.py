@@ -152,7 +152,7 @@ def pipeline_threads() -> list[threading.Thread]:
     return [
         t
         for t in threading.enumerate()
-        if t.name.startswith(("kdserve-infer", "kdserve-encode", "kdserve-call")) and t.is_alive()
+        if t.name.startswith(("kdserve-read", "kdserve-encode", "kdserve-call")) and t.is_alive()
     ]
 
 

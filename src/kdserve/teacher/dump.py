@@ -41,9 +41,9 @@ def dump(
     ``feeds=[names]``) or a Pantheon reader config (with ``feeds=``). ``keep`` names the
     knowledge fields -- program outputs or feeds passed through, ``{name: output}``, or a
     :class:`~kdserve.Schema` with codecs; None keeps every output. ``threads`` encode in
-    parallel; ``inference_threads`` runs that many program calls at once (default: the program's
-    ``concurrency``, e.g. a ``teacher_program``'s lanes; else 1), each on a thread of its
-    own with the next call queued behind it (a program with ``submit``, such as a
+    parallel; ``inference_threads`` runs that many program calls at once (default: the
+    program's ``concurrency``, e.g. a ``teacher_program``'s lanes; else 1), each on a thread
+    of its own with the next call queued behind it (a program with ``submit``, such as a
     ``teacher_program``, gets them submitted to its own threads).
     The other options (``compression`` and ``provenance`` among them) are
     :class:`~kdserve.Teacher`'s.

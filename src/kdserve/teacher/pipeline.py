@@ -107,7 +107,7 @@ class Pipeline:
         """Run every pass; return the samples delivered. A failure is told to every sink
         (a store stays incomplete, waiting students hear of it) and re-raised."""
         try:
-            work = Prefetcher(self._produce, self.buf_size, name="kdserve-infer")
+            work = Prefetcher(self._produce, self.buf_size, name="kdserve-read")
             delivered = self._deliver(work)
             for sink in self.sinks:
                 sink.drain(self.stop)

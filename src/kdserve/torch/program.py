@@ -170,7 +170,7 @@ class TeacherProgram:
         replicas = [module.to(self.devices[0])]
         replicas += [copy.deepcopy(module).to(d).eval() for d in self.devices[1:]]
         self.replicas: list[nn.Module] = replicas
-        # Lanes: (replica, CUDA stream or None); a call holds one lane.
+        # What each lane runs on: (replica, CUDA stream or None); lane i is thread i of _calls.
         self._lanes = [
             (r, torch.cuda.Stream(d) if d.type == "cuda" else None)  # type: ignore[no-untyped-call]
             for _ in range(streams)
@@ -185,7 +185,7 @@ class TeacherProgram:
         # Each lane runs its calls on a thread of its own, whichever thread calls: PyTorch
         # keeps some state per thread (cuDNN's autotuning results, cuBLAS handles), and a
         # new thread rebuilds it -- about a second of ResNet-50 autotuning on an H100 --
-        # while kd.dump and kd.serve call the program from threads of their own.
+        # while each kd.dump or kd.serve submits its calls from a new thread of its own.
         self._calls = Lanes(len(self._lanes), "kdserve-lane")
         weakref.finalize(self, self._calls.stop)  # the threads end with the program
         _PROGRAMS.add(self)
