@@ -33,11 +33,11 @@ class TeacherProgram:
     """Wrap ``module`` as a teacher ``program``: ``program(feed) -> {name: np.ndarray}``.
 
     **Inputs.** Each feed array is turned into a tensor on the replica's device (see
-    *Pinned inputs*; on the CPU ``torch.as_tensor``, no copy) and the module is called with
-    them *positionally*: the feeds named by ``inputs``, in that order, or -- with
-    ``inputs=None`` -- every feed in the feed dict's order (the teacher's ``feed_list``
-    order) except kdserve's ``sample_id``. Feeds not named in ``inputs`` (labels, ids) are
-    not passed. A module that takes keyword arguments or needs feed preprocessing can be
+    *Pinned inputs*; on the CPU a tensor sharing the array's memory, no copy) and the
+    module is called with them *positionally*: the feeds named by ``inputs``, in that
+    order, or -- with ``inputs=None`` -- every feed in the feed dict's order (the
+    teacher's ``feed_list`` order) except kdserve's ``sample_id``. Feeds not named in
+    ``inputs`` (labels, ids) are not passed. A module that takes keyword arguments or needs feed preprocessing can be
     wrapped in a small ``nn.Module`` that does it.
 
     **Sequences.** A ragged input (token sequences of different lengths: a list of arrays
