@@ -37,8 +37,8 @@ class TeacherProgram:
     module is called with them *positionally*: the feeds named by ``inputs``, in that
     order, or -- with ``inputs=None`` -- every feed in the feed dict's order (the
     teacher's ``feed_list`` order) except kdserve's ``sample_id``. Feeds not named in
-    ``inputs`` (labels, ids) are not passed. A module that takes keyword arguments or needs feed preprocessing can be
-    wrapped in a small ``nn.Module`` that does it.
+    ``inputs`` (labels, ids) are not passed. A module that takes keyword arguments or
+    needs feed preprocessing can be wrapped in a small ``nn.Module`` that does it.
 
     **Sequences.** A ragged input (token sequences of different lengths: a list of arrays
     or a :class:`~kdserve.Ragged`) is padded on the right with ``pad_value`` to
