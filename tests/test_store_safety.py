@@ -571,6 +571,81 @@ def test_repair_of_a_healthy_store_changes_nothing(tmp_path):
     assert out.returncode == 1 and "does not exist" in out.stderr
 
 
+def _store_of(tmp_path: Path, n: int = 60) -> Path:
+    store = tmp_path / "store"
+    with kd.StoreWriter(store, SCHEMA, shard_bytes=SHARD_BYTES) as writer:
+        for start in range(0, n, BATCH):
+            writer.write(batch_of(range(start, start + BATCH)))
+    return store
+
+
+def _edit_manifest(store: Path, edit: object) -> None:
+    manifest = json.loads((store / MANIFEST).read_text())
+    edit(manifest)  # type: ignore[operator]
+    (store / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("file", ["../victim.arrow", "/tmp/victim.arrow", "sub/shard-00001.arrow"])
+def test_a_manifest_naming_a_file_outside_the_store_is_refused_and_nothing_moves(tmp_path, file):
+    store = _store_of(tmp_path)
+    victim = tmp_path / "victim.arrow"
+    victim.write_bytes(b"not yours")
+
+    def point_outside(m: dict) -> None:
+        m["shards"][0]["file"] = file
+
+    _edit_manifest(store, point_outside)
+    before = _untouched(store)
+    for args in (("verify", str(store)), ("verify", "--repair", str(store))):
+        out = cli(*args)
+        assert out.returncode == 1, out
+        assert repr(file) in out.stderr and "not a shard name" in out.stderr, out.stderr
+    with pytest.raises(kd.StoreError, match="not a shard name"):
+        kd.StoreReader(store)
+    assert victim.read_bytes() == b"not yours"
+    assert _untouched(store) == before
+
+
+def test_a_manifest_listing_a_shard_twice_fails_verify(tmp_path):
+    store = _store_of(tmp_path)
+    _edit_manifest(store, lambda m: m["shards"].append(m["shards"][0]))
+    out = cli("verify", str(store))
+    assert out.returncode == 1 and "lists shard shard-00000.arrow twice" in out.stderr, out
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"format": "kdserve.store", "version": 1, "shards": null, "schema": {}}', "not a list"),
+        ("[" * 100_000 + "]" * 100_000, "unreadable or corrupted"),
+    ],
+)
+def test_a_garbled_manifest_gets_a_message_that_names_the_problem(tmp_path, text, says):
+    store = _store_of(tmp_path)
+    (store / MANIFEST).write_text(text)
+    with pytest.raises(kd.StoreError, match=says):
+        kd.StoreReader(store)
+    out = cli("verify", str(store))
+    assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr
+
+
+def test_repair_blames_a_damaged_manifest_schema_and_sets_no_intact_shard_aside(tmp_path):
+    store = _store_of(tmp_path)
+
+    def narrow(m: dict) -> None:
+        field = next(f for f in m["schema"]["fields"] if f["name"] == "logits")
+        field["dtype"] = "float16"
+
+    _edit_manifest(store, narrow)
+    before = _untouched(store)
+    out = cli("verify", "--repair", str(store))
+    assert out.returncode == 1, out
+    assert "is damaged" in out.stderr and "intact" in out.stderr, out.stderr
+    assert "'logits'" in out.stderr and "float" in out.stderr and "halffloat" in out.stderr
+    assert _untouched(store) == before
+    assert not list(store.glob(f"*{DAMAGED}*"))
+
+
 # -- checked reads ------------------------------------------------------------------------
 
 

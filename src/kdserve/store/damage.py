@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from kdserve.errors import StoreError
 from kdserve.store.files import crc32_file, fsync
 from kdserve.store.lock import StoreLock
 from kdserve.store.manifest import (
@@ -25,6 +26,7 @@ __all__ = [
     "last_shard_problem",
     "repair",
     "repair_advice",
+    "schema_difference",
     "set_aside",
     "shard_problem",
     "stored_rows",
@@ -83,20 +85,32 @@ def _parse_problem(f: Path, info: ShardInfo, schema: pa.Schema) -> str | None:
         with pa.memory_map(str(f)) as source:
             reader = pa.ipc.open_file(source)
             if not reader.schema.equals(schema):
-                return f"unreadable (columns {reader.schema.names}, not {schema.names})"
+                return schema_difference(reader.schema, schema)
             if reader.num_record_batches != len(info.batch_rows):
                 return (
-                    f"unreadable ({reader.num_record_batches} batches, the manifest says "
-                    f"{len(info.batch_rows)})"
+                    f"it holds {reader.num_record_batches} batches, the manifest says "
+                    f"{len(info.batch_rows)}"
                 )
             for index, rows in enumerate(info.batch_rows):
                 batch = reader.get_batch(index)
                 batch.validate(full=True)
                 if batch.num_rows != rows:
-                    return f"unreadable (batch {index} holds {batch.num_rows} rows, not {rows})"
+                    return f"its batch {index} holds {batch.num_rows} rows, not {rows}"
     except (pa.ArrowException, OSError, ValueError) as exc:
-        return f"unreadable ({exc})"
+        return f"it does not parse ({exc})"
     return None
+
+
+def schema_difference(got: pa.Schema, want: pa.Schema) -> str:
+    """How a shard's Arrow schema ``got`` differs from the manifest's ``want``, in words."""
+    if got.names != want.names:
+        return f"columns {got.names}, the manifest says {want.names}"
+    for a, b in zip(got, want, strict=True):
+        if a.type != b.type:
+            return f"column {a.name!r} is {a.type}, the manifest says {b.type}"
+        if a.metadata != b.metadata:
+            return f"column {a.name!r} is described {a.metadata}, the manifest says {b.metadata}"
+    return "its schema's metadata differs from the manifest's"
 
 
 def set_aside(f: Path) -> str:
@@ -147,7 +161,17 @@ def repair(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
         lost: list[tuple[str, int]] = []
         for s in shards:
             f = store / s.file
-            problem = shard_problem(store, s, crc=True) or _parse_problem(f, s, arrow_schema)
+            problem = shard_problem(store, s, crc=True)
+            if problem is None and (problem := _parse_problem(f, s, arrow_schema)) is not None:
+                # its crc32 matches the manifest's, so the shard is as written: the
+                # manifest is what changed, and setting shards aside would lose them
+                raise StoreError(
+                    f"{store / MANIFEST} is damaged: shard {s.file} is intact (its crc32 "
+                    f"matches) but {problem}. Nothing "
+                    f"was set aside; restore {MANIFEST} from a backup or re-run the dump "
+                    "into a new directory",
+                    path=str(store / MANIFEST),
+                )
             if problem is None:
                 kept.append(s)
                 continue

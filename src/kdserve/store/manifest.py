@@ -98,7 +98,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise StoreError(f"{file} is unreadable or corrupted: {exc}", path=str(file)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{file} is not a kdserve store manifest", path=str(file))
@@ -115,11 +115,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def parse_manifest(path: Path, manifest: Mapping[str, Any]) -> tuple[Schema, list[ShardInfo]]:
     """The schema and shards a manifest records; StoreError naming it if they are damaged."""
     file = path / MANIFEST
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        raise StoreError(f"{file} is corrupted: 'shards' is not a list", path=str(file))
     try:
         schema = Schema.from_json(manifest["schema"])
-        shards = [ShardInfo.from_json(s) for s in manifest["shards"]]
+        shards = [ShardInfo.from_json(s) for s in entries]
     except (KeyError, TypeError, ValueError) as exc:  # SchemaError is a ValueError
         raise StoreError(f"{file} is corrupted: bad or missing {exc}", path=str(file)) from None
+    seen: set[str] = set()
+    for shard in shards:
+        # a listed file is a plain shard name inside the store: a path such as
+        # "../x" or "/etc/x" would make readers map, and repair rename, files elsewhere
+        if not isinstance(shard.file, str) or not SHARD_INDEX.fullmatch(shard.file):
+            raise StoreError(
+                f"{file} is corrupted: shard file {shard.file!r} is not a shard name "
+                "(shard-NNNNN.arrow) inside the store",
+                path=str(file),
+            )
+        if shard.file in seen:
+            raise StoreError(
+                f"{file} is corrupted: it lists shard {shard.file} twice", path=str(file)
+            )
+        seen.add(shard.file)
     return schema, shards
 
 
