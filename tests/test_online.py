@@ -463,10 +463,15 @@ def test_teacher_without_a_token_makes_one_and_never_logs_it(serve, caplog, monk
     assert a.wait() == N
 
 
-def test_teacher_beyond_loopback_without_a_token_is_refused_before_binding(monkeypatch):
-    monkeypatch.delenv("KDSERVE_TOKEN", raising=False)
+@pytest.mark.parametrize(("env", "given"), [(None, None), ("", None), ("  ", ""), (None, " \t")])
+def test_teacher_beyond_loopback_without_a_token_is_refused_before_binding(monkeypatch, env, given):
+    """No token, and a blank one (an empty KDSERVE_TOKEN, token=" "), is no token."""
+    if env is None:
+        monkeypatch.delenv("KDSERVE_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("KDSERVE_TOKEN", env)
     port = free_port()
-    teacher = kd.Teacher(out_port=port, host="0.0.0.0", progress=False)
+    teacher = kd.Teacher(out_port=port, host="0.0.0.0", token=given, progress=False)
     try:
         with pytest.raises(kd.KdserveError, match=r"0\.0\.0\.0 without a token"):
             teacher.start()

@@ -222,8 +222,38 @@ def test_an_explicit_token_wins_over_the_published_one(server, monkeypatch):
     c.close()
 
 
-def test_beyond_loopback_a_token_is_always_needed(server):
+def test_beyond_loopback_a_token_is_always_needed(server, monkeypatch):
     publish_token(server.port, "right")
-    with pytest.raises(kd.AuthenticationError, match="no token for teacher") as missing:
-        TeacherClient(f"10.1.2.3:{server.port}", name="t")
-    assert "token file" not in str(missing.value) and "publishes" not in str(missing.value)
+    for blank in (None, "", "  "):  # an empty or blank KDSERVE_TOKEN is no token
+        if blank is not None:
+            monkeypatch.setenv(TOKEN_ENV, blank)
+        with pytest.raises(kd.AuthenticationError, match="no token for teacher") as missing:
+            TeacherClient(f"10.1.2.3:{server.port}", name="t", token=blank)
+        assert "token file" not in str(missing.value) and "publishes" not in str(missing.value)
+
+
+def test_a_token_with_surrounding_blanks_is_the_token(server, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "right\n")  # e.g. KDSERVE_TOKEN=$(cat token-file)
+    c = client(server)
+    assert c.teacher_info().name == "t"
+    c.close()
+
+
+def test_a_teacher_given_its_token_is_told_apart_from_none_running(server):
+    """On loopback without a token: a listening teacher that published none was given
+    one (AuthenticationError soon, not after connect_timeout); nothing listening is a
+    teacher that is not running (TeacherUnavailableError after connect_timeout)."""
+    c = client(server, connect_timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(kd.AuthenticationError, match="pass the token the teacher was started"):
+        c.teacher_info()
+    assert time.monotonic() - started < 10.0
+    c.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    c = TeacherClient(f"127.0.0.1:{free}", name="gone", connect_timeout=1.0)
+    with pytest.raises(kd.TeacherUnavailableError, match=r"'gone' .* did not answer") as gone:
+        c.teacher_info()
+    assert gone.value.teacher == "gone"
+    c.close()

@@ -14,7 +14,7 @@ reports (:mod:`kdserve.online.client_errors`).
 
 from __future__ import annotations
 
-import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -31,13 +31,13 @@ from kdserve.online.client_errors import TRANSIENT, from_flight, reason
 from kdserve.online.messages import MAX_MESSAGE_BYTES, MAX_MESSAGE_DEPTH, decode_message
 from kdserve.online.protocol import MAX_POSITION, Ack, RecvRequest, SendRequest, TeacherInfo, Ticket
 from kdserve.online.read_pass import read_pass
-from kdserve.online.tokens import find_token, token_path
+from kdserve.online.tokens import TOKEN_ENV, find_token, given_token, token_path
 
 __all__ = ["TOKEN_ENV", "TeacherClient"]
 
 T = TypeVar("T")
-TOKEN_ENV = "KDSERVE_TOKEN"
 _MAX_BACKOFF = 1.0  # seconds between two attempts at most
+_TOKEN_GRACE = 2.0  # seconds a loopback teacher may listen before its token is published
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -68,7 +68,7 @@ class TeacherClient:
         self.max_message_bytes = MAX_MESSAGE_BYTES  # until info() tells the teacher's
         self._dropped: list[int] = []  # indices of the teacher's messages found undecodable
         uri = location(address, tls_root_certs is not None)
-        self._given = token or os.environ.get(TOKEN_ENV)  # an explicit token always wins
+        self._given = given_token(token)  # an explicit token always wins
         self._found: str | None = None  # else the token a same-host teacher published
         host_port = split_address(address)
         if not self._given and not (host_port and is_loopback(host_port[0])):
@@ -97,7 +97,7 @@ class TeacherClient:
         if self._found is None:
             self._found = find_token(self.address)
         if self._found is None:
-            raise _NoTokenYetError
+            raise _NoTokenYetError("no token published for it yet")
         return self._found
 
     def _token_changed(self) -> bool:
@@ -125,15 +125,20 @@ class TeacherClient:
     def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
         """Run ``fn`` with retries and backoff until it works or the deadline passes."""
         delays = backoff(deadline or time.monotonic() + self.connect_timeout, most=_MAX_BACKOFF)
+        listening_since: float | None = None  # when a teacher that published no token was seen
         while True:
             try:
                 return fn()
             except (*TRANSIENT, _NoTokenYetError) as exc:
                 delay = next(delays, None)
-                if isinstance(exc, _NoTokenYetError) and delay is None:
-                    raise AuthenticationError(
-                        _no_token(self.name, self.address), teacher=self.name
-                    ) from None
+                if isinstance(exc, _NoTokenYetError) and _listening(self.address):
+                    # a teacher publishes its generated token just after it starts
+                    # listening: one that has listened a while without it was given a token
+                    listening_since = listening_since or time.monotonic()
+                    if delay is None or time.monotonic() - listening_since > _TOKEN_GRACE:
+                        raise AuthenticationError(
+                            _no_token(self.name, self.address), teacher=self.name
+                        ) from None
                 if delay is None:
                     raise TeacherUnavailableError(
                         f"teacher {self.name!r} at {self.address} did not answer ({what}) for "
@@ -253,11 +258,23 @@ class TeacherClient:
         return ask_query.query(self, batches, max_in_flight)
 
 
+def _listening(address: str) -> bool:
+    """Whether something accepts TCP connections at ``address`` (a teacher is running)."""
+    parts = split_address(address)
+    if parts is None:
+        return False
+    try:
+        socket.create_connection((parts[0].strip("[]"), parts[1]), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 def _no_token(name: str, address: str) -> str:
     """Why a client has no token for ``address``, and where one comes from."""
     text = (
-        f"no token for teacher {name!r} at {address}: pass token= or set {TOKEN_ENV} (the "
-        f"teacher prints its token when it starts)"
+        f"no token for teacher {name!r} at {address}: pass the token the teacher was "
+        f"started with (token= or {TOKEN_ENV}; its teacher.token)"
     )
     parts = split_address(address)
     if parts is not None and is_loopback(parts[0]):

@@ -58,7 +58,7 @@ class TokenCheck(flight.ServerMiddlewareFactory):  # type: ignore[misc]
             )
             raise flight.FlightUnauthenticatedError(
                 f"teacher {self._teacher()!r} refused the token: pass the token the teacher "
-                f"printed or was given (token= or KDSERVE_TOKEN)"
+                f"was started with (token= or KDSERVE_TOKEN)"
             )
 
 

@@ -24,7 +24,9 @@ from kdserve.online.address import is_loopback, split_address
 
 # is_loopback and split_address are re-exported: callers imported them from here.
 __all__ = [
+    "TOKEN_ENV",
     "find_token",
+    "given_token",
     "is_loopback",
     "publish_token",
     "remove_token",
@@ -33,8 +35,18 @@ __all__ = [
     "token_path",
 ]
 
+TOKEN_ENV = "KDSERVE_TOKEN"
 _RUNTIME_ENV = "XDG_RUNTIME_DIR"
 _MAX_TOKEN_CHARS = 4096
+
+
+def given_token(token: str | None) -> str | None:
+    """The explicit token: ``token``, else ``KDSERVE_TOKEN``, without surrounding blanks;
+    an empty or blank one is no token (never a token anyone could send)."""
+    for value in (token, os.environ.get(TOKEN_ENV)):
+        if value is not None and value.strip():
+            return value.strip()
+    return None
 
 
 def _private(path: Path, kind: int) -> bool:

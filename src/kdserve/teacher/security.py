@@ -8,8 +8,13 @@ import secrets
 from pathlib import Path
 
 from kdserve.errors import KdserveError
-from kdserve.online.client import TOKEN_ENV
-from kdserve.online.tokens import is_loopback, publish_token, remove_token
+from kdserve.online.tokens import (
+    TOKEN_ENV,
+    given_token,
+    is_loopback,
+    publish_token,
+    remove_token,
+)
 
 __all__ = ["Security"]
 
@@ -29,7 +34,7 @@ class Security:
         tls_key: Pem | None = None,
         tls_client_ca: Pem | None = None,
     ) -> None:
-        self.token = token or os.environ.get(TOKEN_ENV)
+        self.token = given_token(token)
         self.generated = False
         if (tls_cert is None) != (tls_key is None):
             raise KdserveError("TLS needs both tls_cert= and tls_key= (PEM bytes or file paths)")
