@@ -218,3 +218,56 @@ def test_a_repaired_middle_shard_is_regenerated_by_rerunning_the_dump(tmp_path):
     assert sorted(got["sample_id"].tolist()) == list(range(100))
     order = np.argsort(got["sample_id"])
     np.testing.assert_allclose(got["logits"][order], inputs(100) @ W, rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+@pytest.mark.parametrize("keep", [None, ["logits"]])
+def test_a_damaged_last_shard_is_set_aside_when_the_dump_is_rerun(tmp_path, caplog, damage, keep):
+    """What the README promises of a dump whose last shard was damaged (a crash, a full
+    disk): re-running it sets the shard aside and regenerates its samples, whatever the
+    dump keeps."""
+    store = tmp_path / "store"
+    n = kd.dump(
+        program, batches(100, 10), store, feeds=["x"], keep=keep, shard_bytes=1, progress=False
+    )
+    assert n == 100
+    last = kd.StoreReader(store).shards[-1].file
+    if damage == "truncated":
+        with open(store / last, "r+b") as f:
+            f.truncate(100)
+    else:
+        (store / last).unlink()
+    caplog.set_level("WARNING", logger="kdserve")
+    again = kd.dump(
+        program, batches(100, 10), store, feeds=["x"], keep=keep, shard_bytes=1, progress=False
+    )
+    assert again == 10  # only the set-aside shard's samples
+    assert f"its last shard {last} is" in caplog.text
+    assert (store / (last + ".damaged")).exists() == (damage == "truncated")
+    reader = kd.StoreReader(store)
+    reader.verify()
+    assert reader.complete and len(reader) == 100
+    got = read_all(store)
+    assert sorted(got["sample_id"].tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "says"),
+    [
+        ({"model": "resnet50"}, {"model": "vit-b16"}, "model 'resnet50'.*'vit-b16'"),
+        ({"name": "a"}, {"name": "b"}, "name 'a'.*'b'"),
+    ],
+)
+def test_a_dump_of_another_teacher_never_resumes_a_store(tmp_path, first, second, says):
+    """Knowledge of two teachers never mixes in a store: a dump naming another model or
+    teacher than the store records is refused, complete store or not, nothing changed."""
+    store = tmp_path / "store"
+    kd.dump(program, batches(50, 10), store, feeds=["x"], shard_bytes=1, progress=False, **first)
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    with pytest.raises(kd.StoreError, match=says):
+        kd.dump(
+            program, batches(60, 10), store, feeds=["x"], shard_bytes=1, progress=False, **second
+        )
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    # the same teacher resumes (and adds the new samples)
+    assert kd.dump(program, batches(60, 10), store, feeds=["x"], progress=False, **first) == 10

@@ -139,14 +139,15 @@ class StoreWriter:
         recorded = dict(manifest.get("teacher") or {})
         if recorded and not self._teacher:
             self._teacher = recorded
-        before, now = recorded.get("provenance"), self._teacher.get("provenance")
-        if before is not None and now is not None and before != now:
-            raise StoreError(
-                f"the store at {self.path} holds knowledge of provenance {before}, but this "
-                f"dump's is {now}; they do not mix: dump to another directory, or pass "
-                f"overwrite=True to start the store over",
-                path=str(self.path),
-            )
+        for key in ("name", "model", "provenance"):  # the teacher whose knowledge it holds
+            before, now = recorded.get(key), self._teacher.get(key)
+            if before is not None and now is not None and before != now:
+                raise StoreError(
+                    f"the store at {self.path} holds knowledge of teacher {key} {before!r}, "
+                    f"but this dump's is {now!r}; they do not mix: "
+                    f"dump to another directory, or pass overwrite=True to start the store over",
+                    path=str(self.path),
+                )
         self._shards = kept_shards(self.path, shards)
         self._next_index = next_shard_index(self.path, self._shards)
         self._ids = stored_ids(self.path, self._shards)

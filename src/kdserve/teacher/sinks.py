@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ from kdserve.core.schema import Schema
 from kdserve.core.wait import POLL
 from kdserve.errors import StoreError
 from kdserve.online.replay import ReplayWindow
-from kdserve.store import Compression, StoreReader, StoreWriter, stored_rows
+from kdserve.store import Compression, StoreWriter, stored_rows
+from kdserve.store.manifest import parse_manifest, read_manifest
 from kdserve.store.writer import ipc_options
 
 __all__ = ["ServeSink", "Sink", "StoreSink"]
@@ -109,7 +111,9 @@ class StoreSink(Sink):
     def stored_schema(self, names: list[str] | None, use_fp16: bool) -> Schema:
         """The schema of the store being resumed, if it is what ``names`` (None: any) and
         ``use_fp16`` ask for."""
-        stored = StoreReader(self.path).schema
+        # from the manifest alone: the writer sets a damaged last shard aside, and the
+        # reader's size checks would refuse the store for it
+        stored, _ = parse_manifest(Path(self.path), read_manifest(Path(self.path)))
         floats = [f for f in stored if f.dtype.kind == "f" and f.dtype.itemsize > 2]
         fp16 = [f.codec == Fp16() for f in floats]
         if names not in (None, stored.names) or any(c != use_fp16 for c in fp16):
