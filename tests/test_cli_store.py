@@ -112,3 +112,35 @@ def test_serve_streams_to_a_student(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+SINGLE_SAMPLES = """
+import numpy as np
+
+def program(feed):
+    return {"doubled": feed["x"] * 2}
+
+def samples():  # one sample a time: (4,) each
+    for i in range(20):
+        yield np.full(4, i, dtype=np.float32)
+
+def batches():
+    for i in range(5):
+        yield np.full((4, 4), i, dtype=np.float32)
+"""
+
+
+def test_dump_of_single_samples_without_batch_size_warns(tmp_path):
+    (tmp_path / "single.py").write_text(SINGLE_SAMPLES)
+    args = ["dump", "--program", "single:program", "--feed", "x", "--keep", "doubled"]
+    out = _run(*args, "--reader", "single:samples", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "read as 4 samples of scalars" in out.stderr and "--batch-size" in out.stderr
+    out = _run(*args, "--reader", "single:batches", "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+    out = _run(
+        *args, "--reader", "single:samples", "--batch-size", "5", "--out", str(tmp_path / "c"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+    assert kd.StoreReader(tmp_path / "c").schema["doubled"].shape == (4,)

@@ -184,6 +184,47 @@ def test_teacher_usage_errors(tmp_path):
         teacher.dump({"y": np.ones(2)})
 
 
+def _data(n: int = 4) -> list[dict[str, np.ndarray]]:
+    x = np.arange(n * 2 * 3, dtype=np.float32).reshape(n * 2, 3)
+    return [{"x": x[i : i + 2]} for i in range(0, n * 2, 2)]
+
+
+@pytest.mark.parametrize(
+    ("program", "says"),
+    [
+        # an output first returned by a later batch would be dropped from every batch
+        (
+            lambda f: {"a": f["x"], **({"b": f["x"]} if f["x"][0, 0] > 5 else {})},
+            r"returned output\(s\) \['b'\] that its first batch did not",
+        ),
+        # float64 beyond float32 (which the first batch fixed) would become inf
+        (
+            lambda f: {"a": f["x"] if f["x"][0, 0] < 5 else f["x"].astype(np.float64) * 1e300},
+            r"field 'a' is float32, got float64 values beyond its range .* become inf",
+        ),
+        # kdserve's own id column: the ids come from the reader
+        (lambda f: {"a": f["x"], "sample_id": np.array([7, 7])}, "output named 'sample_id'"),
+        (lambda f: {3: f["x"]}, "output names must be non-empty strings, got 3"),
+    ],
+    ids=["late-output", "float-overflow", "sample-id", "int-name"],
+)
+def test_a_program_output_that_would_be_dropped_or_changed_is_refused(tmp_path, program, says):
+    with pytest.raises(kd.SchemaError, match=says):
+        kd.dump(program, _data(), tmp_path / "t", progress=False)
+    store = tmp_path / "t"  # nothing was passed off as done
+    assert not (store / "manifest.json").exists() or not kd.StoreReader(store).complete
+
+
+def test_an_empty_out_path_is_refused_rather_than_writing_into_the_working_directory(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for path in ("", "  "):
+        with pytest.raises(kd.KdserveError, match="out_path is empty"):
+            kd.dump(lambda f: {"a": f["x"]}, _data(), path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_store_partitions_over_ranks_and_workers_cover_every_row_once(stores):
     reader = kd.StoreReader(stores / "a")
     seen = []

@@ -942,11 +942,12 @@ def test_a_failing_program_reaches_the_student_as_a_clear_error(serve):
         return program_a(feed)
 
     service = served(serve, A | {"program": flaky}, buf_size=2)
-    s = student([("flaky", service)], connect_timeout=2.0)
+    s = student([("flaky", service)], connect_timeout=60.0)
     started = time.monotonic()
     with pytest.raises(kd.TeacherUnavailableError, match=r"knowledge service failed.*model broke"):
         in_thread(lambda: read_one(s))
-    assert time.monotonic() - started < 10  # the waiting student is told; it does not stall
+    # the waiting student is told at once, not after retrying for connect_timeout
+    assert time.monotonic() - started < 10
     with pytest.raises(ValueError, match="model broke"):
         service.wait()
 

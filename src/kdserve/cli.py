@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import numpy as np
 
 import kdserve
 from kdserve.errors import KdserveError
 from kdserve.log import show_status
+from kdserve.teacher.feeds import call_reader
 
 __all__ = ["main"]
 
@@ -154,12 +156,36 @@ def _teacher_job(f: F) -> F:
         elif batch_size is not None:
             config = {"sample_generator": reader, "batch_size": batch_size, "drop_last": drop_last}
         elif callable(reader):
-            config = {"batch_generator": reader}
+            config = {"batch_generator": _batches_checked(reader, feeds)}
         else:
             config = reader
         return f(job=_Job(fn, config, list(feeds), list(keep), use_fp16), **rest)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _batches_checked(reader: Callable[..., Any], feeds: tuple[str, ...]) -> Callable[[int], Any]:
+    """``reader`` as a batch generator of the pass that warns if its first batch looks like
+    one sample (every feed a scalar or 1-D: rows of scalars): the reader may yield single
+    samples, which only ``--batch-size`` batches (else each becomes a batch of its values)."""
+
+    def batches(pass_: int) -> Any:
+        for i, batch in enumerate(call_reader(reader, pass_)):
+            if i == 0 and pass_ == 0:
+                values = batch.values() if isinstance(batch, dict) else batch
+                if not isinstance(values, (tuple, list)) and not isinstance(batch, dict):
+                    values = [batch]
+                if all(np.ndim(v) <= 1 for v in values):
+                    shapes = {f: np.shape(v) for f, v in zip(feeds, values, strict=False)}
+                    click.echo(
+                        f"warning: the reader's first batch holds feeds of shapes {shapes}, "
+                        f"read as {len(np.atleast_1d(next(iter(values), [])))} samples of "
+                        f"scalars. If it yields single samples, pass --batch-size N",
+                        err=True,
+                    )
+            yield batch
+
+    return batches
 
 
 @cli.command()

@@ -169,7 +169,18 @@ def _check_rows(f: Field, rows: np.ndarray, what: str) -> np.ndarray:
                 f"field's dtype",
                 field=f.name,
             )
-        rows = astype(rows, f.dtype)
+        wide = rows
+        with np.errstate(over="ignore"):
+            rows = astype(wide, f.dtype)
+        if rows.dtype.kind == "f" and rows.dtype.itemsize < wide.dtype.itemsize:
+            overflow = np.isinf(rows) & np.isfinite(wide)
+            if overflow.any():
+                raise SchemaError(
+                    f"field {f.name!r} is {f.dtype}, got {wide.dtype} values beyond its range "
+                    f"(e.g. {wide[overflow].flat[0]!r}) that would become inf; scale them, or "
+                    f"declare the field {wide.dtype}",
+                    field=f.name,
+                )
     return rows
 
 

@@ -62,12 +62,15 @@ class TokenCheck(flight.ServerMiddlewareFactory):  # type: ignore[misc]
             )
 
 
-def refusal(exc: KdserveError, message: str | None = None) -> flight.FlightError:
+def refusal(
+    exc: KdserveError, message: str | None = None, *, transient: bool = True
+) -> flight.FlightError:
     """The Flight error for ``exc`` (its message, or ``message`` in its place): unavailable
-    for a TeacherUnavailableError, else a server error, with the ErrorInfo attached."""
+    (retried) for a ``transient`` TeacherUnavailableError, else a server error, with the
+    ErrorInfo attached."""
     info = ErrorInfo.of(exc, message)
     kind = flight.FlightUnavailableError
-    if not isinstance(exc, TeacherUnavailableError):
+    if not (transient and isinstance(exc, TeacherUnavailableError)):
         kind = flight.FlightServerError
     return kind(f"kdserve: {info.message}", extra_info=info.to_bytes())
 
@@ -78,7 +81,10 @@ def flight_error(exc: BaseException, teacher: str, where: str, context: Any) -> 
     if isinstance(exc, flight.FlightError) or not isinstance(exc, Exception):
         error = exc  # ours already; or GeneratorExit, KeyboardInterrupt: not ours to eat
     elif isinstance(exc, WindowStoppedError):
-        error = refusal(TeacherUnavailableError(f"teacher {teacher!r}: {exc}", teacher=teacher))
+        # closing: the student waits for a teacher that may come back; failed: it would
+        # wait in vain (it is told why at once, non-transient)
+        stopped = TeacherUnavailableError(f"teacher {teacher!r}: {exc}", teacher=teacher)
+        error = refusal(stopped, transient=not exc.failed)
     elif isinstance(exc, KdserveError):  # a request this teacher refuses
         error = refusal(exc)
     elif isinstance(exc, pa.ArrowException) and _cancelled(context):

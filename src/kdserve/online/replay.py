@@ -35,6 +35,11 @@ MIN_WINDOW_BYTES = 64 << 20  # the window holds at least this much, however smal
 class WindowStoppedError(Exception):
     """The window was stopped (teacher closing, or its producer failed) during a wait."""
 
+    def __init__(self, why: str, failed: bool = False) -> None:
+        super().__init__(why)
+        self.failed = failed
+        """The producer failed: a student asking again would never get the batches."""
+
 
 class ReplayWindow:
     """Batches of ``times`` passes between one producer and the ranks of a student group."""
@@ -52,13 +57,15 @@ class ReplayWindow:
         self._world: int | None = None
         self._first_request: float | None = None
         self._stopped: str | None = None  # why the window stopped
+        self._failed = False  # it stopped because its producer failed
 
     # -- shared ---------------------------------------------------------------------
 
-    def stop(self, why: str = "the teacher is closing") -> None:
-        """Wake every waiter with WindowStoppedError(why)."""
+    def stop(self, why: str = "the teacher is closing", failed: bool = False) -> None:
+        """Wake every waiter with WindowStoppedError(why); ``failed``: the producer failed."""
         with self._cond:
-            self._stopped = self._stopped or why
+            if self._stopped is None:
+                self._stopped, self._failed = why, failed
             self._cond.notify_all()
 
     def _wait(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
@@ -75,7 +82,7 @@ class ReplayWindow:
         if ready():
             return True
         if self._stopped:
-            raise WindowStoppedError(self._stopped)
+            raise WindowStoppedError(self._stopped, self._failed)
         return False
 
     def _owner(self, seq: int) -> int:

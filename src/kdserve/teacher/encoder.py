@@ -86,6 +86,7 @@ class Encoder:
         self.schema = current
         self.publish = publish
         self.samples = 0  # samples inferred so far
+        self._every_output = False  # keep=None: names are the first batch's outputs
         self._counting = threading.Lock()  # infer() may run on several threads
 
     def infer(self, feed: FeedBatch) -> dict[str, Any]:
@@ -98,8 +99,26 @@ class Encoder:
             raise SchemaError(
                 f"program must return a dict of output arrays, got {type(outputs).__name__}"
             )
+        ids = outputs.get(SAMPLE_ID)
+        if ids is not None and ids is not feed.get(SAMPLE_ID):
+            raise SchemaError(
+                f"the program returned an output named {SAMPLE_ID!r}, kdserve's own sample id "
+                f"column (ids come from the reader's order or its {SAMPLE_ID!r} feed): "
+                f"rename the output",
+                field=SAMPLE_ID,
+            )
         if not self.names:  # keep every output, in the program's order (first batch only)
             self.names, self.sources = knowledge_names(_outputs_to_keep(outputs))
+            self._every_output = True
+        elif self._every_output:
+            new = [o for o in _outputs_to_keep(outputs) if o not in self.sources]
+            if new:
+                raise SchemaError(
+                    f"the program returned output(s) {new} that its first batch did not "
+                    f"({self.sources}): the first batch fixes what a teacher keeps. Return "
+                    f"them from every batch, or name the fields to keep (keep=/schema=)",
+                    field=new[0],
+                )
         knowledge = {}
         for n, source in zip(self.names, self.sources, strict=True):
             if source in outputs:
@@ -197,10 +216,16 @@ def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
 
 
 def _outputs_to_keep(outputs: Mapping[str, Any]) -> list[str]:
-    """Every output but the ``<name>_lengths``/``<name>_mask`` that describe another."""
+    """Every output but the ``<name>_lengths``/``<name>_mask`` that describe another (and
+    a ``sample_id`` passed through); SchemaError for a name that is no string."""
+    for o in outputs:
+        if not isinstance(o, str) or not o:
+            raise SchemaError(f"program output names must be non-empty strings, got {o!r}")
     suffixes = ("_lengths", "_mask")
     return [
-        o for o in outputs if not any(o.endswith(x) and o[: -len(x)] in outputs for x in suffixes)
+        o
+        for o in outputs
+        if o != SAMPLE_ID and not any(o.endswith(x) and o[: -len(x)] in outputs for x in suffixes)
     ]
 
 

@@ -24,14 +24,14 @@ import numpy as np
 
 from kdserve.errors import SchemaError
 
-__all__ = ["FeedBatch", "iter_feed_batches", "named_feeds"]
+__all__ = ["FeedBatch", "call_reader", "iter_feed_batches", "named_feeds"]
 
 FeedBatch = dict[str, Any]
 
 _FORMS = ("sample_generator", "sample_list_generator", "batch_generator")
 
 
-def _call(source: Callable[..., Iterable[Any]] | Iterable[Any], pass_: int) -> Iterable[Any]:
+def call_reader(source: Callable[..., Iterable[Any]] | Iterable[Any], pass_: int) -> Iterable[Any]:
     """Pantheon passes generator functions; a plain iterable is accepted too. A function
     that takes an argument is given the pass it serves (0, 1, ...), so that it can, say,
     shuffle each pass its own way."""
@@ -71,19 +71,19 @@ def iter_feed_batches(
                 raise SchemaError(
                     f"sample_generator needs 'batch_size' (an int >= 1), got {batch_size!r}"
                 )
-            samples = _call(source, pass_)
+            samples = call_reader(source, pass_)
             yield from _batch_samples(
                 samples, batch_size, bool(reader_config.get("drop_last")), feed_list
             )
         elif form == "sample_list_generator":
-            for samples in _call(source, pass_):
+            for samples in call_reader(source, pass_):
                 yield _stack_samples(list(samples), feed_list)
         else:
-            for batch in _call(source, pass_):
+            for batch in call_reader(source, pass_):
                 yield _as_feed_batch(batch, feed_list)
         return
     if callable(reader_config) and not isinstance(reader_config, Iterable):
-        reader_config = _call(reader_config, pass_)  # a function returning batches
+        reader_config = call_reader(reader_config, pass_)  # a function returning batches
     if isinstance(reader_config, Mapping) or not isinstance(reader_config, Iterable):
         raise SchemaError(
             f"reader_config must be a dict with one of {list(_FORMS)}, or an iterable of "
@@ -154,7 +154,7 @@ def named_feeds(data: Any, feeds: Sequence[str] | None) -> tuple[list[str], Any]
     if isinstance(data, Mapping) and any(k in data for k in _FORMS):
         raise SchemaError("a Pantheon reader config yields unnamed samples: pass feeds=[names]")
     if callable(data) and not isinstance(data, Iterable):  # a function of the pass
-        first_pass = _call(data, 0)
+        first_pass = call_reader(data, 0)
         names, _ = named_feeds(first_pass if isinstance(first_pass, Iterable) else [], None)
         return names, data
     if not isinstance(data, Iterable):

@@ -206,4 +206,4 @@ class ServeSink(Sink):
             pass
 
     def fail(self, why: str) -> None:
-        self.window.stop(f"its knowledge service failed: {why}")
+        self.window.stop(f"its knowledge service failed: {why}", failed=True)

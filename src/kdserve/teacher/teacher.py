@@ -137,6 +137,11 @@ class Teacher:
         if out_path is None and out_port is None:
             raise KdserveError("a Teacher needs out_path= (a store), out_port= (serving), or both")
         self.out_path = None if out_path is None else os.fspath(out_path)
+        if self.out_path is not None and not self.out_path.strip():
+            raise KdserveError(
+                "out_path is empty: give the store's directory (an empty path would write "
+                "into the current directory)"
+            )
         self.out_port = out_port
         self.host = host
         default_name = os.path.basename(os.path.normpath(self.out_path)) if self.out_path else ""

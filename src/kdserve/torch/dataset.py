@@ -30,6 +30,7 @@ import functools
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from kdserve.core.merge import StrategySpec
 from kdserve.core.ragged import Ragged
 from kdserve.core.sampler import Even, Sampler
 from kdserve.online.address import split_address
+from kdserve.store.manifest import read_manifest
 from kdserve.student import Student
 from kdserve.student.vocab_map import VocabMap
 
@@ -50,6 +52,7 @@ __all__ = ["KnowledgeDataset", "to_tensors"]
 # of Arrow memory by design, and the tensors are documented as not to be modified.
 _READ_ONLY_WARNING = r"The given NumPy array is not writable"
 _STATE_KEYS = ("epoch", "batches")
+_PLAN = "plan"  # the state's record of what decides which samples a pass's batches hold
 
 
 def to_tensors(batch: Knowledge, pin_memory: bool = False) -> dict[str, torch.Tensor]:
@@ -226,22 +229,45 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             self._batches = 0
             self._resume = 0
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch": ..., "batches": ...}``: the pass, and the batches this instance
-        (in a loader worker: this worker) has yielded of it."""
-        return {"epoch": self._epoch, "batches": self._batches}
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch": ..., "batches": ..., "plan": {...}}``: the pass, the batches this
+        instance (in a loader worker: this worker) has yielded of it, and what decides
+        which samples they held (batch size, order, the teachers' stores), which
+        :meth:`load_state_dict` checks before skipping them."""
+        return {"epoch": self._epoch, "batches": self._batches, _PLAN: self._plan()}
+
+    def _plan(self) -> dict[str, Any]:
+        """What decides which samples the first batches of a pass hold, for this worker."""
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        teachers = []
+        for add, where in self._teachers:
+            if add == "add_store":  # a store rewritten or grown reads in another order
+                manifest = read_manifest(Path(where))
+                teachers.append([where, manifest.get("created"), manifest.get("rows")])
+            else:
+                teachers.append([where, None, None])
+        return {
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "block_rows": self.block_rows,
+            "part": [self.rank * workers + worker, self.world_size * workers],
+            "teachers": teachers,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next iteration reads pass ``epoch`` and
         skips its first ``batches`` batches. Mid-pass resume needs offline teachers only."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        unknown = sorted(set(state) - set(_STATE_KEYS), key=str)
+        unknown = sorted(set(state) - {*_STATE_KEYS, _PLAN}, key=str)
         missing = [k for k in _STATE_KEYS if k not in state]
         if unknown or missing:
             raise ValueError(
                 f"not a KnowledgeDataset state: unknown key(s) {unknown}, missing key(s) "
-                f"{missing}; expected exactly {list(_STATE_KEYS)}"
+                f"{missing}; expected {list(_STATE_KEYS)} and {_PLAN!r}"
             )
         for key in _STATE_KEYS:
             value = state[key]
@@ -254,9 +280,37 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
                 f"teachers have already served them and cannot replay a pass in part. Resume "
                 f"at the start of an epoch instead"
             )
+        if batches:
+            self._check_plan(state.get(_PLAN), epoch, batches)
         self._epoch = epoch
         self._batches = batches
         self._resume = batches
+
+    def _check_plan(self, saved: Any, epoch: int, batches: int) -> None:
+        """ValueError unless skipping ``batches`` now skips the samples they held then."""
+        if saved is None:
+            warnings.warn(
+                f"resuming pass {epoch} after {batches} batches from a state without its "
+                f"'{_PLAN}' (an older kdserve): it cannot be checked that this dataset's "
+                f"batch size, order and stores are the ones it was saved with",
+                stacklevel=3,
+            )
+            return
+        now = self._plan()
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"state[{_PLAN!r}] must be a mapping, got {type(saved).__name__}")
+        for key, value in now.items():
+            was = saved.get(key)
+            if isinstance(was, tuple):
+                was = list(was)
+            if was != value:
+                raise ValueError(
+                    f"cannot resume pass {epoch} after {batches} batches: the state was saved "
+                    f"with {key}={was!r}, this dataset has {key}={value!r}, so the batches "
+                    f"skipped would not be the ones read and samples would be lost or read "
+                    f"twice. Resume with the same settings, stores and loader workers, or "
+                    f"at the start of an epoch (batches=0)"
+                )
 
     def _student(self, rank: int, world_size: int) -> Student:
         student = Student(
