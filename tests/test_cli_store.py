@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,51 @@ def test_dump_of_single_samples_without_batch_size_warns(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
     assert kd.StoreReader(tmp_path / "c").schema["doubled"].shape == (4,)
+
+
+HANGING = """
+import threading
+import numpy as np
+
+def program(feed):
+    if feed["x"][0, 0] >= 3:
+        threading.Event().wait()  # a program that hangs (a stuck device, a deadlock)
+    return {"doubled": feed["x"] * 2}
+
+def batches():
+    for i in range(10):
+        yield np.full((4, 4), i, dtype=np.float32)
+"""
+
+
+def _interrupted(tmp_path, *args):
+    """``kdserve *args`` run for 2 s, then sent Ctrl-C (SIGINT): how long it took to
+    exit, its exit status and its output."""
+    (tmp_path / "hanging.py").write_text(HANGING)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KDSERVE_TOKEN": "cli-secret"}
+    proc = subprocess.Popen(
+        [KDSERVE, *args, *("--program", "hanging:program", "--reader", "hanging:batches"),
+         *("--feed", "x", "--keep", "doubled")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2.0)  # serving (no student yet) or dumping (the program hangs)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        return time.monotonic() - started, proc.returncode, err
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_ctrl_c_stops_a_serving_teacher_without_students_promptly(tmp_path):
+    took, code, err = _interrupted(tmp_path, "serve", "--port", "0")
+    assert code != 0 and took < 10, (took, err)
+    assert "did not stop within" not in err, err
+
+
+def test_ctrl_c_stops_a_dump_whose_program_hangs_promptly(tmp_path):
+    took, code, err = _interrupted(tmp_path, "dump", "--out", str(tmp_path / "s"))
+    assert code != 0 and took < 10, (took, err)
+    assert not kd.StoreReader(tmp_path / "s").complete  # valid, incomplete, resumable

@@ -952,6 +952,63 @@ def test_a_failing_program_reaches_the_student_as_a_clear_error(serve):
         service.wait()
 
 
+def _stuck_after(batches: int, release: threading.Event) -> Callable[[dict[str, Any]], Any]:
+    """program_a, hanging (until ``release``) from its ``batches + 1``-th batch on: a
+    teacher that is alive and answers, but whose program is stuck."""
+
+    def stuck(feed: dict[str, Any]) -> dict[str, Any]:
+        if int(np.asarray(feed["sample_id"])[0]) >= batches * TB:
+            release.wait(60)
+        return program_a(feed)
+
+    return stuck
+
+
+def test_a_stuck_teacher_is_warned_about_then_given_up_on(serve, caplog, monkeypatch):
+    monkeypatch.setattr("kdserve.student.passes._WARN_EVERY", 0.5)
+    release = threading.Event()
+    service = served(serve, A | {"program": _stuck_after(3, release)}, buf_size=2)
+    s = student([("stuck", service)], stall_timeout=2.0)
+    caplog.set_level(logging.WARNING, logger="kdserve")
+    got: list[dict[str, Any]] = []
+
+    def read() -> None:
+        for batch in s.get_knowledge_generator(batch_size=TB)():
+            got.append(batch)
+
+    started = time.monotonic()
+    with pytest.raises(kd.TeacherUnavailableError, match=r"'stuck' sent no knowledge for 2 s"):
+        in_thread(read)
+    assert time.monotonic() - started < 10  # the stall timeout, not a join or connect_timeout
+    assert len(got) == 3  # every batch it sent, then the error
+    assert "waiting for teacher stuck: no knowledge for" in caplog.text
+    started = time.monotonic()
+    s.close()
+    assert time.monotonic() - started < 5  # no thread was left blocked on the stream
+    release.set()
+
+
+def test_closing_a_student_stops_a_pass_waiting_on_a_stuck_teacher(serve):
+    release = threading.Event()
+    service = served(serve, A | {"program": _stuck_after(2, release)}, buf_size=2)
+    s = student([("stuck", service)], stall_timeout=None)  # it would wait forever
+    loop = Background(lambda: list(s.get_knowledge_generator(batch_size=TB)()))
+    time.sleep(1.0)  # the loop has its 2 batches and waits for the third
+    started = time.monotonic()
+    in_thread(s.close)
+    with pytest.raises(kd.KdserveError, match="closed before the end of its stream"):
+        loop.result(JOIN)  # told, not ended as if the pass were over
+    assert time.monotonic() - started < 5
+    release.set()
+
+
+@pytest.mark.parametrize("value", [0, -1, "10", True])
+def test_student_timeouts_must_be_positive_seconds(value):
+    for name in ("connect_timeout", "stall_timeout"):
+        with pytest.raises((TypeError, ValueError), match=name):
+            kd.Student(**{name: value})
+
+
 def test_student_closes_as_a_context_manager(serve):
     service = served(serve, A)
     with student([("a", service)]) as s:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import kdserve as kd
 from _helpers import Background, wait_for
 from kdserve.core import prefetch
 from kdserve.core.prefetch import Prefetcher
@@ -148,7 +149,15 @@ def test_close_from_the_producer_thread_itself_does_not_deadlock():
     work = Prefetcher(produce, 100, name="pf-self-close")
     holder.append(work)
     ready.set()
-    items = Background(lambda: list(work)).result(WAIT)
+    items: list[int] = []
+
+    def read() -> None:
+        for item in work:
+            items.append(item)
+
+    # The consumer is told its stream was cut short: a prefix is never passed off as all.
+    with pytest.raises(kd.KdserveError, match="pf-self-close was closed before the end"):
+        Background(read).result(WAIT)
     assert closed.is_set()
     assert items[:2] == [0, 1]
     assert items == list(range(len(items)))  # a prefix: nothing lost or reordered

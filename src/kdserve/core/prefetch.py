@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from kdserve.core.wait import POLL
+from kdserve.errors import KdserveError
 
 __all__ = ["Prefetcher"]
 
@@ -27,9 +29,22 @@ _DONE = object()
 class Prefetcher(Generic[T]):
     """Iterate ``produce()`` in a daemon thread; iterate this object to consume it."""
 
-    def __init__(self, produce: Callable[[], Iterable[T]], buf_size: int, name: str) -> None:
+    def __init__(
+        self,
+        produce: Callable[[], Iterable[T]],
+        buf_size: int,
+        name: str,
+        on_wait: Callable[[float], None] | None = None,
+        cancel: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_wait(seconds)`` is called while the consumer waits, with the seconds it
+        has waited for the next item; what it raises is raised in the consumer.
+        ``cancel()`` is called by :meth:`close` before it waits for the producer, to end
+        a call the producer may be blocked in (e.g. a network read)."""
         if buf_size < 1:
             raise ValueError(f"buf_size must be >= 1, got {buf_size}")
+        self._on_wait = on_wait
+        self._cancel = cancel
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buf_size)
         self._stop = threading.Event()
         self._ended = 0  # 1 once the end of the stream (or its error) is queued
@@ -66,31 +81,49 @@ class Prefetcher(Generic[T]):
                 close()
 
     def __iter__(self) -> Iterator[T]:
+        wait = None  # for the producer's thread: close()'s default
         try:
+            waiting = time.monotonic()
             while True:
                 try:
                     item = self._queue.get(timeout=POLL)
                 except queue.Empty:
+                    if self._stop.is_set():  # closed by another thread: not the end
+                        raise KdserveError(
+                            f"{self._thread.name} was closed before the end of its stream "
+                            f"(e.g. Student.close() from another thread)"
+                        ) from None
                     if not self._thread.is_alive() and self._queue.empty():
                         return
+                    if self._on_wait is not None:
+                        self._on_wait(time.monotonic() - waiting)
                     continue
+                waiting = time.monotonic()
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item  # type: ignore[misc]
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):  # not the consumer stopping early: an
+                wait = 0.0  # error (or Ctrl-C) whose handler closes, and waits, once it acted
+            raise
         finally:
-            self.close()
+            self.close(wait)
 
-    def close(self) -> None:
-        """Stop the producer and wait for its thread (it checks the flag every 0.1 s)."""
+    def close(self, wait: float | None = None) -> None:
+        """Stop the producer and wait up to ``wait`` s (default 30) for its thread (it
+        checks the flag every 0.1 s; one busy in a call, e.g. a hung program, stops after)."""
+        wait = _JOIN_WAIT if wait is None else wait
         self._stop.set()
+        if self._cancel is not None and self._thread.is_alive():
+            self._cancel()
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=_JOIN_WAIT)
-            if self._thread.is_alive():
+            self._thread.join(timeout=wait)
+            if self._thread.is_alive() and wait > 0:
                 _log.warning(
                     "thread %s did not stop within %g s (its producer is busy); it stops at "
                     "its next item",
                     self._thread.name,
-                    _JOIN_WAIT,
+                    wait,
                 )

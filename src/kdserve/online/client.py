@@ -15,6 +15,7 @@ reports (:mod:`kdserve.online.client_errors`).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -24,7 +25,12 @@ from pyarrow import flight
 
 from kdserve.core.schema import Schema
 from kdserve.core.wait import backoff
-from kdserve.errors import AuthenticationError, ProtocolError, TeacherUnavailableError
+from kdserve.errors import (
+    AuthenticationError,
+    KdserveError,
+    ProtocolError,
+    TeacherUnavailableError,
+)
 from kdserve.online import ask_query
 from kdserve.online.address import is_loopback, location, split_address
 from kdserve.online.client_errors import TRANSIENT, from_flight, reason
@@ -67,6 +73,9 @@ class TeacherClient:
         self.connect_timeout = connect_timeout
         self.max_message_bytes = MAX_MESSAGE_BYTES  # until info() tells the teacher's
         self._dropped: list[int] = []  # indices of the teacher's messages found undecodable
+        self._lock = threading.Lock()
+        self._readers: set[flight.FlightStreamReader] = set()  # knowledge streams open now
+        self.cancels = 0  # times cancel_streams() was called: a stream sees it changed
         uri = location(address, tls_root_certs is not None)
         self._given = given_token(token)  # an explicit token always wins
         self._found: str | None = None  # else the token a same-host teacher published
@@ -81,7 +90,30 @@ class TeacherClient:
         self._client = flight.FlightClient(uri, generic_options=_GRPC_OPTIONS, **kwargs)
 
     def close(self) -> None:
+        self.cancel_streams()
         self._client.close()
+
+    def cancel_streams(self) -> None:
+        """Stop every knowledge stream open now, and the calls waiting to open one, from
+        any thread: a read blocked on a teacher that sends nothing returns at once."""
+        with self._lock:
+            self.cancels += 1
+            readers = list(self._readers)
+        for reader in readers:
+            reader.cancel()
+
+    def release(self, reader: flight.FlightStreamReader) -> None:
+        """Forget a knowledge stream that ended (:meth:`get` opened it)."""
+        with self._lock:
+            self._readers.discard(reader)
+
+    def check_cancelled(self, since: int) -> None:
+        """KdserveError if :meth:`cancel_streams` was called since ``cancels`` was ``since``."""
+        if self.cancels != since:
+            raise KdserveError(
+                f"the knowledge stream of teacher {self.name!r} was cancelled: the student "
+                f"stopped reading it (closed, or gave up on the teacher)"
+            )
 
     # -- token ----------------------------------------------------------------------
 
@@ -125,6 +157,7 @@ class TeacherClient:
     def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
         """Run ``fn`` with retries and backoff until it works or the deadline passes."""
         delays = backoff(deadline or time.monotonic() + self.connect_timeout, most=_MAX_BACKOFF)
+        cancels = self.cancels
         listening_since: float | None = None  # when a teacher that published no token was seen
         while True:
             try:
@@ -146,6 +179,7 @@ class TeacherClient:
                         f"both sides (tls_root_certs=) or on neither? ({reason(exc)})",
                         teacher=self.name,
                     ) from None
+                self.check_cancelled(cancels)  # a closing student stops waiting
                 time.sleep(delay)
             except flight.FlightUnauthenticatedError as exc:
                 if not self._token_changed():
@@ -163,9 +197,13 @@ class TeacherClient:
         return self.call(run, kind)
 
     def get(self, ticket: Ticket) -> flight.FlightStreamReader:
-        """The knowledge stream that answers ``ticket`` (opening it is retried)."""
+        """The knowledge stream that answers ``ticket`` (opening it is retried); open
+        until :meth:`release`, and cancelled by :meth:`cancel_streams`."""
         request = flight.Ticket(ticket.to_bytes())
-        return self.call(lambda: self._client.do_get(request, self._options()), "knowledge")
+        reader = self.call(lambda: self._client.do_get(request, self._options()), "knowledge")
+        with self._lock:
+            self._readers.add(reader)
+        return reader
 
     def exchange(self) -> tuple[flight.FlightStreamWriter, flight.FlightStreamReader]:
         """A query exchange's writer and reader (opening it is retried)."""

@@ -34,10 +34,14 @@ def read_pass(
     seq = rank  # the next batch this rank needs
     since_ack = 0
     what = f"batch metadata from teacher {client.name!r}"
+    cancels = client.cancels
     while True:
         parts: list[pa.RecordBatch] = []
+        reader = None
         try:
-            for chunk in client.get(Ticket(pass_, seq, rank, world_size)):
+            reader = client.get(Ticket(pass_, seq, rank, world_size))
+            client.check_cancelled(cancels)  # after get() registered it: none is missed
+            for chunk in reader:
                 raw = chunk.app_metadata.to_pybytes() if chunk.app_metadata is not None else b""
                 meta = ChunkMeta.from_bytes(raw, what)
                 if (meta.pass_, meta.seq, meta.part) != (pass_, seq, len(parts)):
@@ -62,9 +66,13 @@ def read_pass(
                         since_ack = 0
                 parts = []
         except TRANSIENT:
+            client.check_cancelled(cancels)
             continue  # reconnect: the client waits for the teacher, up to connect_timeout
         except flight.FlightError as exc:
             raise client.error(exc) from None
+        finally:
+            if reader is not None:
+                client.release(reader)
         client.ack(Ack(pass_ + 1, rank, rank, world_size))  # the pass is over for this rank
         return
 

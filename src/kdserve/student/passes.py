@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -15,10 +16,13 @@ from kdserve.core.batch import sample_ids
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.rebatch import rebatch
 from kdserve.core.sampler import Sampler
-from kdserve.errors import AlignmentError
+from kdserve.errors import AlignmentError, TeacherUnavailableError
 from kdserve.student.sources import StoreSource, StreamSource
 
 __all__ = ["Step", "served_pass", "store_pass"]
+
+_WARN_EVERY = 60.0  # seconds between two warnings about a teacher that sends nothing
+_log = logging.getLogger(__name__)
 
 Step = dict[str, pa.RecordBatch]
 """One step of a pass: each teacher's batch, by teacher name, holding the same samples."""
@@ -42,9 +46,11 @@ def served_pass(
     batch_size: int,
     drop_last: bool,
     buf_size: int,
+    stall_timeout: float | None,
 ) -> Iterator[Step]:
     """A pass driven by served teachers' streams (the first one's order); stores are
-    looked up by the ids of each batch."""
+    looked up by the ids of each batch. A teacher that sends nothing while the pass
+    waits for it is warned about each minute, and given up on after ``stall_timeout``."""
     for t in teachers:
         t.check_pass(epoch)
     # Each teacher is read by its own thread, buf_size batches ahead: network reads of
@@ -54,6 +60,8 @@ def served_pass(
             functools.partial(rebatch, t.share(epoch, sampler), batch_size, drop_last),
             buf_size,
             f"kdserve-{t.name}",
+            on_wait=_patience(t.name, epoch, stall_timeout),
+            cancel=t.cancel,  # a thread blocked reading a teacher that sends nothing returns
         )
         for t in teachers
     ]
@@ -76,3 +84,32 @@ def served_pass(
     finally:
         for stream in streams:
             stream.close()
+
+
+def _patience(teacher: str, epoch: int, timeout: float | None) -> Callable[[float], None]:
+    """The wait for ``teacher``'s next batch: a warning each minute, and after
+    ``timeout`` s (None: never) TeacherUnavailableError."""
+    warned = 0  # minutes warned about
+
+    def waited(seconds: float) -> None:
+        nonlocal warned
+        if timeout is not None and seconds > timeout:
+            raise TeacherUnavailableError(
+                f"teacher {teacher!r} sent no knowledge for {timeout:g} s of pass {epoch} "
+                f"while the student waited for it: it answers, but its program or reader "
+                f"seems stuck. Check the teacher's process, or raise the student's "
+                f"stall_timeout= (None waits forever)",
+                teacher=teacher,
+            )
+        if seconds >= (warned + 1) * _WARN_EVERY:
+            warned = int(seconds // _WARN_EVERY)
+            _log.warning(
+                "student: waiting for teacher %s: no knowledge for %.0f s of pass %d (it gives "
+                "up after stall_timeout=%s s)",
+                teacher,
+                seconds,
+                epoch,
+                "None" if timeout is None else f"{timeout:g}",
+            )
+
+    return waited

@@ -257,6 +257,9 @@ class StreamSource(Source):
     def share(self, epoch: int, sampler: Sampler) -> Iterator[pa.RecordBatch]:
         """This rank's batches of pass ``epoch``, each sample once."""
 
+    def cancel(self) -> None:
+        """Stop its passes now, from any thread (a read waiting on it returns)."""
+
     @abstractmethod
     def query(
         self, batches: Iterable[Mapping[str, Any]], max_in_flight: int, decode: bool
@@ -397,6 +400,9 @@ class TeacherSource(StreamSource):
 
     def close(self) -> None:
         self._client.close()
+
+    def cancel(self) -> None:
+        self._client.cancel_streams()
 
     def check_pass(self, epoch: int) -> None:
         """KdserveError unless the teacher serves pass ``epoch`` (it serves ``times``)."""

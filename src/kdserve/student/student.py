@@ -75,7 +75,10 @@ class Student:
     with different batch counts).
     ``token`` (or ``KDSERVE_TOKEN``), ``tls_root_certs``, ``tls_client_cert`` (the
     (cert, key) PEM pair a mutual-TLS teacher asks for) and ``connect_timeout`` apply
-    to online teachers; ``buf_size`` batches are prefetched in the background.
+    to online teachers; ``buf_size`` batches are prefetched in the background. A served
+    teacher that sends nothing while a pass waits for it (alive, but its program stuck)
+    is warned about each minute and, after ``stall_timeout`` seconds (None: never),
+    raises :class:`~kdserve.TeacherUnavailableError` naming it.
     ``verify=True`` checks each store shard's crc32 once, before its first use.
     ``expect`` (e.g. ``{"tokenizer": "<hash>", "vocab_size": 32000}``) is the provenance
     every teacher must record (``Teacher(provenance=...)``): a store when the student
@@ -103,7 +106,12 @@ class Student:
         connect_timeout: float = 60.0,
         verify: bool = False,
         expect: Mapping[str, Any] | None = None,
+        stall_timeout: float | None = 600.0,
     ) -> None:
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.stall_timeout = (
+            None if stall_timeout is None else _seconds("stall_timeout", stall_timeout)
+        )
         env_rank, env_world = Sampler.world_from_env()
         self._sampler = Sampler(
             shuffle=shuffle,
@@ -118,7 +126,6 @@ class Student:
         self.token = token
         self.tls_root_certs = tls_root_certs
         self.tls_client_cert = tls_client_cert
-        self.connect_timeout = connect_timeout
         self.verify = verify
         self.expect = dict(expect or {})
         self.id = uuid.uuid4().hex
@@ -308,6 +315,8 @@ class Student:
         """Stop every pass still running (abandoned ones too) and close the connections to
         online teachers."""
         self._closed = True
+        for served in self._served:  # first: a pass's thread blocked reading one returns
+            served.cancel()
         for running in list(self._passes):
             running.close()
         for source in self._sources:
@@ -427,7 +436,14 @@ class Student:
         steps: Iterator[Step]
         if streaming:
             steps = served_pass(
-                streaming, self._stores, self._sampler, epoch, batch_size, drop_last, self.buf_size
+                streaming,
+                self._stores,
+                self._sampler,
+                epoch,
+                batch_size,
+                drop_last,
+                self.buf_size,
+                self.stall_timeout,
             )
         else:
             steps = store_pass(self._stores, self._sampler, epoch, batch_size, drop_last)
@@ -517,3 +533,12 @@ class Loader:
             raise TypeError("a pass of online teachers has no length known in advance")
         samples = len(self._student)
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+
+def _seconds(name: str, value: Any) -> float:
+    """``value`` as a number of seconds > 0; TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(value)

@@ -106,17 +106,25 @@ class Pipeline:
     def run(self) -> int:
         """Run every pass; return the samples delivered. A failure is told to every sink
         (a store stays incomplete, waiting students hear of it) and re-raised."""
+        work = Prefetcher(self._produce, self.buf_size, name="kdserve-read")
+        items = iter(work)  # held here, so it is closed below, after the sinks hear why
+        interrupted = False
         try:
-            work = Prefetcher(self._produce, self.buf_size, name="kdserve-read")
-            delivered = self._deliver(work)
+            delivered = self._deliver(items)
             for sink in self.sinks:
                 sink.drain(self.stop)
         except BaseException as exc:
             if not (isinstance(exc, WindowStoppedError) and self.stop.is_set()):
-                for sink in self.sinks:
+                for sink in self.sinks:  # wakes a reading thread waiting on a sink
                     sink.fail(f"{type(exc).__name__}: {exc}")
+                interrupted = isinstance(exc, KeyboardInterrupt)
                 raise
             delivered = 0
+        finally:
+            if interrupted:  # Ctrl-C: never wait for a program that may hang
+                work.close(wait=0.0)
+            else:
+                work.close()
         return delivered
 
     def _produce(self) -> Iterator[_Work]:
@@ -193,7 +201,7 @@ class Pipeline:
         ids = feed.get(SAMPLE_ID)
         return np.arange(start, start + n) if ids is None else np.asarray(ids)
 
-    def _deliver(self, work: Prefetcher[_Work]) -> int:
+    def _deliver(self, work: Iterator[_Work]) -> int:
         """Hand batches to their sinks in order (the calling thread's part)."""
         delivered = 0
         quiet = self.progress is False or (self.progress is None and not sys.stderr.isatty())

@@ -115,7 +115,8 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     Use it with ``DataLoader(dataset, batch_size=None, ...)``: the dataset already
     batches (``batch_size``, ``drop_last``). ``merge_strategy``, ``shuffle``, ``seed``,
-    ``block_rows``, ``token`` and ``connect_timeout`` are the :class:`Student`'s;
+    ``block_rows``, ``token``, ``connect_timeout`` and ``stall_timeout`` are the
+    :class:`Student`'s;
     ``rank``/``world_size`` default to torchrun's RANK/WORLD_SIZE; ``even_ranks`` (the
     :class:`Student`'s, ``"pad"`` by default) gives every rank the same number of
     batches per pass, whatever its loader's workers. The shuffle order of
@@ -148,6 +149,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         decode: bool = True,
         token: str | None = None,
         connect_timeout: float = 60.0,
+        stall_timeout: float | None = 600.0,
         rank: int | None = None,
         world_size: int | None = None,
         even_ranks: Even = "pad",
@@ -206,6 +208,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.decode = decode
         self.token = token
         self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout
         self._epoch = 0
         self._batches = 0  # batches yielded in this epoch by this instance
         self._resume = 0  # batches the next iteration skips (set by load_state_dict)
@@ -324,6 +327,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             even_ranks=self.even_ranks if self.world_size > 1 else "none",
             token=self.token,
             connect_timeout=self.connect_timeout,
+            stall_timeout=self.stall_timeout,
             expect=self.expect,
         )
         try:
