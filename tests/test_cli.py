@@ -56,7 +56,7 @@ def test_demo_on_a_busy_port_says_so(tmp_path):
         port = busy.getsockname()[1]
         out = _run("demo", "--out", str(tmp_path / "d"), "--port", str(port))
     assert out.returncode == 1
-    assert f"127.0.0.1:{port}" in out.stderr and "port may be taken" in out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr and "is the port taken" in out.stderr
 
 
 def test_demo_without_its_extra_names_the_install_command(tmp_path):

@@ -194,3 +194,16 @@ def test_ctrl_c_stops_a_dump_whose_program_hangs_promptly(tmp_path):
     took, code, err = _interrupted(tmp_path, "dump", "--out", str(tmp_path / "s"))
     assert code != 0 and took < 10, (took, err)
     assert not kd.StoreReader(tmp_path / "s").complete  # valid, incomplete, resumable
+
+
+def test_bad_cli_arguments_get_messages_not_tracebacks(tmp_path):
+    base = ["dump", "--reader", "x:y", "--feed", "x", "--keep", "y", "--out", str(tmp_path / "s")]
+    out = _run(*base, "--program", "../../etc:passwd", cwd=tmp_path)
+    assert out.returncode == 2 and "cannot import '../../etc'" in out.stderr, out.stderr
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [KDSERVE, "pool", "status", "somepool"],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "no Ray cluster" in out.stderr or "needs Ray" in out.stderr, out.stderr

@@ -136,6 +136,11 @@ def test_student_usage_errors(stores):
     student.register_teacher(in_path=stores / "nope")
     with pytest.raises(kd.StoreError, match="does not exist"):
         student.start()
+    offline = _student(stores)
+    with pytest.raises(kd.KdserveError, match="no online teacher to send to"):
+        offline.send({"step": 1})  # stores take no messages: said, not silently dropped
+    with pytest.raises(kd.KdserveError, match="is offline"):
+        offline.send({"step": 1}, teacher_ids=[0])
 
 
 def test_dump_api_declared_schema_and_resume(tmp_path):
@@ -242,3 +247,29 @@ def test_take_gathers_scattered_rows_in_the_asked_order(stores):
     batch = kd.from_record_batch(reader.take(rows))
     np.testing.assert_array_equal(batch["sample_id"], N - 1 - rows)
     np.testing.assert_allclose(batch["logits"], X[N - 1 - rows] @ W[3], rtol=1e-6)
+
+
+def test_bad_arguments_get_errors_that_name_them(tmp_path):
+    data = [{"x": np.ones((2, 2), np.float32)}]
+    with pytest.raises(TypeError, match=r"program must be callable .* got int"):
+        kd.dump(5, data, tmp_path / "a", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="program must be callable"):
+        kd.serve(5, data)  # type: ignore[arg-type]
+    for times in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="times must be an int >= 1"):
+            kd.serve(lambda f: {"y": f["x"]}, data, times=times)  # type: ignore[arg-type]
+    long_double = lambda f: {"y": f["x"].astype(np.longdouble)}  # noqa: E731
+    if np.dtype(np.longdouble).itemsize > 8:  # float128 where the platform has it
+        with pytest.raises(kd.SchemaError, match="at most 64 bits"):
+            kd.dump(long_double, data, tmp_path / "b", progress=False)
+    with pytest.raises(kd.SchemaError, match="shape must be a tuple of dimensions"):
+        kd.Field("y", "float32", 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="merge_strategy maps each field"):
+        kd.Student(merge_strategy="mean")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="seed must be an int, got 'x'"):
+        kd.Student(seed="x")  # type: ignore[arg-type]
+    for port in (-1, 70000, "abc"):
+        teacher = kd.Teacher(out_port=port, progress=False)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"out_port must be an int in 0\.\.65535"):
+            teacher.start()
+        teacher.close()

@@ -24,6 +24,7 @@ from pyarrow import flight
 
 import kdserve as kd
 from _helpers import Background, free_port
+from kdserve.online.client import TeacherClient
 from kdserve.online.messages import decode_message, encode_message
 from kdserve.online.protocol import Ticket
 
@@ -652,11 +653,18 @@ def asked(serve) -> tuple[Service, kd.Student]:
 
 
 def test_a_query_only_student_has_no_stream(asked):
-    _, s = asked
+    only, s = asked
     with pytest.raises(kd.KdserveError, match="only answer queries"):
         s.get_knowledge_generator(8)
     with pytest.raises(kd.KdserveError, match="only answer queries"):
         s.get_knowledge_desc()
+    with pytest.raises(TypeError, match=r"a query batch is a dict of input arrays"):
+        s.query(0, [1, 2, 3])  # type: ignore[arg-type]
+    s.query(0, {"x": X[:2]})  # a query's answer tells the teacher its schema; still no stream:
+    client = TeacherClient(only.address, name="Q", token=TOKEN, connect_timeout=5.0)
+    with pytest.raises(kd.ProtocolError, match="serves queries only; it has no knowledge stream"):
+        list(client.stream_pass(0, 0, 1, 1))
+    client.close()
 
 
 @pytest.mark.parametrize(

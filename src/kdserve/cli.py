@@ -85,8 +85,11 @@ def _load(spec: str, what: str) -> Any:
             sys.path.insert(0, str(path.parent))
             module_name = path.stem
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint=what) from None
+    except (ImportError, TypeError, ValueError) as exc:  # TypeError: a relative name
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc} (give a module name, or a path to a .py file)",
+            param_hint=what,
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -329,7 +332,13 @@ def pool_status(name: str, address: str) -> None:
         from kdserve.ray import pool_status as status
     except ImportError:
         raise click.ClickException("kdserve pool needs Ray: pip install 'kdserve[ray]'") from None
-    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as exc:
+        raise click.ClickException(
+            f"no Ray cluster to attach to at --address {address} ({exc}); start one with "
+            f"`ray start --head`, or pass its address"
+        ) from None
     try:
         replicas = status(name)
     finally:

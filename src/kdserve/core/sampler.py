@@ -53,6 +53,10 @@ class Sampler:
     even: Even = "none"
 
     def __post_init__(self) -> None:
+        for key in ("seed", "block_rows", "rank", "world_size", "worker", "num_workers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{key} must be an int, got {value!r}")
         if self.even not in EVEN_MODES:
             raise ValueError(f"even must be one of {EVEN_MODES}, got {self.even!r}")
         if self.block_rows < 1:

@@ -64,9 +64,15 @@ class Field:
             np_dtype = np.dtype(dtype)
         except TypeError:
             raise SchemaError(f"field {name!r}: {dtype!r} is not a dtype", field=name) from None
-        if np_dtype.kind not in _NUMERIC_KINDS:
+        if np_dtype.kind not in _NUMERIC_KINDS or (np_dtype.kind == "f" and np_dtype.itemsize > 8):
             raise SchemaError(
-                f"field {name!r} has dtype {np_dtype}; knowledge must be bool, integer or float",
+                f"field {name!r} has dtype {np_dtype}; knowledge must be bool, integer or float "
+                f"(at most 64 bits: cast a long double to float64)",
+                field=name,
+            )
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+            raise SchemaError(
+                f"field {name!r}: shape must be a tuple of dimensions, e.g. (3,), got {shape!r}",
                 field=name,
             )
         dims = tuple(shape)

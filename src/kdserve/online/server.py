@@ -134,6 +134,10 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         for key, value in limits.items():
             if type(value) is not int or value < 1:
                 raise ValueError(f"{key} must be a positive number of bytes, got {value!r}")
+        if type(port) is not int or not 0 <= port < 1 << 16:
+            raise ValueError(
+                f"out_port must be an int in 0..65535 (0: any free port), got {port!r}"
+            )
         if tls_client_ca is not None and tls is None:
             raise KdserveError("tls_client_ca (mutual TLS) needs tls=(cert, key) as well")
         scheme = "grpc+tls" if tls else "grpc"
@@ -149,9 +153,11 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
                 **mutual,
             )
         except (pa.ArrowException, OSError) as exc:
+            why = "is the port taken (choose another out_port, or stop the process using it)"
+            if tls:
+                why += ", or are tls_cert/tls_key not a PEM certificate and its private key"
             raise KdserveError(
-                f"teacher {name!r} cannot listen on {host}:{port} ({exc}); the port may be "
-                f"taken: choose another out_port, or stop the process using it"
+                f"teacher {name!r} cannot listen on {host}:{port} ({exc}): {why}?"
             ) from None
         self.chunk_bytes = chunk_bytes
         self.max_request_bytes = max_request_bytes
@@ -199,7 +205,7 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
     def _stream_schema(self) -> pa.Schema:
         """The knowledge stream's schema; ProtocolError for a query-only teacher."""
         self._check_ready()
-        if self.schema is None:
+        if self.schema is None or self.window is None:  # a query's answer sets the schema
             raise ProtocolError(
                 f"teacher {self.name!r} serves queries only; it has no knowledge stream"
             )

@@ -41,6 +41,11 @@ def query_batches(
 
     def arrow() -> Iterator[pa.RecordBatch]:
         for inputs in batches:
+            if not isinstance(inputs, Mapping):
+                raise TypeError(
+                    f"a query batch is a dict of input arrays {{feed: array}}, got "
+                    f"{type(inputs).__name__}"
+                )
             data = dict(inputs)
             ids = data.pop(SAMPLE_ID, None)
             n = len(next(iter(data.values())))

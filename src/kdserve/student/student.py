@@ -112,6 +112,11 @@ class Student:
         self.stall_timeout = (
             None if stall_timeout is None else _seconds("stall_timeout", stall_timeout)
         )
+        if merge_strategy is not None and not isinstance(merge_strategy, Mapping):
+            raise TypeError(
+                f"merge_strategy maps each field several teachers give to a strategy, e.g. "
+                f"{{'logits': 'mean'}}; got {merge_strategy!r}"
+            )
         env_rank, env_world = Sampler.world_from_env()
         self._sampler = Sampler(
             shuffle=shuffle,
@@ -472,6 +477,11 @@ class Student:
             if teacher_ids is None
             else list(teacher_ids)
         )
+        if teacher_ids is None and not ids:
+            raise KdserveError(
+                "send(): this student has no online teacher to send to (stores take no "
+                "messages); register one with add_teacher()/register_teacher(in_address=)"
+            )
         for i in ids:
             self._client(i).send(self.id, data)
 

@@ -25,6 +25,7 @@ __all__ = [
     "Keep",
     "Program",
     "batch_length",
+    "check_program",
     "knowledge_names",
     "program_concurrency",
     "program_submit",
@@ -33,6 +34,15 @@ __all__ = [
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 Keep = Sequence[str] | Mapping[str, Any] | Schema
 """The knowledge fields to keep: names, ``{name: output or feed}``, or a declared Schema."""
+
+
+def check_program(program: Any) -> None:
+    """TypeError unless ``program`` can be called (before any thread calls it)."""
+    if not callable(program):
+        raise TypeError(
+            f"program must be callable (a dict of feed arrays -> a dict of outputs), got "
+            f"{type(program).__name__}"
+        )
 
 
 def program_submit(program: Program) -> Callable[[FeedBatch], Future[Any]] | None:

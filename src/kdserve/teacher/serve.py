@@ -11,7 +11,7 @@ from typing import Any
 
 from kdserve.core.wait import slices
 from kdserve.online.limits import Limits
-from kdserve.teacher.encoder import Keep, Program
+from kdserve.teacher.encoder import Keep, Program, check_program
 from kdserve.teacher.feeds import named_feeds
 from kdserve.teacher.security import Pem
 from kdserve.teacher.teacher import Teacher
@@ -113,6 +113,9 @@ def serve(
     ``limits`` are :class:`~kdserve.Teacher`'s: on 127.0.0.1 a token is generated and published for
     students of this user, elsewhere ``token=`` is required.
     """
+    check_program(program)
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError(f"times must be an int >= 1 (passes to serve), got {times!r}")
     feed_list, reader = (list(feeds or []), None) if data is None else named_feeds(data, feeds)
     teacher = Teacher(
         path,

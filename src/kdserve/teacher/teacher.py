@@ -61,6 +61,7 @@ from kdserve.teacher.encoder import (
     Keep,
     Program,
     batch_length,
+    check_program,
     knowledge_names,
     program_concurrency,
 )
@@ -369,6 +370,9 @@ class Teacher:
         """
         self._check_started()
         server = self._server
+        check_program(program)
+        if isinstance(times, bool) or not isinstance(times, int):
+            raise TypeError(f"times must be an int >= 1, got {times!r}")
         if times < 1 or (times != 1 and server is None):
             raise ValueError(
                 f"times={times}: a store is written once and students read it as often as "
