@@ -129,7 +129,7 @@ def test_student_usage_errors(stores):
     student = kd.Student()
     with pytest.raises(kd.KdserveError, match="register at least one teacher"):
         student.start()
-    with pytest.raises(kd.KdserveError, match="needs one of in_path="):
+    with pytest.raises(kd.KdserveError, match="needs exactly one of in_path="):
         student.register_teacher()
     with pytest.raises(kd.KdserveError, match="register at least one teacher"):
         student.get_knowledge_desc()  # any use starts the student

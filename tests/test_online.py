@@ -23,7 +23,7 @@ import pytest
 from pyarrow import flight
 
 import kdserve as kd
-from _helpers import Background, free_port
+from _helpers import Background, free_port, wait_for
 from kdserve.online.client import TeacherClient
 from kdserve.online.messages import decode_message, encode_message
 from kdserve.online.protocol import Ticket
@@ -1027,29 +1027,27 @@ def test_student_closes_as_a_context_manager(serve):
 
 
 def test_small_ready_batches_travel_coalesced_and_arrive_whole(serve):
-    produced = threading.Event()
-    calls: list[int] = []
-
-    def counted(feed: dict[str, Any]) -> dict[str, Any]:
-        calls.append(1)
-        if len(calls) == -(-N // TB):
-            produced.set()
-        return program_a(feed)
-
-    service = serve(counted, A["schema"], reader(), buf_size=64)
+    service = serve(program_a, A["schema"], reader(), buf_size=64, times=3)
     s = student([("a", service)])
     client = s._client(0)
-    ticket = flight.Ticket(Ticket(0, 0, 0, 1).to_bytes())
-    # The first request starts production; wait until every batch is in the window.
-    reader_ = client._client.do_get(ticket, client._options())
-    first = reader_.read_chunk()
-    assert produced.wait(JOIN)
-    chunks = [first, *reader_]
-    assert len(chunks) < -(-N // TB)  # fewer messages than batches: small ones were joined
+    window = service.teacher._server.window
+    last = -(-N // TB) - 1
+
+    def produced(pass_: int) -> None:  # every batch of the pass is in the replay window
+        wait_for(lambda: window.ready(pass_, last), JOIN, f"all of pass {pass_} produced")
+
+    # Pass 0 starts production; the window holds every pass (64 batches), so passes 1
+    # and 2 are produced ahead while nobody reads them: their batches are all ready.
+    assert len(list(client.stream_pass(0, 0, 1, ack_every=4))) == last + 1
+    produced(1)
+    ticket = flight.Ticket(Ticket(1, 0, 0, 1).to_bytes())
+    chunks = list(client._client.do_get(ticket, client._options()))
+    assert len(chunks) < last + 1  # fewer messages than batches: small ones were joined
     ids = np.concatenate([c.data.column(0).to_numpy() for c in chunks])
     np.testing.assert_array_equal(ids, np.arange(N))  # ... and nothing lost or repeated
     # The student cuts them back into the teacher's batches (every one, in order).
-    batches = list(client.stream_pass(0, 0, 1, ack_every=4))
+    produced(2)
+    batches = list(client.stream_pass(2, 0, 1, ack_every=4))
     assert [b.num_rows for b in batches] == [TB] * (N // TB) + [N % TB]
     np.testing.assert_array_equal(np.concatenate([b.column(0) for b in batches]), np.arange(N))
     s.close()

@@ -223,7 +223,7 @@ class Student:
         teacher id (0, 1, ... in order). ``vocab_map`` is :meth:`add_store`'s."""
         if sum(x is not None for x in (in_path, in_address, in_pool)) != 1:
             raise KdserveError(
-                "register_teacher needs one of in_path= (a knowledge store directory), "
+                "register_teacher needs exactly one of in_path= (a knowledge store directory), "
                 "in_address= ('host:port' of an online teacher) or in_pool= (a Ray teacher "
                 "pool's name)"
             )

@@ -38,7 +38,9 @@ def dump(
     if it raises, the store stays incomplete and calling it again resumes it.
 
     ``data`` is any iterable of batches (dicts of arrays name their feeds; tuples need
-    ``feeds=[names]``) or a Pantheon reader config (with ``feeds=``). ``keep`` names the
+    ``feeds=[names]``) or a Pantheon reader config (with ``feeds=``); a function of the
+    pass without ``feeds=`` is called once more for pass 0, to read the feed names from
+    its first batch (pass ``feeds=`` if calling it costs). ``keep`` names the
     knowledge fields -- program outputs or feeds passed through, ``{name: output}``, or a
     :class:`~kdserve.Schema` with codecs; None keeps every output. ``threads`` encode in
     parallel; ``inference_threads`` runs that many program calls at once (default: the
