@@ -317,6 +317,33 @@ def test_teacher_killed_for_good_raises_unavailable_within_connect_timeout(
     assert got == list(range(len(got))), "what arrived before the kill must be exact"
 
 
+def test_another_teacher_restarted_on_the_address_is_refused_not_mixed_in(
+    teachers: Teachers,
+) -> None:
+    """A teacher killed mid-pass whose address another teacher then takes: the student
+    refuses to resume the pass from it (its knowledge would mix into the pass)."""
+    n = 3000
+    teacher = teachers.start(n=n, sleep=0.01, times=1)
+    port = teacher.wait_serving()
+    student = make_student(port, connect_timeout=20.0, name="ft")
+    Background(student.start).result(timeout=STARTUP)
+    got: list[int] = []
+    first = threading.Event()
+
+    def consume() -> None:
+        for batch in student.get_knowledge_generator(STUDENT_BATCH)():
+            got.extend(check_batch(batch))
+            first.set()
+
+    consumer = Background(consume)
+    assert first.wait(STARTUP), "no knowledge arrived"
+    teacher.kill()
+    teachers.start(port, n=n, sleep=0.01, times=1, name="impostor").wait_serving()
+    with pytest.raises(kd.KdserveError, match=r"another answers there now \(name 'ft' -> 'imp"):
+        consumer.result(timeout=STARTUP + 20)
+    assert 0 < len(got) < n and got == list(range(len(got)))  # nothing of the other's
+
+
 # -- teacher and student starting in either order ------------------------------------
 
 

@@ -284,10 +284,12 @@ class TeacherClient:
         world_size: int,
         ack_every: int,
         shares: list[int] | None = None,
+        resumed: Callable[[], None] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """This rank's batches of pass ``pass_``, resumed across broken connections. At
-        the end of the pass, ``shares`` (if given) is set to every rank's rows."""
-        return read_pass(self, pass_, rank, world_size, ack_every, shares)
+        """This rank's batches of pass ``pass_``, resumed across broken connections
+        (``resumed()`` called before each resume). At the end of the pass, ``shares`` (if
+        given) is set to every rank's rows."""
+        return read_pass(self, pass_, rank, world_size, ack_every, shares, resumed)
 
     def query(
         self, batches: Iterable[pa.RecordBatch], max_in_flight: int

@@ -5,7 +5,7 @@ connections from the first batch not fully received, so no batch is lost or repe
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -28,17 +28,22 @@ def read_pass(
     world_size: int,
     ack_every: int,
     shares: list[int] | None = None,
+    resumed: Callable[[], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Rank ``rank``'s batches of pass ``pass_``, acknowledged every ``ack_every``. At the
-    end of the pass, ``shares`` (if given) is set to every rank's rows."""
+    end of the pass, ``shares`` (if given) is set to every rank's rows. ``resumed()`` is
+    called before a broken stream is asked for again (to check who answers now)."""
     seq = rank  # the next batch this rank needs
     since_ack = 0
     what = f"batch metadata from teacher {client.name!r}"
     cancels = client.cancels
+    broken = False
     while True:
         parts: list[pa.RecordBatch] = []
         reader = None
         try:
+            if broken and resumed is not None:
+                resumed()
             reader = client.get(Ticket(pass_, seq, rank, world_size))
             client.check_cancelled(cancels)  # after get() registered it: none is missed
             for chunk in reader:
@@ -67,6 +72,7 @@ def read_pass(
                 parts = []
         except TRANSIENT:
             client.check_cancelled(cancels)
+            broken = True
             continue  # reconnect: the client waits for the teacher, up to connect_timeout
         except flight.FlightError as exc:
             raise client.error(exc) from None

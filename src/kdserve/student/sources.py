@@ -353,6 +353,27 @@ class TeacherSource(StreamSource):
     def provenance(self) -> dict[str, Any]:
         return dict(self.info.provenance)
 
+    def _check_same_teacher(self) -> None:
+        """Before a broken stream resumes: KdserveError unless the teacher answering now
+        is the one the pass began with (restarted), not another started on its address,
+        whose knowledge would be mixed into the pass."""
+        now, before = self._client.teacher_info(), self.info
+        changed = [
+            f"{key} {getattr(before, key)!r} -> {getattr(now, key)!r}"
+            for key in ("name", "model", "provenance")
+            if getattr(now, key) != getattr(before, key)
+        ]
+        if not changed and now.stream and self._client.schema() != self.schema:
+            changed.append("its knowledge fields")
+        if changed:
+            raise KdserveError(
+                f"the teacher at {self._client.address} that student teacher {self.name!r} "
+                f"was reading stopped, and another answers there now ({'; '.join(changed)}): "
+                f"its knowledge would be mixed into the pass. Restart the same teacher "
+                f"there, or register the new one as a teacher of its own",
+                teacher=self.name,
+            )
+
     def _unexpected(self, what: str) -> KdserveError:
         return KdserveError(
             f"online teacher {self.name!r} at {self._client.address} reports provenance "
@@ -422,7 +443,10 @@ class TeacherSource(StreamSource):
         told: list[int] = []  # every rank's rows, told at the end of the pass
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for batch in self._client.stream_pass(epoch, rank, world, ack_every, told):
+            stream = self._client.stream_pass(
+                epoch, rank, world, ack_every, told, self._check_same_teacher
+            )
+            for batch in stream:
                 ids = sample_ids(batch)
                 if not seen.add_new(ids):
                     self._refuse_repeated(ids, seen, epoch)
