@@ -1010,6 +1010,20 @@ def test_closing_a_student_stops_a_pass_waiting_on_a_stuck_teacher(serve):
     release.set()
 
 
+def test_a_second_pass_while_one_is_read_is_refused_and_the_first_goes_on(serve):
+    service = served(serve, A, times=2)
+    s = student([("a", service)])
+    loader = s.loader(batch_size=TB)
+    first = iter(loader)
+    got = [next(first)]
+    with pytest.raises(kd.KdserveError, match="a pass of this student is still being read"):
+        next(iter(loader))  # would stall: the teacher streams its passes in order
+    got += in_thread(lambda: list(first))
+    assert ids_of(got).tolist() == list(range(N))
+    assert ids_of(in_thread(lambda: list(loader))).tolist() == list(range(N))  # pass 1
+    assert service.wait() == 2 * N
+
+
 @pytest.mark.parametrize("value", [0, -1, "10", True])
 def test_student_timeouts_must_be_positive_seconds(value):
     for name in ("connect_timeout", "stall_timeout"):

@@ -52,6 +52,11 @@ class Prefetcher(Generic[T]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether its consumer may still read it (it was not closed, nor read to its end)."""
+        return not self._stop.is_set()
+
     def qsize(self) -> int:
         """Items produced and not yet consumed (not counting the end of the stream)."""
         return max(0, self._queue.qsize() - self._ended)

@@ -400,6 +400,12 @@ class Student:
             merger.check_compact()  # a TopK mixture merges compactly; other codecs cannot
 
         def one_pass() -> Iterator[Any]:
+            if self._served and any(p.running for p in list(self._passes)):
+                raise KdserveError(
+                    "a pass of this student is still being read: served teachers stream "
+                    "their passes in order, so finish it (or break out of its loop) before "
+                    "starting the next"
+                )
             epoch = self._epoch
             self._epoch += 1
             self._prefetcher = Prefetcher(
