@@ -121,8 +121,8 @@ class Prefetcher(Generic[T]):
         checks the flag every 0.1 s; one busy in a call, e.g. a hung program, stops after)."""
         wait = _JOIN_WAIT if wait is None else wait
         self._stop.set()
-        if self._cancel is not None and self._thread.is_alive():
-            self._cancel()
+        if self._cancel is not None and not self._ended and self._thread.is_alive():
+            self._cancel()  # (not once the stream ended: nothing to cancel)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=wait)
             if self._thread.is_alive() and wait > 0:

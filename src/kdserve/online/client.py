@@ -94,7 +94,7 @@ class TeacherClient:
         self._client.close()
 
     def cancel_streams(self) -> None:
-        """Stop every knowledge stream open now, and the calls waiting to open one, from
+        """Stop every knowledge stream open now, and the calls retrying to open one, from
         any thread: a read blocked on a teacher that sends nothing returns at once."""
         with self._lock:
             self.cancels += 1
@@ -154,8 +154,15 @@ class TeacherClient:
             )
         return from_flight(exc, self.name, self.address)
 
-    def call(self, fn: Callable[[], T], what: str, deadline: float | None = None) -> T:
-        """Run ``fn`` with retries and backoff until it works or the deadline passes."""
+    def call(
+        self,
+        fn: Callable[[], T],
+        what: str,
+        deadline: float | None = None,
+        cancellable: bool = False,
+    ) -> T:
+        """Run ``fn`` with retries and backoff until it works or the deadline passes
+        (``cancellable``: or :meth:`cancel_streams` is called)."""
         delays = backoff(deadline or time.monotonic() + self.connect_timeout, most=_MAX_BACKOFF)
         cancels = self.cancels
         listening_since: float | None = None  # when a teacher that published no token was seen
@@ -179,7 +186,8 @@ class TeacherClient:
                         f"both sides (tls_root_certs=) or on neither? ({reason(exc)})",
                         teacher=self.name,
                     ) from None
-                self.check_cancelled(cancels)  # a closing student stops waiting
+                if cancellable:  # a closing student stops waiting for its stream
+                    self.check_cancelled(cancels)
                 time.sleep(delay)
             except flight.FlightUnauthenticatedError as exc:
                 if not self._token_changed():
@@ -200,7 +208,9 @@ class TeacherClient:
         """The knowledge stream that answers ``ticket`` (opening it is retried); open
         until :meth:`release`, and cancelled by :meth:`cancel_streams`."""
         request = flight.Ticket(ticket.to_bytes())
-        reader = self.call(lambda: self._client.do_get(request, self._options()), "knowledge")
+        reader = self.call(
+            lambda: self._client.do_get(request, self._options()), "knowledge", cancellable=True
+        )
         with self._lock:
             self._readers.add(reader)
         return reader

@@ -43,6 +43,7 @@ def read_pass(
         reader = None
         try:
             if broken and resumed is not None:
+                client.check_cancelled(cancels)
                 resumed()
             reader = client.get(Ticket(pass_, seq, rank, world_size))
             client.check_cancelled(cancels)  # after get() registered it: none is missed
