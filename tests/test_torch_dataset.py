@@ -328,6 +328,9 @@ def test_bad_arguments() -> None:
         KnowledgeDataset(["127.0.0.1:1"], batch_size=4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="epoch must be an int >= 0"):
         KnowledgeDataset(["127.0.0.1:1"], batch_size=4).set_epoch(-1)
+    for name in ("connect_timeout", "stall_timeout"):  # refused here, not in a worker
+        with pytest.raises(ValueError, match=f"{name} must be > 0 seconds"):
+            KnowledgeDataset(["127.0.0.1:1"], batch_size=4, **{name: 0})
 
 
 def test_online_teacher_two_epochs() -> None:

@@ -6,9 +6,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-__all__ = ["POLL", "backoff", "slices"]
+__all__ = ["POLL", "backoff", "seconds", "slices"]
 
 POLL = 0.1  # seconds: how soon a waiting thread notices a stop signal
+
+
+def seconds(name: str, value: object) -> float:
+    """``value`` as a timeout of seconds > 0; TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(value)
 
 
 def slices(timeout: float | None, step: float = POLL) -> Iterator[float]:

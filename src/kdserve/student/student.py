@@ -44,6 +44,7 @@ from kdserve.core.batch import Knowledge
 from kdserve.core.merge import Merger, StrategySpec
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.sampler import Even, Sampler
+from kdserve.core.wait import seconds
 from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
 from kdserve.student.messaging import recv_message
@@ -108,9 +109,9 @@ class Student:
         expect: Mapping[str, Any] | None = None,
         stall_timeout: float | None = 600.0,
     ) -> None:
-        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.connect_timeout = seconds("connect_timeout", connect_timeout)
         self.stall_timeout = (
-            None if stall_timeout is None else _seconds("stall_timeout", stall_timeout)
+            None if stall_timeout is None else seconds("stall_timeout", stall_timeout)
         )
         if merge_strategy is not None and not isinstance(merge_strategy, Mapping):
             raise TypeError(
@@ -549,12 +550,3 @@ class Loader:
             raise TypeError("a pass of online teachers has no length known in advance")
         samples = len(self._student)
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-
-def _seconds(name: str, value: Any) -> float:
-    """``value`` as a number of seconds > 0; TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-    return float(value)

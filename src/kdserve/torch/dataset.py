@@ -41,6 +41,7 @@ from kdserve.core.batch import Knowledge
 from kdserve.core.merge import StrategySpec
 from kdserve.core.ragged import Ragged
 from kdserve.core.sampler import Even, Sampler
+from kdserve.core.wait import seconds
 from kdserve.online.address import split_address
 from kdserve.store.manifest import read_manifest
 from kdserve.student import Student
@@ -207,8 +208,10 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.pin_memory = pin_memory
         self.decode = decode
         self.token = token
-        self.connect_timeout = connect_timeout
-        self.stall_timeout = stall_timeout
+        self.connect_timeout = seconds("connect_timeout", connect_timeout)
+        self.stall_timeout = (
+            None if stall_timeout is None else seconds("stall_timeout", stall_timeout)
+        )
         self._epoch = 0
         self._batches = 0  # batches yielded in this epoch by this instance
         self._resume = 0  # batches the next iteration skips (set by load_state_dict)
