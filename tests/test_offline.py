@@ -273,3 +273,23 @@ def test_bad_arguments_get_errors_that_name_them(tmp_path):
         with pytest.raises(ValueError, match=r"out_port must be an int in 0\.\.65535"):
             teacher.start()
         teacher.close()
+
+
+def test_nan_knowledge_is_warned_about_once_per_field_and_inf_is_not(tmp_path, caplog):
+    """-inf is ordinary in logits (masked tokens); NaN means a broken teacher."""
+
+    def program(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        masked = f["x"].copy()
+        masked[:, 0] = -np.inf
+        broken = f["x"].copy()
+        if f["x"][0, 0] in (6, 12):  # the batches of sample ids 2..3 and 4..5
+            broken[0, 1] = np.nan
+        return {"masked": masked, "broken": broken}
+
+    caplog.set_level("WARNING", logger="kdserve")
+    assert kd.dump(program, _data(4), tmp_path / "t", progress=False) == 8
+    warnings = [r.getMessage() for r in caplog.records if "holds NaN" in r.getMessage()]
+    assert len(warnings) == 1 and "'broken'" in warnings[0], warnings  # once, not twice
+    assert "sample ids 2..3" in warnings[0] or "sample ids 4..5" in warnings[0]
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "t").read(0, 8))
+    assert np.isneginf(stored["masked"][:, 0]).all()  # kept as it is

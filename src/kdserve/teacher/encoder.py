@@ -6,6 +6,7 @@ learns the schema from the first batch unless one was declared, and answers quer
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
@@ -30,6 +31,8 @@ __all__ = [
     "program_concurrency",
     "program_submit",
 ]
+
+_log = logging.getLogger(__name__)
 
 Program = Callable[[dict[str, Any]], Mapping[str, Any]]
 Keep = Sequence[str] | Mapping[str, Any] | Schema
@@ -97,7 +100,8 @@ class Encoder:
         self.publish = publish
         self.samples = 0  # samples inferred so far
         self._every_output = False  # keep=None: names are the first batch's outputs
-        self._counting = threading.Lock()  # infer() may run on several threads
+        self._nan_seen: set[str] = set()  # fields warned about
+        self._lock = threading.Lock()  # infer() and batch() run on several threads
 
     def infer(self, feed: FeedBatch) -> dict[str, Any]:
         """Run the program on one feed batch and pick the fields to keep."""
@@ -141,7 +145,7 @@ class Encoder:
                     f"nor a feed {sorted(feed)}",
                     field=n,
                 )
-        with self._counting:
+        with self._lock:
             self.samples += batch_length(feed)
         return knowledge
 
@@ -153,9 +157,25 @@ class Encoder:
         return knowledge
 
     def batch(self, knowledge: dict[str, Any], ids: np.ndarray) -> pa.RecordBatch:
-        """Encode one batch of knowledge with the teacher's schema."""
+        """Encode one batch of knowledge with the teacher's schema (warning, once per
+        field, of NaN in it: students would train on it)."""
         schema = self.schema()
         assert schema is not None
+        for name, value in knowledge.items():
+            if name not in self._nan_seen and _holds_nan(value):
+                with self._lock:
+                    first = name not in self._nan_seen
+                    self._nan_seen.add(name)
+                if not first:
+                    continue
+                _log.warning(
+                    "knowledge field %r holds NaN (first in the batch of sample ids %s..%s); "
+                    "students would train on it: check the teacher (e.g. a float16 "
+                    "overflow). Warned once per field",
+                    name,
+                    int(ids.min()),
+                    int(ids.max()),
+                )
         return to_record_batch(knowledge, schema, ids)
 
     def query(self, inputs: pa.RecordBatch) -> pa.RecordBatch:
@@ -223,6 +243,17 @@ def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
         return schema
     floats = [f.name for f in schema if f.dtype.kind == "f" and f.dtype.itemsize > 2]
     return schema.with_codecs(dict.fromkeys(floats, "fp16"))
+
+
+def _holds_nan(value: Any) -> bool:
+    """Whether a float array (or a Ragged's values) holds a NaN: one sum over it, and only
+    if that is NaN (it is for a NaN, or for +inf beside -inf) a look at the values."""
+    array = value.values if isinstance(value, Ragged) else value
+    if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or not array.size:
+        return False
+    with np.errstate(all="ignore"):
+        total = np.add.reduce(array, axis=None)
+    return bool(np.isnan(total)) and bool(np.isnan(array).any())
 
 
 def _outputs_to_keep(outputs: Mapping[str, Any]) -> list[str]:
