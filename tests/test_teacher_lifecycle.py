@@ -271,3 +271,36 @@ def test_a_dump_of_another_teacher_never_resumes_a_store(tmp_path, first, second
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
     # the same teacher resumes (and adds the new samples)
     assert kd.dump(program, batches(60, 10), store, feeds=["x"], progress=False, **first) == 10
+
+
+def test_close_returns_promptly_while_the_program_hangs(tmp_path):
+    """close() from another thread ends a dump whose program hangs (a stuck device): the
+    service returns what it delivered and the store stays valid and resumable; the hung
+    call is left to its thread."""
+    teacher = kd.Teacher(tmp_path / "store", shard_bytes=1, progress=False)
+    teacher.start()
+    release = threading.Event()
+
+    def hangs(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if feed["x"][0, 0] >= 5 * 4 * 4 / 7:  # from the 6th batch of 4 on
+            release.wait(60)
+        return program(feed)
+
+    result: list[object] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            teacher.start_knowledge_service(["x"], ["logits"], hangs, batches(200, 4))
+        ),
+        daemon=True,
+    )
+    thread.start()
+    time.sleep(1.0)  # 5 batches delivered, the 6th hangs
+    started = time.monotonic()
+    teacher.close()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 10
+    assert result == [20]
+    reader = kd.StoreReader(tmp_path / "store")
+    reader.verify()
+    assert not reader.complete and len(reader) == 20
+    release.set()

@@ -106,7 +106,7 @@ class Pipeline:
     def run(self) -> int:
         """Run every pass; return the samples delivered. A failure is told to every sink
         (a store stays incomplete, waiting students hear of it) and re-raised."""
-        work = Prefetcher(self._produce, self.buf_size, name="kdserve-read")
+        work = Prefetcher(self._produce, self.buf_size, "kdserve-read", on_wait=self._stopping)
         items = iter(work)  # held here, so it is closed below, after the sinks hear why
         interrupted = False
         try:
@@ -121,11 +121,17 @@ class Pipeline:
                 raise
             delivered = 0
         finally:
-            if interrupted:  # Ctrl-C: never wait for a program that may hang
+            if interrupted or self.stop.is_set():  # never wait for a program that may hang
                 work.close(wait=0.0)
             else:
                 work.close()
         return delivered
+
+    def _stopping(self, waited: float) -> None:
+        """While the delivering thread waits for the next batch: a stop (the teacher
+        closing) ends the wait, though the program may be busy (or hung) in a call."""
+        if self.stop.is_set():
+            raise _StoppedError
 
     def _produce(self) -> Iterator[_Work]:
         """Reading, and inference submitted to the program's lanes (or the pipeline's own,
@@ -206,18 +212,25 @@ class Pipeline:
         delivered = 0
         quiet = self.progress is False or (self.progress is None and not sys.stderr.isatty())
         with tqdm(desc=self.label, unit=" samples", disable=quiet) as bar:
-            for item in work:
-                if self.stop.is_set():
-                    break  # stop between two batches
-                if item.future is None:
-                    for sink in self.sinks:
-                        sink.end_pass(item.pass_, item.seq)
-                    continue
-                batch = item.future.result()
-                rows = max(s.put(item.pass_, item.seq, batch, r) for s, r in item.wants)
-                delivered += rows
-                bar.update(rows)
+            try:
+                for item in work:
+                    if self.stop.is_set():
+                        break  # stop between two batches
+                    if item.future is None:
+                        for sink in self.sinks:
+                            sink.end_pass(item.pass_, item.seq)
+                        continue
+                    batch = item.future.result()
+                    rows = max(s.put(item.pass_, item.seq, batch, r) for s, r in item.wants)
+                    delivered += rows
+                    bar.update(rows)
+            except _StoppedError:  # stopped while the next batch was awaited
+                pass
         return delivered
+
+
+class _StoppedError(Exception):
+    """The pipeline was stopped while its delivering thread awaited the next batch."""
 
 
 def _check_count(count: int, pass_: int) -> None:
