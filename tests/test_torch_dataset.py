@@ -394,3 +394,15 @@ def test_pinning_with_worker_processes_is_left_to_the_dataloader(stores: Path) -
     assert all(b["logits"].is_pinned() == accelerator for b in batches)
     for b in batches:
         np.testing.assert_allclose(b["logits"].numpy(), X[b["sample_id"].numpy()] @ WA, rtol=1e-6)
+
+
+def test_a_mid_pass_state_resumes_with_the_stores_moved(stores: Path, tmp_path: Path) -> None:
+    """A job resumed on another machine finds its stores elsewhere: same stores, same plan."""
+    state = _mid_pass_state(stores)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(stores, moved)
+    resumed = _resumable(moved)
+    resumed.load_state_dict(state)
+    full = _resumable(stores)
+    skipped = _ids(list(full))[: 3 * 4]
+    assert sorted(skipped + _ids(list(resumed))) == list(range(N))

@@ -246,13 +246,15 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         """What decides which samples the first batches of a pass hold, for this worker."""
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        teachers = []
+        # Each store by when it was created and its rows (a store rewritten or grown reads
+        # in another order), not by its path: a job may resume where stores mount elsewhere.
+        teachers: list[list[Any] | None] = []
         for add, where in self._teachers:
-            if add == "add_store":  # a store rewritten or grown reads in another order
+            if add == "add_store":
                 manifest = read_manifest(Path(where))
-                teachers.append([where, manifest.get("created"), manifest.get("rows")])
+                teachers.append([manifest.get("created"), manifest.get("rows")])
             else:
-                teachers.append([where, None, None])
+                teachers.append(None)  # online: read from a pass's start only
         return {
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
