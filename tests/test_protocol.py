@@ -110,8 +110,9 @@ def test_a_version_1_message_is_refused_naming_both_and_the_fix(decode, data):
     with pytest.raises(kd.ProtocolError) as refused:
         decode(data)
     text = str(refused.value)
-    assert "version 1, but this kdserve speaks version 2" in text
+    assert "protocol version 1" in text and "but this kdserve speaks version 2" in text
     assert "upgrade kdserve where version 1 runs" in text
+    assert ("it carries no version" in text) == (b'"version"' not in data)
 
 
 def newer(message: Any) -> bytes:

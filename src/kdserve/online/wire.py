@@ -41,14 +41,18 @@ def dump(fields: Mapping[str, Any]) -> bytes:
 
 def check_version(value: dict[str, Any], what: str) -> None:
     """Refuse ``value`` unless it is of this kdserve's protocol version (absent: 1)."""
+    given = "version" in value
     got = value.pop("version", 1)
     if type(got) is not int or got < 1:
         raise ProtocolError(f"bad {what}: version must be an integer >= 1, got {quote(got)}")
     if got != VERSION:
+        which = f"version {got}"
+        if not given:
+            which += " (it carries no version: an older kdserve, or no kdserve at all)"
         raise ProtocolError(
-            f"bad {what}: it is kdserve protocol version {got}, but this kdserve speaks "
-            f"version {VERSION}; upgrade kdserve where version {min(got, VERSION)} runs "
-            f"(pip install -U kdserve) so that both sides speak the same version"
+            f"bad {what}: it is kdserve protocol {which}, but this kdserve speaks version "
+            f"{VERSION}; upgrade kdserve where version {min(got, VERSION)} runs (pip install "
+            f"-U kdserve) so that both sides speak the same version"
         )
 
 
