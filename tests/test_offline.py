@@ -220,6 +220,15 @@ def test_a_program_output_that_would_be_dropped_or_changed_is_refused(tmp_path, 
     assert not (store / "manifest.json").exists() or not kd.StoreReader(store).complete
 
 
+def test_a_program_passing_the_sample_ids_through_is_accepted(tmp_path):
+    data = [
+        {"x": b["x"], "sample_id": np.arange(i * 2, i * 2 + 2) + 100} for i, b in enumerate(_data())
+    ]
+    echo = lambda f: {"y": f["x"], "sample_id": f["sample_id"].astype(np.int32)}  # noqa: E731
+    assert kd.dump(echo, data, tmp_path / "t", progress=False) == 8
+    assert kd.StoreReader(tmp_path / "t").sample_ids().tolist() == list(range(100, 108))
+
+
 def test_an_empty_out_path_is_refused_rather_than_writing_into_the_working_directory(
     tmp_path, monkeypatch
 ):
@@ -284,12 +293,14 @@ def test_nan_knowledge_is_warned_about_once_per_field_and_inf_is_not(tmp_path, c
         broken = f["x"].copy()
         if f["x"][0, 0] in (6, 12):  # the batches of sample ids 2..3 and 4..5
             broken[0, 1] = np.nan
-        return {"masked": masked, "broken": broken}
+        rows = [row[: 2 + i] for i, row in enumerate(broken)]  # sequences: a list of arrays
+        return {"masked": masked, "broken": broken, "seq": rows}
 
     caplog.set_level("WARNING", logger="kdserve")
     assert kd.dump(program, _data(4), tmp_path / "t", progress=False) == 8
     warnings = [r.getMessage() for r in caplog.records if "holds NaN" in r.getMessage()]
-    assert len(warnings) == 1 and "'broken'" in warnings[0], warnings  # once, not twice
-    assert "sample ids 2..3" in warnings[0] or "sample ids 4..5" in warnings[0]
+    assert len(warnings) == 2, warnings  # once per field, not once per batch
+    assert {w.split("'")[1] for w in warnings} == {"broken", "seq"}
+    assert all("sample ids 2..3" in w or "sample ids 4..5" in w for w in warnings)
     stored = kd.from_record_batch(kd.StoreReader(tmp_path / "t").read(0, 8))
     assert np.isneginf(stored["masked"][:, 0]).all()  # kept as it is

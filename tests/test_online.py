@@ -1024,6 +1024,25 @@ def test_a_second_pass_while_one_is_read_is_refused_and_the_first_goes_on(serve)
     assert service.wait() == 2 * N
 
 
+def test_closing_a_student_waiting_for_a_teacher_to_start_its_service_says_so():
+    """close() from another thread while the student waits for a teacher that listens but
+    serves nothing yet: a kdserve error saying it was closed, not pyarrow's."""
+    teacher = kd.Teacher(out_port=0, token=TOKEN, progress=False)
+    teacher.start()  # no knowledge service yet: the student's first call retries
+    try:
+        s = kd.Student(token=TOKEN, connect_timeout=60.0)
+        s.register_teacher(in_address=teacher.address, name="later")
+        s.start()  # it answers (messages flow before its service starts)
+        threading.Timer(1.0, s.close).start()
+        started = time.monotonic()
+        with pytest.raises(kd.KdserveError, match="closed") as closed:
+            in_thread(lambda: list(s.loader(batch_size=TB)))
+        assert "pyarrow" not in type(closed.value).__module__
+        assert time.monotonic() - started < 10
+    finally:
+        teacher.close()
+
+
 @pytest.mark.parametrize("value", [0, -1, "10", True])
 def test_student_timeouts_must_be_positive_seconds(value):
     for name in ("connect_timeout", "stall_timeout"):

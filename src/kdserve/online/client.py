@@ -76,6 +76,7 @@ class TeacherClient:
         self._lock = threading.Lock()
         self._readers: set[flight.FlightStreamReader] = set()  # knowledge streams open now
         self.cancels = 0  # times cancel_streams() was called: a stream sees it changed
+        self._closed = False
         uri = location(address, tls_root_certs is not None)
         self._given = given_token(token)  # an explicit token always wins
         self._found: str | None = None  # else the token a same-host teacher published
@@ -90,6 +91,7 @@ class TeacherClient:
         self._client = flight.FlightClient(uri, generic_options=_GRPC_OPTIONS, **kwargs)
 
     def close(self) -> None:
+        self._closed = True
         self.cancel_streams()
         self._client.close()
 
@@ -194,6 +196,13 @@ class TeacherClient:
                     raise self.error(exc) from None
             except flight.FlightError as exc:
                 raise self.error(exc) from None
+            except pa.ArrowException:
+                if self._closed:  # close() from another thread while this call retried
+                    raise KdserveError(
+                        f"the connection to teacher {self.name!r} was closed (Student.close()) "
+                        f"while a call waited for it"
+                    ) from None
+                raise
 
     def action(self, kind: str, body: bytes = b"") -> list[bytes]:
         """The results of action ``kind`` with ``body`` (retried; errors as kdserve's)."""

@@ -113,8 +113,8 @@ class Encoder:
             raise SchemaError(
                 f"program must return a dict of output arrays, got {type(outputs).__name__}"
             )
-        ids = outputs.get(SAMPLE_ID)
-        if ids is not None and ids is not feed.get(SAMPLE_ID):
+        ids, fed = outputs.get(SAMPLE_ID), feed.get(SAMPLE_ID)
+        if ids is not None and (fed is None or not np.array_equal(_to_numpy(ids), fed)):
             raise SchemaError(
                 f"the program returned an output named {SAMPLE_ID!r}, kdserve's own sample id "
                 f"column (ids come from the reader's order or its {SAMPLE_ID!r} feed): "
@@ -246,8 +246,11 @@ def infer_schema(knowledge: Mapping[str, Any], use_fp16: bool) -> Schema:
 
 
 def _holds_nan(value: Any) -> bool:
-    """Whether a float array (or a Ragged's values) holds a NaN: one sum over it, and only
-    if that is NaN (it is for a NaN, or for +inf beside -inf) a look at the values."""
+    """Whether a float array (a Ragged's values, a list of arrays) holds a NaN: one sum
+    over it, and only if that is NaN (it is for a NaN, or +inf beside -inf) a look at
+    the values."""
+    if isinstance(value, (list, tuple)):  # sequences given as a list of arrays
+        return any(_holds_nan(v) for v in value)
     array = value.values if isinstance(value, Ragged) else value
     if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or not array.size:
         return False
