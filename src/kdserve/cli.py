@@ -175,20 +175,26 @@ def _batches_checked(reader: Callable[..., Any], feeds: tuple[str, ...]) -> Call
     def batches(pass_: int) -> Any:
         for i, batch in enumerate(call_reader(reader, pass_)):
             if i == 0 and pass_ == 0:
-                values = batch.values() if isinstance(batch, dict) else batch
-                if not isinstance(values, (tuple, list)) and not isinstance(batch, dict):
-                    values = [batch]
-                if all(np.ndim(v) <= 1 for v in values):
-                    shapes = {f: np.shape(v) for f, v in zip(feeds, values, strict=False)}
-                    click.echo(
-                        f"warning: the reader's first batch holds feeds of shapes {shapes}, "
-                        f"read as {len(np.atleast_1d(next(iter(values), [])))} samples of "
-                        f"scalars. If it yields single samples, pass --batch-size N",
-                        err=True,
-                    )
+                _warn_if_one_sample(batch, feeds)
             yield batch
 
     return batches
+
+
+def _warn_if_one_sample(batch: Any, feeds: tuple[str, ...]) -> None:
+    """Warn if every feed of ``batch`` is a scalar or 1-D (it may be a single sample)."""
+    if isinstance(batch, dict):
+        values = list(batch.values())
+    else:
+        values = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    if values and all(np.ndim(v) <= 1 for v in values):
+        shapes = {f: np.shape(v) for f, v in zip(feeds, values, strict=False)}
+        click.echo(
+            f"warning: the reader's first batch holds feeds of shapes {shapes}, read as "
+            f"{np.size(values[0])} samples of scalars. If it yields single samples, pass "
+            f"--batch-size N",
+            err=True,
+        )
 
 
 @cli.command()

@@ -173,15 +173,24 @@ def _check_rows(f: Field, rows: np.ndarray, what: str) -> np.ndarray:
         with np.errstate(over="ignore"):
             rows = astype(wide, f.dtype)
         if rows.dtype.kind == "f" and rows.dtype.itemsize < wide.dtype.itemsize:
-            overflow = np.isinf(rows) & np.isfinite(wide)
-            if overflow.any():
-                raise SchemaError(
-                    f"field {f.name!r} is {f.dtype}, got {wide.dtype} values beyond its range "
-                    f"(e.g. {wide[overflow].flat[0]!r}) that would become inf; scale them, or "
-                    f"declare the field {wide.dtype}",
-                    field=f.name,
-                )
+            _refuse_overflow(f, wide, rows)
     return rows
+
+
+def _refuse_overflow(f: Field, wide: np.ndarray, rows: np.ndarray) -> None:
+    """SchemaError if narrowing ``wide`` to ``rows`` turned finite values into inf. One
+    sum over ``rows`` first: only if it is not finite are the values looked at."""
+    with np.errstate(all="ignore"):
+        if np.isfinite(np.add.reduce(rows, axis=None)):
+            return
+        overflow = np.isinf(rows) & np.isfinite(wide)
+        if overflow.any():
+            raise SchemaError(
+                f"field {f.name!r} is {f.dtype}, got {wide.dtype} values beyond its range "
+                f"(e.g. {wide[overflow].flat[0]!r}) that would become inf; scale them, or "
+                f"declare the field {wide.dtype}",
+                field=f.name,
+            )
 
 
 def _coded_to_arrow(f: Field, parts: Mapping[str, Any], n: int) -> pa.Array:

@@ -167,9 +167,8 @@ def repair(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
                 # manifest is what changed, and setting shards aside would lose them
                 raise StoreError(
                     f"{store / MANIFEST} is damaged: shard {s.file} is intact (its crc32 "
-                    f"matches) but {problem}. Nothing "
-                    f"was set aside; restore {MANIFEST} from a backup or re-run the dump "
-                    "into a new directory",
+                    f"matches) but {problem}. Nothing was set aside; restore {MANIFEST} "
+                    f"from a backup or re-run the dump into a new directory",
                     path=str(store / MANIFEST),
                 )
             if problem is None:

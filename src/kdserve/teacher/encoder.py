@@ -39,13 +39,16 @@ Keep = Sequence[str] | Mapping[str, Any] | Schema
 """The knowledge fields to keep: names, ``{name: output or feed}``, or a declared Schema."""
 
 
-def check_program(program: Any) -> None:
-    """TypeError unless ``program`` can be called (before any thread calls it)."""
+def check_program(program: Any, times: Any) -> None:
+    """TypeError/ValueError unless ``program`` can be called and ``times`` (passes) is an
+    int >= 1: checked before any thread runs the service."""
     if not callable(program):
         raise TypeError(
             f"program must be callable (a dict of feed arrays -> a dict of outputs), got "
             f"{type(program).__name__}"
         )
+    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        raise ValueError(f"times must be an int >= 1 (passes to serve), got {times!r}")
 
 
 def program_submit(program: Program) -> Callable[[FeedBatch], Future[Any]] | None:

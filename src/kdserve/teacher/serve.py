@@ -113,9 +113,7 @@ def serve(
     ``limits`` are :class:`~kdserve.Teacher`'s: on 127.0.0.1 a token is generated and published for
     students of this user, elsewhere ``token=`` is required.
     """
-    check_program(program)
-    if isinstance(times, bool) or not isinstance(times, int) or times < 1:
-        raise ValueError(f"times must be an int >= 1 (passes to serve), got {times!r}")
+    check_program(program, times)
     feed_list, reader = (list(feeds or []), None) if data is None else named_feeds(data, feeds)
     teacher = Teacher(
         path,

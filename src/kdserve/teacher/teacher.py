@@ -370,10 +370,8 @@ class Teacher:
         """
         self._check_started()
         server = self._server
-        check_program(program)
-        if isinstance(times, bool) or not isinstance(times, int):
-            raise TypeError(f"times must be an int >= 1, got {times!r}")
-        if times < 1 or (times != 1 and server is None):
+        check_program(program, times)
+        if times != 1 and server is None:
             raise ValueError(
                 f"times={times}: a store is written once and students read it as often as "
                 f"they like; times > 1 is for online service (out_port=)"

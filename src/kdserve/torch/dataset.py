@@ -21,7 +21,9 @@ move it to a device (which copies). A sequence field ``name`` becomes a zero-pad
 ``(batch, max_len, ...)`` tensor ``name`` and an int64 tensor ``name_lengths``.
 
 ``state_dict()``/``load_state_dict()`` let torchdata's ``StatefulDataLoader`` resume in
-the middle of a pass of offline teachers (stores are read deterministically).
+the middle of a pass of offline teachers (stores are read deterministically); a state
+records what decides which samples its batches held, and a dataset that would skip
+others refuses it.
 """
 
 from __future__ import annotations
@@ -242,19 +244,24 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         :meth:`load_state_dict` checks before skipping them."""
         return {"epoch": self._epoch, "batches": self._batches, _PLAN: self._plan()}
 
+    @functools.cached_property
+    def _stores(self) -> list[list[Any] | None]:
+        """Each store by when it was created and its rows (a store rewritten or grown reads
+        in another order), not by its path: a job may resume where stores mount elsewhere.
+        Read once: a stateful loader asks for the state at every batch."""
+        stores: list[list[Any] | None] = []
+        for add, where in self._teachers:
+            if add == "add_store":
+                manifest = read_manifest(Path(where))
+                stores.append([manifest.get("created"), manifest.get("rows")])
+            else:
+                stores.append(None)  # online: read from a pass's start only
+        return stores
+
     def _plan(self) -> dict[str, Any]:
         """What decides which samples the first batches of a pass hold, for this worker."""
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        # Each store by when it was created and its rows (a store rewritten or grown reads
-        # in another order), not by its path: a job may resume where stores mount elsewhere.
-        teachers: list[list[Any] | None] = []
-        for add, where in self._teachers:
-            if add == "add_store":
-                manifest = read_manifest(Path(where))
-                teachers.append([manifest.get("created"), manifest.get("rows")])
-            else:
-                teachers.append(None)  # online: read from a pass's start only
         return {
             "batch_size": self.batch_size,
             "drop_last": self.drop_last,
@@ -262,7 +269,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             "seed": self.seed,
             "block_rows": self.block_rows,
             "part": [self.rank * workers + worker, self.world_size * workers],
-            "teachers": teachers,
+            "teachers": self._stores,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -309,8 +316,6 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             raise ValueError(f"state[{_PLAN!r}] must be a mapping, got {type(saved).__name__}")
         for key, value in now.items():
             was = saved.get(key)
-            if isinstance(was, tuple):
-                was = list(was)
             if was != value:
                 raise ValueError(
                     f"cannot resume pass {epoch} after {batches} batches: the state was saved "
