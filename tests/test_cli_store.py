@@ -28,10 +28,11 @@ def samples():
 """
 
 
-def _run(*args, cwd=None):
+def _run(*args, cwd=None, env=None):
     return subprocess.run(
-        [KDSERVE, *args], capture_output=True, text=True, timeout=120, check=False, cwd=cwd
-    )
+        [KDSERVE, *args], capture_output=True, text=True, timeout=120, check=False, cwd=cwd,
+        env=env,
+    )  # fmt: skip
 
 
 def test_dump_inspect_verify(tmp_path):
@@ -149,11 +150,13 @@ def test_dump_of_single_samples_without_batch_size_warns(tmp_path):
 
 
 HANGING = """
+import os
 import threading
 import numpy as np
 
 def program(feed):
-    if feed["x"][0, 0] >= 3:
+    if feed["x"][0, 0] >= int(os.environ.get("HANG_AT", 3)):
+        open("hung", "w").close()
         threading.Event().wait()  # a program that hangs (a stuck device, a deadlock)
     return {"doubled": feed["x"] * 2}
 
@@ -163,11 +166,11 @@ def batches():
 """
 
 
-def _interrupted(tmp_path, *args):
-    """``kdserve *args`` run for 2 s, then sent Ctrl-C (SIGINT): how long it took to
-    exit, its exit status and its output."""
+def _interrupted(tmp_path, *args, sig=signal.SIGINT, env=None, ready=None):
+    """``kdserve *args`` run until ``ready()`` (or for 2 s), then sent ``sig`` (Ctrl-C's
+    SIGINT): how long it took to exit, its exit status and its output."""
     (tmp_path / "hanging.py").write_text(HANGING)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KDSERVE_TOKEN": "cli-secret"}
+    env = env or {**os.environ, "PYTHONUNBUFFERED": "1", "KDSERVE_TOKEN": "cli-secret"}
     proc = subprocess.Popen(
         [KDSERVE, *args, *("--program", "hanging:program", "--reader", "hanging:batches"),
          *("--feed", "x", "--keep", "doubled")],
@@ -175,7 +178,10 @@ def _interrupted(tmp_path, *args):
     )  # fmt: skip
     try:
         time.sleep(2.0)  # serving (no student yet) or dumping (the program hangs)
-        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while ready is not None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(sig)
         started = time.monotonic()
         _, err = proc.communicate(timeout=60)
         return time.monotonic() - started, proc.returncode, err
@@ -194,6 +200,39 @@ def test_ctrl_c_stops_a_dump_whose_program_hangs_promptly(tmp_path):
     took, code, err = _interrupted(tmp_path, "dump", "--out", str(tmp_path / "s"))
     assert code != 0 and took < 10, (took, err)
     assert not kd.StoreReader(tmp_path / "s").complete  # valid, incomplete, resumable
+
+
+def test_sigterm_stops_a_serving_teacher_and_removes_its_token_file(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "KDSERVE_TOKEN"}
+    env.update(PYTHONUNBUFFERED="1", XDG_RUNTIME_DIR=str(runtime))  # a token of its own
+    tokens = runtime / "kdserve"
+    took, code, err = _interrupted(
+        tmp_path, "serve", "--port", "0", sig=signal.SIGTERM, env=env,
+        ready=lambda: any(tokens.glob("*.token")),
+    )  # fmt: skip
+    assert code == 128 + signal.SIGTERM and took < 10, (code, took, err)
+    assert "terminated" in err and "Traceback" not in err, err
+    assert tokens.is_dir() and not list(tokens.iterdir())  # published, then removed
+
+
+def test_sigterm_stops_a_dump_and_leaves_its_store_resumable(tmp_path):
+    store = tmp_path / "s"
+    args = ["dump", "--out", str(store)]
+    took, code, err = _interrupted(
+        tmp_path, *args, sig=signal.SIGTERM, ready=(tmp_path / "hung").exists
+    )
+    assert code == 128 + signal.SIGTERM and took < 10, (code, took, err)
+    assert "terminated" in err and "Traceback" not in err, err
+    assert not kd.StoreReader(store).complete
+    out = _run(
+        *args, "--program", "hanging:program", "--reader", "hanging:batches",
+        "--feed", "x", "--keep", "doubled", cwd=tmp_path, env={**os.environ, "HANG_AT": "99"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    stored = kd.from_record_batch(kd.StoreReader(store).read(0, 40))
+    np.testing.assert_array_equal(stored["doubled"][:, 0], np.repeat(np.arange(10), 4) * 2)
 
 
 def test_bad_cli_arguments_get_messages_not_tracebacks(tmp_path):

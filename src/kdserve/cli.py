@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -362,13 +363,24 @@ def pool_status(name: str, address: str) -> None:
         )
 
 
+_terminated: list[int] = []  # the SIGTERM received, if any
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``docker stop``, a scheduler) stops a job as Ctrl-C does: a
+    dump leaves its store valid and resumable, a teacher removes its token file."""
+    _terminated.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point of the console script; kdserve errors become one-line messages, exit 1."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        click.echo("terminated" if _terminated else "aborted", err=True)
+        sys.exit(128 + signal.SIGTERM if _terminated else 130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
