@@ -554,10 +554,53 @@ def test_topk_uint8_stores_device_log_probabilities_as_host_logits():
     host = codec.encode(x, "f")
     log_p = x - np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
     device = TopK(6).encode(log_p.astype(np.float32), "f")
-    stored = codec.from_compact(device)
+    stored = codec.from_compact(device, "f", (7, 50))
     np.testing.assert_array_equal(stored["indices"], host["indices"])
     assert np.abs(stored["values"].astype(int) - host["values"]).max() <= 1  # rounding only
-    assert codec.from_compact(host) == host  # codes stay codes
+    assert codec.from_compact(host, "f", (7, 50)) == host  # codes stay codes
+
+
+@pytest.mark.parametrize("codec", [TopK(3), TopK(3, values="uint8"), TopK(3, p=0.7)])
+def test_topk_components_given_unsorted_are_stored_sorted(codec):
+    # torch.topk(sorted=False) gives the top k in any order: uint8 codes are depths below
+    # the first value, and top-p keeps a prefix, so both need them largest first.
+    values = np.array([[-3.0, -0.5, -1.5]], np.float32)  # log-probabilities, tail 0.12
+    indices = np.array([[4, 7, 1]], np.uint16)
+    tail = np.array([1 - np.exp(values).sum()], np.float32)
+    schema = kd.Schema([kd.Field("logits", "float32", (10,), codec=codec)])
+    given = {"logits": {"values": values, "indices": indices, "tail": tail}}
+    got = kd.from_record_batch(kd.to_record_batch(given, schema, sample_ids=[0]), decode=False)
+    parts = got["logits"]
+    ref = kd.from_record_batch(
+        kd.to_record_batch({"logits": {"values": values[:, [1, 2, 0]],
+                                       "indices": indices[:, [1, 2, 0]], "tail": tail}},
+                           schema, sample_ids=[0]),
+        decode=False,
+    )["logits"]  # fmt: skip
+    for name in parts:
+        np.testing.assert_array_equal(parts[name], ref[name])
+    assert parts["indices"][0, 0] == 7  # the top entry first
+    if codec.values == "uint8":
+        np.testing.assert_array_equal(parts["values"][0], [0.0, -1.0, -2.5])  # 1/16 nat steps
+    if codec.p is not None:  # 0.61 + 0.22 reach p
+        assert parts["indices"][0, 1] == 1 and np.isneginf(parts["values"][0, 2])
+
+
+def test_topk_components_with_indices_beyond_the_field_are_refused():
+    # e.g. a model whose embedding is padded past the declared vocabulary: the student
+    # would index out of bounds (a device-side assert on CUDA).
+    schema = kd.Schema([kd.Field("logits", "float32", (40,), codec=TopK(2))])
+    given = {
+        "values": np.array([[-0.1, -3.0]], np.float32),
+        "indices": np.array([[3, 45]], np.uint16),
+        "tail": np.array([0.05], np.float32),
+    }
+    with pytest.raises(kd.CodecError, match=r"indices in 3\.\.\.45 but its last axis holds 40"):
+        kd.to_record_batch({"logits": given}, schema, sample_ids=[0])
+    given["values"][0, 0] = np.nan
+    given["indices"][0, 1] = 5
+    with pytest.raises(kd.CodecError, match="NaN or infinite"):
+        kd.to_record_batch({"logits": given}, schema, sample_ids=[0])
 
 
 @pytest.mark.parametrize(
@@ -610,7 +653,7 @@ def test_top_p_with_uint8_values_marks_unused_slots_and_stores_device_top_k_alik
     assert unused.any() and not unused.all()  # some positions need fewer than 32 entries
     assert np.all(np.isneginf(compact["values"][unused]))
     log_p = x - np.log(np.exp(x.astype(np.float64)).sum(-1, keepdims=True))
-    device = codec.from_compact(TopK(32).encode(log_p.astype(np.float32), "f"))
+    device = codec.from_compact(TopK(32).encode(log_p.astype(np.float32), "f"), "f", (9, 300))
     np.testing.assert_array_equal(device["indices"], host["indices"])
     assert np.abs(device["values"].astype(int) - host["values"]).max() <= 1
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import kdserve as kd
 from _helpers import torch_devices
-from kdserve.torch import KnowledgeDataset, teacher_program, topk_kd_loss
+from kdserve.torch import KnowledgeDataset, kd_loss, teacher_program, topk_kd_loss
 
 VOCAB, K = 40, 5
 
@@ -102,6 +102,55 @@ def test_top_k_on_the_teachers_device_stores_what_host_coding_stores(
     torch.testing.assert_close(probs[1], probs[0], rtol=1e-4, atol=1e-6)
     with np.testing.assert_raises(kd.SchemaError):
         kd.dump(coded, corpus(), tmp_path / "undeclared", progress=False)
+
+
+class _Peaked(nn.Module):
+    """Logits with one token far ahead at every position (a confident teacher): tails
+    far below float32's epsilon."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.sin(tokens[..., None].float() * torch.arange(VOCAB)) * 3
+        return logits + 28.0 * (torch.arange(VOCAB) == 0)
+
+
+@pytest.mark.parametrize("device", torch_devices())
+def test_top_k_on_the_device_measures_tiny_tails_and_none_at_k_vocab(device: str) -> None:
+    tokens = [np.array([3, 7, 1, 2]), np.array([5, 9])]
+    for model in (TinyLM(), _Peaked()):
+        with torch.inference_mode():
+            full = model(torch.as_tensor(tokens[0])[None])[0].double()
+        log_p = torch.log_softmax(full, -1)
+        for k in (K, VOCAB):
+            coded = {"logits": k}
+            program = teacher_program(model, inputs=["tokens"], devices=[device], topk=coded)
+            parts = program({"tokens": tokens})["logits"]
+            tail = torch.from_numpy(parts["tail"][0]).double()
+            rest = log_p.scatter(-1, torch.topk(log_p, k, -1).indices, -torch.inf)
+            expected = torch.logsumexp(rest, -1).exp()  # float64, over the other entries
+            torch.testing.assert_close(tail, expected, rtol=1e-4, atol=0.0)
+            if k == VOCAB:  # no entry outside: exactly no tail, and the loss is kd_loss's
+                assert not parts["tail"].any()
+                student = torch.randn(1, 4, VOCAB)
+                got = topk_kd_loss(
+                    student,
+                    torch.from_numpy(parts["values"][:1]),
+                    torch.from_numpy(parts["indices"][:1].astype(np.int64)),
+                    torch.from_numpy(parts["tail"][:1]),
+                )
+                torch.testing.assert_close(got, kd_loss(student, full[None].float()))
+
+
+def test_an_empty_token_sequence_keeps_the_batch_integer(tmp_path: Path) -> None:
+    # np.array([]) (an empty document) is float64: it must not turn the tokens to floats.
+    model = TinyLM()
+    program = teacher_program(model, inputs=["tokens"], devices=["cpu"])
+    data = [{"tokens": [np.array([3, 7, 1]), np.array([]), np.array([5])]}]
+    kd.dump(program, data, tmp_path / "s", keep=["logits"], progress=False)
+    got = kd.from_record_batch(kd.StoreReader(tmp_path / "s").read(0, 3))["logits"]
+    np.testing.assert_array_equal(got.lengths, [3, 0, 1])
+    with torch.inference_mode():
+        alone = model(torch.tensor([[3, 7, 1]]))[0].numpy()
+    np.testing.assert_allclose(got[0], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_on_policy_query_returns_compact_top_k_for_generated_tokens() -> None:

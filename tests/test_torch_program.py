@@ -303,6 +303,37 @@ def test_output_dtype_casts_on_the_device_before_the_copy(tmp_path, device):
         teacher_program(model, output_dtype=torch.bfloat16)
 
 
+class _Scaled(nn.Module):
+    """x times ``scale``, with -inf (a masked entry) in column 0."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.cat([torch.full_like(x[:, :1], -torch.inf), x[:, 1:] * self.scale], 1)
+
+
+def test_a_plain_program_may_return_bfloat16_tensors(tmp_path):
+    def program(feed):  # not a teacher_program: kdserve converts what it returns
+        return {"logits": (torch.as_tensor(feed["x"]) * 3).to(torch.bfloat16)}
+
+    kd.dump(program, [{"x": X}], tmp_path / "s", progress=False)
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "s").read(0, len(X)))
+    assert stored["logits"].dtype == np.float32  # numpy has no bfloat16
+    np.testing.assert_allclose(stored["logits"], X * 3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", torch_devices())
+def test_output_dtype_float16_refuses_values_it_would_make_inf(tmp_path, device):
+    half = dict(devices=[device], outputs="feat", output_dtype=torch.float16)
+    out = teacher_program(_Scaled(1e4), **half)({"x": X})["feat"]  # within 65504
+    assert out.dtype == np.float16 and np.isneginf(out[:, 0]).all()  # -inf stays
+    np.testing.assert_allclose(out[:, 1:], X[:, 1:] * 1e4, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"beyond float16's range \(max \|x\| = .* leave output"):
+        kd.dump(teacher_program(_Scaled(1e5), **half), [{"x": X}], tmp_path / "s", progress=False)
+
+
 @pytest.mark.parametrize("device", torch_devices())
 def test_streams_run_two_calls_on_one_replica_at_once(tmp_path, device):
     log = []
@@ -386,6 +417,52 @@ def test_ragged_token_feeds_are_padded_masked_and_stored_without_padding(tmp_pat
         with torch.inference_mode():
             alone = model(torch.as_tensor(s)[None])[0].numpy()
         np.testing.assert_allclose(stored[i], alone, rtol=1e-5, atol=1e-6)
+
+
+class _Scorer(nn.Module):
+    """Per token, the log-probability of the next one (B, L): what sampled-token losses
+    take; and four layer means per sequence (B, 4, dim), which are not per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = _CausalLM()
+
+    def forward(self, tokens):
+        log_p = torch.log_softmax(self.lm(tokens), -1)[:, :-1]
+        scores = log_p.gather(-1, tokens[:, 1:, None])[..., 0]
+        layers = self.lm.emb(tokens).mean(1, keepdim=True).expand(-1, 4, -1)
+        return {"logprob": nn.functional.pad(scores, (0, 1)), "layers": layers}
+
+
+def test_per_token_outputs_get_lengths_and_sequence_outputs_overrides_the_guess(tmp_path):
+    model = _Scorer()
+    seqs = [np.array([1, 2, 3]), np.array([4, 5, 6, 7])]  # longest 4: as many as "layers"
+    guessed = teacher_program(model, inputs=["tokens"], outputs=["logprob"], devices=["cpu"])
+    out = guessed({"tokens": seqs})
+    assert out["logprob_lengths"].tolist() == [3, 4]  # (batch, max_len): one per token
+    named = teacher_program(
+        model, inputs=["tokens"], outputs=["logprob", "layers"], devices=["cpu"],
+        sequence_outputs=["logprob"],
+    )  # fmt: skip
+    out = named({"tokens": seqs})
+    assert "logprob_lengths" in out and "layers_lengths" not in out  # layers stay whole
+    data = [{"tokens": seqs}, {"tokens": [np.array([8, 9]), np.array([1])]}]
+    kd.dump(named, data, tmp_path / "s", progress=False)
+    stored = kd.from_record_batch(kd.StoreReader(tmp_path / "s").read(0, 4))
+    assert stored["logprob"].lengths.tolist() == [3, 4, 2, 1]
+    assert stored["layers"].shape == (4, 4, 8)
+    with torch.inference_mode():
+        alone = model(torch.tensor([[4, 5, 6, 7]]))["logprob"][0].numpy()
+    np.testing.assert_allclose(stored["logprob"][1], alone, rtol=1e-5, atol=1e-6)
+    wrong = teacher_program(model, inputs=["tokens"], outputs=["logprob", "layers"],
+                            devices=["cpu"], sequence_outputs=["layers"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"'layers' has shape \(2, 4, 8\), not \(batch, max_len"):
+        wrong({"tokens": [np.array([1, 2])] * 2})
+    with pytest.raises(ValueError, match=r"names \['scores'\], which the module does not"):
+        teacher_program(model, inputs=["tokens"], outputs=["logprob"], devices=["cpu"],
+                        sequence_outputs=["scores"])({"tokens": seqs})  # fmt: skip
+    with pytest.raises(TypeError, match=r"pass \['logprob'\]"):
+        teacher_program(model, sequence_outputs="logprob")
 
 
 @pytest.mark.parametrize("device", torch_devices())

@@ -221,7 +221,7 @@ def _coded_to_arrow(f: Field, parts: Mapping[str, Any], n: int) -> pa.Array:
                 )
             offsets, value = ragged.offsets, ragged.values
         given[name] = np.asarray(value)
-    rows = f.codec.from_compact(given)
+    rows = f.codec.from_compact(given, f.name, f.inner_shape)
     for name, (dtype, shape) in layout.items():
         array = rows[name]
         if array.shape[1:] != shape or not np.can_cast(array.dtype, dtype, "same_kind"):

@@ -69,8 +69,11 @@ class Codec(ABC):
         can use); most codecs store exactly that."""
         return dict(parts)
 
-    def from_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
-        """The compact form (e.g. top-k computed on a device) -> components to store."""
+    def from_compact(
+        self, parts: Mapping[str, np.ndarray], field: str, inner_shape: tuple[int, ...]
+    ) -> Parts:
+        """The compact form given by a program (e.g. top-k computed on a device) ->
+        components to store, checked against field ``field`` of ``inner_shape``."""
         return dict(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -340,7 +343,7 @@ class TopK(Codec):
         parts: Parts = {"values": values, "indices": indices}
         if self.tail:
             parts["tail"] = self._tail_mass(rows, values, top).astype(np.float32)
-        return self.from_compact(parts)
+        return self._code(parts)
 
     def _tail_mass(self, rows: np.ndarray, values: np.ndarray, top: np.ndarray) -> np.ndarray:
         if self.kind == "probs":
@@ -376,7 +379,35 @@ class TopK(Codec):
         clipped: np.ndarray = np.clip(tail, 0.0, 1.0)
         return clipped
 
-    def from_compact(self, parts: Mapping[str, np.ndarray]) -> Parts:
+    def from_compact(
+        self, parts: Mapping[str, np.ndarray], field: str, inner_shape: tuple[int, ...]
+    ) -> Parts:
+        """Indices must lie within the field's last axis; float values may come in any
+        order (``torch.topk(sorted=False)``): they are sorted, largest first, with their
+        indices."""
+        out = dict(parts)
+        indices, width = np.asarray(out["indices"]), inner_shape[-1]
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= width):
+            raise CodecError(
+                f"field {field!r} has top-k indices in {int(indices.min())}..."
+                f"{int(indices.max())} but its last axis holds {width} entries; declare the "
+                f"field with the model's whole vocabulary (e.g. a padded embedding's size)",
+                field=field,
+                codec=self.name,
+            )
+        values = np.asarray(out["values"])
+        if np.issubdtype(values.dtype, np.floating):
+            if np.isnan(values).any() or np.isposinf(values).any():
+                _need_finite(self.name, field, values)
+            if not (values[..., :-1] >= values[..., 1:]).all():
+                order = np.argsort(-values, axis=-1, kind="stable")
+                out["values"] = np.take_along_axis(values, order, axis=-1)
+                out["indices"] = np.take_along_axis(indices, order, axis=-1)
+        return self._code(out)
+
+    def _code(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        """Components in the compact form (float values sorted) -> as stored: top-p cut,
+        values to 8 bits, as the codec says."""
         out = dict(parts)
         floats = np.issubdtype(np.asarray(out["values"]).dtype, np.floating)
         if self.p is not None and floats:

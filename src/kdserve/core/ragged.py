@@ -43,10 +43,18 @@ class Ragged:
 
     @classmethod
     def from_list(cls, sequences: Sequence[Any], dtype: Any = None) -> Ragged:
-        """Pack a list of arrays (one per sample, equal trailing shape) into a Ragged."""
+        """Pack a list of arrays (one per sample, equal trailing shape) into a Ragged. An
+        empty sequence (``np.array([])``, float64 and 1-D whatever it stands for) takes
+        the dtype and trailing shape of the others."""
         arrays = [np.asarray(s, dtype=dtype) for s in sequences]
         if not arrays:
             raise SchemaError("cannot infer a sequence field from an empty list of samples")
+        filled = [a for a in arrays if a.size or a.ndim != 1]
+        if filled and len(filled) < len(arrays):
+            like = filled[0]
+            common = like.dtype if dtype is not None else np.result_type(*filled)
+            empty = np.empty((0, *like.shape[1:]), dtype=common)
+            arrays = [a if a.size or a.ndim != 1 else empty for a in arrays]
         inner = arrays[0].shape[1:]
         for i, a in enumerate(arrays):
             if a.ndim == 0 or a.shape[1:] != inner:

@@ -311,5 +311,8 @@ def _to_numpy(value: Any) -> Any:
     if isinstance(value, (np.ndarray, list, Ragged, Mapping)):
         return value
     if hasattr(value, "detach"):  # a torch tensor, possibly on a device
-        value = value.detach().cpu()
+        value = value.detach()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16: float32
+            value = value.float()
+        value = value.cpu()
     return np.asarray(value)

@@ -44,8 +44,11 @@ class TeacherProgram:
     or a :class:`~kdserve.Ragged`) is padded on the right with ``pad_value`` to
     ``(batch, max_len, ...)``; with ``mask_arg`` (e.g. ``"attention_mask"`` for a Hugging
     Face model) the module also gets the padding mask as that keyword (int64, 1 at real
-    tokens). Every output of shape ``(batch, max_len, ...)`` comes back with
-    ``<name>_lengths``, so the store keeps only the real positions. Positions are not
+    tokens). Every output of shape ``(batch, max_len, ...)`` (``(batch, max_len)`` too:
+    one number per token) comes back with ``<name>_lengths``, so the store keeps only the
+    real positions; ``sequence_outputs`` names them instead of this guess by shape (an
+    output that is not per position, of a size that may equal ``max_len``, stays whole;
+    ``()``: none). Positions are not
     shifted: for a causal LM, knowledge position ``i`` is the distribution after token
     ``i``, predicting token ``i + 1``. Right padding leaves a causal model's real
     positions exact even without a mask (they never attend to later positions).
@@ -99,6 +102,7 @@ class TeacherProgram:
     **Output dtype.** ``output_dtype=torch.float16`` casts floating outputs on the device,
     before they are copied to the host: half the bytes cross PCIe and nothing is left to
     convert on the host (the store then holds float16 knowledge, as ``use_fp16`` would).
+    Values beyond float16's range raise ValueError rather than becoming inf.
 
     The module is put in eval mode. It exposes
     ``.module`` (the module given), ``.replicas`` (one module per device, ``replicas[0]`` is
@@ -120,6 +124,7 @@ class TeacherProgram:
         mask_arg: str | None = None,
         pad_value: int | float = 0,
         topk: Mapping[str, int] | None = None,
+        sequence_outputs: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -145,6 +150,14 @@ class TeacherProgram:
         self.output_dtype = output_dtype
         self.mask_arg = mask_arg
         self.pad_value = pad_value
+        self.sequence_outputs: frozenset[str] | None = None
+        if sequence_outputs is not None:
+            if isinstance(sequence_outputs, str):
+                raise TypeError(
+                    f"sequence_outputs is a list of output names, got the str "
+                    f"{sequence_outputs!r}; pass [{sequence_outputs!r}]"
+                )
+            self.sequence_outputs = frozenset(sequence_outputs)
         self.topk = dict(topk or {})
         bad = {
             n: k
@@ -255,12 +268,33 @@ class TeacherProgram:
                 coded = name in self.topk
                 out[name] = self._top_k(name, value) if coded else self._to_numpy(name, value)
         if lengths is not None:  # (batch, max_len, ...) outputs: keep the real positions
-            n, longest = len(lengths), _longest(lengths)
-            for name, value in list(out.items()):
-                shape = (value["values"] if isinstance(value, dict) else value).shape
-                if len(shape) >= 3 and shape[:2] == (n, longest):
-                    out[f"{name}_lengths"] = lengths
+            for name in self._per_position(out, lengths):
+                out[f"{name}_lengths"] = lengths
         return out
+
+    def _per_position(self, out: Mapping[str, Any], lengths: np.ndarray) -> list[str]:
+        """The outputs that run over the ragged inputs' positions: ``sequence_outputs``
+        (checked), else those shaped ``(batch, max_len, ...)``."""
+        wanted = (len(lengths), _longest(lengths))
+        shapes = {
+            name: (value["values"] if isinstance(value, dict) else value).shape
+            for name, value in out.items()
+        }
+        if self.sequence_outputs is None:
+            return [name for name, shape in shapes.items() if shape[:2] == wanted]
+        missing = sorted(self.sequence_outputs - set(out))
+        if missing:
+            raise ValueError(
+                f"sequence_outputs names {missing}, which the module does not return; it "
+                f"returns {sorted(out)}"
+            )
+        for name in sorted(self.sequence_outputs):
+            if shapes[name][:2] != wanted:
+                raise ValueError(
+                    f"sequence_outputs output {name!r} has shape {shapes[name]}, not "
+                    f"(batch, max_len, ...) = {wanted}; each row must hold a position per token"
+                )
+        return sorted(self.sequence_outputs)
 
     # -- feeds ------------------------------------------------------------------------
 
@@ -337,7 +371,9 @@ class TeacherProgram:
             raise ValueError(f"topk={{{name!r}: {k}}} but output {name!r} has {vocab} entries")
         log_p = torch.log_softmax(value.detach().float(), dim=-1)
         values, indices = torch.topk(log_p, k, dim=-1)
-        tail = (-torch.expm1(torch.logsumexp(values, dim=-1))).clamp_(0.0, 1.0)
+        # The tail summed over the other entries themselves: 1 - (top-k mass) would lose
+        # all precision for small tails, and not be 0 at k = vocab.
+        tail = torch.logsumexp(log_p.scatter_(-1, indices, -torch.inf), dim=-1).exp_()
         index_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
         return {
             "values": values.cpu().numpy(),
@@ -357,13 +393,18 @@ class TeacherProgram:
         # (torch releases it in every op): call only those that do something.
         if value.requires_grad:
             value = value.detach()
+        wide = overflowed = None
         if value.is_floating_point() and self.output_dtype is not None:
-            value = value.to(self.output_dtype)  # on the device, before the copy to the host
+            wide, value = value, value.to(self.output_dtype)  # on the device, before the copy
+            if value.dtype == torch.float16 and wide.dtype != torch.float16:
+                overflowed = torch.isinf(value).any()  # queued on the device too
         elif value.is_floating_point() and (
             self.autocast is not None or value.dtype == torch.bfloat16
         ):
             value = value.float()
         array: np.ndarray = (value if value.is_cpu else value.cpu()).numpy()
+        if overflowed is not None and wide is not None and bool(overflowed):
+            _refuse_overflow(name, wide, value)
         return array
 
 
@@ -378,6 +419,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _refuse_overflow(name: str, wide: Tensor, half: Tensor) -> None:
+    """ValueError if casting ``wide`` to float16 turned finite values into inf."""
+    beyond = torch.isinf(half) & torch.isfinite(wide)
+    if bool(beyond.any()):
+        top = float(wide[beyond].abs().max())
+        raise ValueError(
+            f"output {name!r} has values beyond float16's range (max |x| = {top:.4g} > "
+            f"65504) that output_dtype=torch.float16 would store as inf; leave output_dtype "
+            f"unset (float32; a 'bf16' codec in keep= halves it too), or scale the output"
+        )
 
 
 def _names(what: str, names: Sequence[str]) -> list[str]:
@@ -434,5 +487,6 @@ def _as_ragged(value: Any) -> Ragged | None:
 
 teacher_program = TeacherProgram
 """``teacher_program(module, inputs=..., outputs=..., devices=..., autocast=...,
-output_dtype=..., streams=..., pin_inputs=..., mask_arg=..., pad_value=..., topk=...)``: the
-name to call it by, as a function (see :class:`TeacherProgram`)."""
+output_dtype=..., streams=..., pin_inputs=..., mask_arg=..., pad_value=..., topk=...,
+sequence_outputs=...)``: the name to call it by, as a function (see
+:class:`TeacherProgram`)."""
