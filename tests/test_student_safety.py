@@ -9,6 +9,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +22,8 @@ TOKEN = "student-safety-token"
 JOIN = 20.0
 
 
-def make_store(path: Path, n: int, batch: int = 100) -> Path:
-    x = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+def make_store(path: Path, n: int, batch: int = 100, width: int = 3) -> Path:
+    x = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, width), np.float32)
     with kd.Teacher(path, progress=False) as teacher:
         teacher.start_knowledge_service(
             ["x"],
@@ -166,23 +167,31 @@ def test_an_online_batch_repeating_an_id_is_refused(online_teacher):
     student.close()
 
 
+@pytest.mark.parametrize("store", [False, True])
 @pytest.mark.parametrize("even", ["pad", "drop"])
-def test_uneven_rows_give_every_rank_the_same_batches_online(online_teacher, even):
+def test_uneven_rows_give_every_rank_the_same_batches_online(online_teacher, tmp_path, even, store):
     # 1001 rows in teacher batches of 250 (4 full + 1 row): rank 0 gets 3 batches (501
     # rows), rank 1 two (500 rows); in student batches of 500 that is 2 and 1 batches.
+    # With a store merged in, the padding rows (repeated ids) are looked up there too, in
+    # one student batch of 1000 with the rows they repeat.
     x = np.arange(1001, dtype=np.float32)[:, None]
     teacher = online_teacher([(x[i : i + 250],) for i in range(0, 1001, 250)], ["x"])
+    path = make_store(tmp_path / "store", 1001, width=1) if store else None
     results: dict[int, list[dict[str, np.ndarray]]] = {}
     errors: list[BaseException] = []
 
     def rank(r: int) -> None:
         try:
             student = kd.Student(
-                rank=r, world_size=2, even_ranks=even, token=TOKEN, connect_timeout=20
-            )
+                {"y": "mean"}, rank=r, world_size=2, even_ranks=even, token=TOKEN,
+                connect_timeout=20,
+            )  # fmt: skip
             student.register_teacher(in_address=teacher.address)
+            if path is not None:
+                student.register_teacher(in_path=path)
             student.start()
-            results[r] = list(student.get_knowledge_generator(batch_size=500)())
+            size = 1000 if path is not None else 500
+            results[r] = list(student.get_knowledge_generator(batch_size=size)())
             student.close()
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -203,6 +212,73 @@ def test_uneven_rows_give_every_rank_the_same_batches_online(online_teacher, eve
         assert [len(i) for i in ids] == [501, 501] and set(both.tolist()) == set(range(1001))
     else:
         assert [len(i) for i in ids] == [500, 500] and len(set(both.tolist())) == 1000
+
+
+def test_a_rank_that_gets_no_batch_to_pad_from_is_told_why(online_teacher):
+    # 3 samples in teacher batches of 1 dealt to 5 ranks: ranks 3 and 4 get nothing to
+    # repeat, and would run fewer steps than the others (a DDP job would deadlock).
+    x = np.arange(3, dtype=np.float32)[:, None]
+    teacher = online_teacher([(x[i : i + 1],) for i in range(3)], ["x"])
+    outcome: dict[int, Any] = {}
+
+    def rank(r: int) -> None:
+        try:
+            with kd.Student(rank=r, world_size=5, token=TOKEN, connect_timeout=20) as student:
+                student.add_teacher(teacher.address)
+                outcome[r] = len(list(student.loader(2)))
+        except kd.KdserveError as exc:
+            outcome[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN)
+    assert [outcome[r] for r in range(3)] == [1, 1, 1]
+    for r in (3, 4):
+        assert isinstance(outcome[r], kd.KdserveError), outcome
+        assert f"rank {r} got no sample" in str(outcome[r]) and "smaller batches" in str(outcome[r])
+
+
+def test_online_teachers_batching_differently_are_refused_naming_why_with_ranks(online_teacher):
+    # Each deals its own batches whole to the ranks: batches of 4 and of 5 give rank 0
+    # samples 0-3, 8-11, ... of one and 0-4, 10-14, ... of the other.
+    x = np.arange(20, dtype=np.float32)[:, None]
+    fours = online_teacher([(x[i : i + 4],) for i in range(0, 20, 4)], ["x"])
+    fives = online_teacher([(x[i : i + 5],) for i in range(0, 20, 5)], ["x"])
+    outcome: dict[int, Any] = {}
+
+    def rank(r: int) -> None:
+        try:
+            with kd.Student(
+                {"y": "mean"}, rank=r, world_size=2, even_ranks="none", token=TOKEN,
+                connect_timeout=20,
+            ) as student:  # fmt: skip
+                student.add_teacher(fours.address)
+                student.add_teacher(fives.address)
+                outcome[r] = list(student.loader(8))
+        except kd.KdserveError as exc:
+            outcome[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN)
+    for r in (0, 1):
+        assert isinstance(outcome[r], kd.AlignmentError), outcome
+        assert "batches of the same sizes" in str(outcome[r])
+
+
+def test_a_store_holding_more_samples_is_refused_whichever_is_registered_first(tmp_path):
+    small, large = make_store(tmp_path / "small", 10), make_store(tmp_path / "large", 12)
+    for order in ((small, large), (large, small)):
+        with kd.Student({"y": "mean"}) as student:
+            for path in order:
+                student.add_store(path)
+            only_in_large = r"only in '[^']*': 10\b.*(10 vs 12|12 vs 10)"
+            with pytest.raises(kd.AlignmentError, match=only_in_large):
+                list(student.loader(4))
 
 
 def test_verify_checks_each_shard_before_its_first_use(tmp_path):

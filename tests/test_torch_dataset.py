@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import kdserve as kd
+from kdserve.store import repair
 from kdserve.torch import KnowledgeDataset
 from kdserve.torch.dataset import to_tensors
 
@@ -283,6 +284,36 @@ def test_a_mid_pass_state_is_refused_once_a_store_was_rewritten(stores: Path, tm
         _resumable(copy).load_state_dict({"epoch": 0, "batches": 3})
 
 
+def test_a_mid_pass_state_is_refused_once_a_store_was_repaired_and_re_run(tmp_path) -> None:
+    # Repair sets a damaged middle shard aside and the re-run appends its samples at the
+    # end: same creation time, same rows, another order -- the skipped batches would be
+    # other samples (5 lost, 5 read twice here before the shards' checksums counted).
+    x = np.arange(30, dtype=np.float32)[:, None].repeat(4, 1)
+    data = [{"x": x[i : i + 5]} for i in range(0, 30, 5)]
+    store = tmp_path / "s"
+
+    def dump() -> None:
+        kd.dump(lambda f: {"logits": f["x"] * 2}, data, store, shard_bytes=1, progress=False)
+
+    dump()  # a shard per batch
+    dataset = KnowledgeDataset([store], batch_size=5)
+    it = iter(dataset)
+    first = [next(it) for _ in range(3)]
+    state = dataset.state_dict()
+    del it
+    shard = store / kd.StoreReader(store).shards[1].file
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    assert [n for n, _ in repair(store)] == [shard.name]
+    dump()
+    again = KnowledgeDataset([store], batch_size=5)
+    with pytest.raises(ValueError, match="saved with teachers="):
+        again.load_state_dict(state)
+    rest = list(again)  # from the start of the pass, every sample once
+    assert sorted(_ids(rest)) == list(range(30)) and _ids(first) == list(range(15))
+
+
 def test_state_dict_round_trip_and_bad_states(stores: Path) -> None:
     dataset = _resumable(stores)
     dataset.set_epoch(1)
@@ -331,6 +362,30 @@ def test_bad_arguments() -> None:
     for name in ("connect_timeout", "stall_timeout"):  # refused here, not in a worker
         with pytest.raises(ValueError, match=f"{name} must be > 0 seconds"):
             KnowledgeDataset(["127.0.0.1:1"], batch_size=4, **{name: 0})
+    bad = {"seed": (-1, "seed"), "block_rows": (0, "block_rows"), "even_ranks": ("x", "even")}
+    for name, (value, said) in bad.items():  # here too, not at first use
+        with pytest.raises(ValueError, match=f"{said} must be"):
+            KnowledgeDataset(["127.0.0.1:1"], batch_size=4, **{name: value})
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        kd.Student(seed=-1, shuffle=True)
+
+
+def test_allow_incomplete_reads_a_store_whose_dump_has_not_finished(tmp_path) -> None:
+    x = np.arange(12, dtype=np.float32)[:, None]
+
+    def failing(feed: dict[str, Any]) -> dict[str, Any]:
+        if feed["x"][0, 0] >= 8:
+            raise RuntimeError("the teacher died")
+        return {"y": feed["x"] * 2}
+
+    with pytest.raises(RuntimeError, match="died"):
+        kd.dump(failing, [{"x": x[i : i + 4]} for i in range(0, 12, 4)], tmp_path / "s",
+                shard_bytes=1, progress=False)  # fmt: skip
+    with pytest.raises(kd.StoreError, match="allow_incomplete=True"):
+        list(KnowledgeDataset([tmp_path / "s"], batch_size=4))
+    batches = list(KnowledgeDataset([tmp_path / "s"], batch_size=4, allow_incomplete=True))
+    assert _ids(batches) == list(range(8))
+    assert all(torch.equal(b["y"][:, 0], b["sample_id"].float() * 2) for b in batches)
 
 
 def test_online_teacher_two_epochs() -> None:

@@ -59,6 +59,11 @@ class Sampler:
                 raise TypeError(f"{key} must be an int, got {value!r}")
         if self.even not in EVEN_MODES:
             raise ValueError(f"even must be one of {EVEN_MODES}, got {self.even!r}")
+        if self.seed < 0:
+            raise ValueError(
+                f"seed must be an int >= 0 (numpy's generators take no negative seed), "
+                f"got {self.seed}"
+            )
         if self.block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {self.block_rows}")
         if not 0 <= self.rank < self.world_size:

@@ -10,6 +10,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from kdserve.core.batch import sample_ids
@@ -78,12 +79,39 @@ def served_pass(
                 )
             step = {t.name: b for t, b in zip(teachers, batches, strict=True)}
             ids = sample_ids(step[driver.name])
+            if sampler.world_size > 1:
+                _same_share(step, teachers, ids, sampler.world_size)
             for store in stores:
                 step[store.name] = store.lookup(ids, driver.name)
             yield step
     finally:
         for stream in streams:
             stream.close()
+
+
+def _same_share(
+    step: Step, teachers: Sequence[StreamSource], ids: np.ndarray, world_size: int
+) -> None:
+    """AlignmentError if served teachers gave this rank different samples: each deals its
+    own batches to the ranks in turn, so their shares match only if they batch alike."""
+    driver = teachers[0].name
+    for t in teachers[1:]:
+        other = sample_ids(step[t.name])
+        if not np.array_equal(np.sort(other), np.sort(ids)):
+            raise AlignmentError(
+                f"online teachers {driver!r} and {t.name!r} gave this rank different "
+                f"samples: each deals its own batches whole to the {world_size} ranks (times "
+                f"loader workers), so teachers merged online must serve the same samples in "
+                f"batches of the same sizes, in the same order. Give their readers one batch "
+                f"size, or dump one of them to a store (stores follow the online teacher's "
+                f"batches)",
+                teachers=(driver, t.name),
+                sample_ids=(_first(ids), _first(other)),
+            )
+
+
+def _first(ids: np.ndarray) -> int | None:
+    return int(ids[0]) if len(ids) else None
 
 
 def _patience(teacher: str, epoch: int, timeout: float | None) -> Callable[[float], None]:

@@ -202,29 +202,38 @@ class StoreSource(Source):
         return len(self.reader)
 
     def align_to(self, reference: StoreSource) -> None:
-        """Map the reference store's rows onto this store's rows, by sample id."""
-        if not np.array_equal(reference.ids, self.ids):
-            self.rows_of = self.rows_for(reference.ids, reference.name)
+        """Map the reference store's rows onto this store's rows, by sample id: both hold
+        the same samples (or the reference, read incomplete, some of them)."""
+        if np.array_equal(reference.ids, self.ids):
+            return
+        self.rows_of = self.rows_for(reference.ids, reference.name)
+        if len(self.ids) != len(reference.ids) and reference.reader.complete:
+            raise self._not_the_same(reference.ids, reference.name)  # samples only here
 
     def rows_for(self, ids: np.ndarray, reference: str) -> np.ndarray:
-        """This store's rows holding ``ids``; AlignmentError naming the first missing id."""
+        """This store's rows holding ``ids`` (which may repeat: ranks evened by padding);
+        AlignmentError naming the first missing id."""
         if self._order is None:
             self._order = np.argsort(self.ids, kind="stable")
         rows = rows_of(self.ids, ids, self._order)
-        if rows is None or len(ids) != len(np.unique(ids)):
-            missing = np.setdiff1d(ids, self.ids)
-            extra = np.setdiff1d(self.ids, ids)
-            a = int(missing[0]) if len(missing) else None
-            b = int(extra[0]) if len(extra) else None
-            raise AlignmentError(
-                f"teachers {reference!r} and {self.name!r} do not hold the same samples: "
-                f"first id only in {reference!r}: {a}, first id only in {self.name!r}: {b} "
-                f"({len(ids)} vs {len(self.ids)} samples). Produce both teachers' knowledge "
-                f"over the same data",
-                teachers=(reference, self.name),
-                sample_ids=(a, b),
-            )
+        if rows is None:
+            raise self._not_the_same(ids, reference)
         return rows
+
+    def _not_the_same(self, ids: np.ndarray, reference: str) -> AlignmentError:
+        """The error for ``reference``'s ``ids`` that this store does not hold alike."""
+        missing = np.setdiff1d(ids, self.ids)
+        extra = np.setdiff1d(self.ids, ids)
+        a = int(missing[0]) if len(missing) else None
+        b = int(extra[0]) if len(extra) else None
+        return AlignmentError(
+            f"teachers {reference!r} and {self.name!r} do not hold the same samples: "
+            f"first id only in {reference!r}: {a}, first id only in {self.name!r}: {b} "
+            f"({len(np.unique(ids))} vs {len(self.ids)} samples). Produce both teachers' "
+            f"knowledge over the same data",
+            teachers=(reference, self.name),
+            sample_ids=(a, b),
+        )
 
     def lookup(self, ids: np.ndarray, reference: str) -> pa.RecordBatch:
         """The rows holding ``ids``, in that order (to match another teacher's batch)."""
@@ -294,6 +303,14 @@ class StreamSource(Source):
         told = shares()
         if even == "pad":
             missing = max(told) - rows
+            if first is None and missing > 0:
+                raise KdserveError(
+                    f"rank {sampler.rank} got no sample of teacher {self.name!r} to pad its "
+                    f"share with: the teacher's batches are dealt whole to the "
+                    f"{sampler.world_size} ranks (times loader workers), and this pass had "
+                    f"fewer. Serve smaller batches (the teacher's batch size), or read with "
+                    f"fewer ranks or workers"
+                )
             while missing > 0 and first is not None:
                 piece = first.slice(0, missing)
                 yield piece

@@ -29,6 +29,8 @@ others refuses it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -129,7 +131,8 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
     knowledge ``name_values``, ``name_indices``, ``name_tail``, for ``topk_kd_loss``).
     ``expect`` is the :class:`Student`'s (the provenance every teacher must record), and
     ``vocab_maps`` gives teachers, keyed as in ``teachers``, a :class:`~kdserve.VocabMap`
-    into the student's vocabulary.
+    into the student's vocabulary. ``allow_incomplete`` reads stores whose dump has not
+    finished (the samples in their complete shards).
     ``pin_memory`` pins the tensors (which copies them) on a background thread of the
     main process, ready for ``.to(device, non_blocking=True)``; in ``DataLoader`` workers
     pinning is left to ``DataLoader(pin_memory=True)``, which pins in the main process
@@ -158,6 +161,7 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         even_ranks: Even = "pad",
         expect: Mapping[str, Any] | None = None,
         vocab_maps: Mapping[str | os.PathLike[str], VocabMap] | None = None,
+        allow_incomplete: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(teachers, (str, os.PathLike)):
@@ -188,11 +192,12 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             )
         self.vocab_maps = given
         self.expect = dict(expect or {})
+        self.allow_incomplete = bool(allow_incomplete)
         env_rank, env_world = Sampler.world_from_env()
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        # The Student's checks of these, now rather than in each loader worker.
+        Sampler(shuffle, seed, block_rows, self.rank, self.world_size, even=even_ranks)
         self.even_ranks = even_ranks
         self.batch_size = batch_size
         self.merge_strategy = dict(merge_strategy or {})
@@ -246,14 +251,17 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     @functools.cached_property
     def _stores(self) -> list[list[Any] | None]:
-        """Each store by when it was created and its rows (a store rewritten or grown reads
-        in another order), not by its path: a job may resume where stores mount elsewhere.
-        Read once: a stateful loader asks for the state at every batch."""
+        """Each store by when it was created, its rows and its shards' checksums in order
+        (a store rewritten, grown or repaired and re-run reads in another order), not by
+        its path: a job may resume where stores mount elsewhere. Read once: a stateful
+        loader asks for the state at every batch."""
         stores: list[list[Any] | None] = []
         for add, where in self._teachers:
             if add == "add_store":
                 manifest = read_manifest(Path(where))
-                stores.append([manifest.get("created"), manifest.get("rows")])
+                shards = [[s.get("crc32"), s.get("rows")] for s in manifest.get("shards", [])]
+                order = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+                stores.append([manifest.get("created"), manifest.get("rows"), order])
             else:
                 stores.append(None)  # online: read from a pass's start only
         return stores
@@ -342,7 +350,13 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
         )
         try:
             for add, where in self._teachers:
-                getattr(student, add)(where, vocab_map=self.vocab_maps.get(where))
+                vocab_map = self.vocab_maps.get(where)
+                if add == "add_store":
+                    student.add_store(
+                        where, allow_incomplete=self.allow_incomplete, vocab_map=vocab_map
+                    )
+                else:
+                    student.add_teacher(where, vocab_map=vocab_map)
             student.start()
         except BaseException:
             student.close()
