@@ -388,6 +388,24 @@ def test_allow_incomplete_reads_a_store_whose_dump_has_not_finished(tmp_path) ->
     assert all(torch.equal(b["y"][:, 0], b["sample_id"].float() * 2) for b in batches)
 
 
+def test_workers_forked_from_a_serving_process_say_so_and_spawned_ones_read() -> None:
+    # gRPC does not survive fork: a DataLoader worker forked from a process running a
+    # teacher's server hung in its first call (connect_timeout and stall_timeout unheard).
+    x = np.arange(23, dtype=np.float32)[:, None]
+    data = [{"x": x[i : i + 4]} for i in range(0, 23, 4)]
+    with kd.serve(lambda f: {"y": f["x"] * 2}, data, progress=False) as service:
+        dataset = KnowledgeDataset([service.address], batch_size=5, connect_timeout=10)
+        forked = DataLoader(dataset, batch_size=None, num_workers=2, timeout=60)
+        with pytest.raises(kd.KdserveError, match="multiprocessing_context='spawn'"):
+            list(forked)
+        spawned = DataLoader(
+            dataset, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=60
+        )
+        batches = list(spawned)
+    assert sorted(_ids(batches)) == list(range(23))
+    assert all(torch.equal(b["y"][:, 0], b["sample_id"].float() * 2) for b in batches)
+
+
 def test_online_teacher_two_epochs() -> None:
     teacher = kd.Teacher(out_port=0, token=TOKEN, progress=False)
     teacher.start()

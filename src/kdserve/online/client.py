@@ -37,6 +37,7 @@ from kdserve.online.client_errors import TRANSIENT, from_flight, reason
 from kdserve.online.messages import MAX_MESSAGE_BYTES, MAX_MESSAGE_DEPTH, decode_message
 from kdserve.online.protocol import MAX_POSITION, Ack, RecvRequest, SendRequest, TeacherInfo, Ticket
 from kdserve.online.read_pass import read_pass
+from kdserve.online.server import check_not_forked_from_server
 from kdserve.online.tokens import TOKEN_ENV, find_token, given_token, token_path
 
 __all__ = ["TOKEN_ENV", "TeacherClient"]
@@ -68,6 +69,7 @@ class TeacherClient:
         tls_client_cert: tuple[bytes, bytes] | None = None,
         connect_timeout: float = 60.0,
     ) -> None:
+        check_not_forked_from_server(name)
         self.name = name
         self.address = address
         self.connect_timeout = connect_timeout

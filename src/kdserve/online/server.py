@@ -50,6 +50,8 @@ teacher hold nothing (measured: +0 MB). Use it for a teacher reachable beyond lo
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -89,6 +91,39 @@ _ACTIONS = [
     ("recv", "the teacher's messages after an index"),
 ]
 log = logging.getLogger(__name__)
+
+
+class _Listening:
+    """This process's servers, from listen to shutdown (by id), and whether the process
+    was forked from one that had some."""
+
+    def __init__(self) -> None:
+        self.servers: set[int] = set()
+        self.lock = threading.Lock()
+        self.forked_from_server = False
+
+    def after_fork_in_child(self) -> None:
+        """The child has no server (fork copies no thread) and new locks."""
+        self.forked_from_server |= bool(self.servers)
+        self.servers = set()
+        self.lock = threading.Lock()
+
+
+_LISTENING = _Listening()
+os.register_at_fork(after_in_child=_LISTENING.after_fork_in_child)
+
+
+def check_not_forked_from_server(teacher: str) -> None:
+    """KdserveError in a process forked from one serving a teacher: gRPC's threads do not
+    survive fork, and any call it makes would hang (a DataLoader worker forked from a
+    process that runs ``kd.serve``, say)."""
+    if _LISTENING.forked_from_server:
+        raise KdserveError(
+            f"cannot connect to teacher {teacher!r} from a process forked from one that "
+            f"serves a teacher (gRPC does not survive fork: the call would hang). Start "
+            f"DataLoader workers with multiprocessing_context='spawn', read with "
+            f"num_workers=0, or serve the teacher from another process"
+        )
 
 
 class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
@@ -170,6 +205,16 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         self.provenance = dict(provenance or {})
         self.inbox = Inbox(max_inbox_bytes)
         self._outbox = Outbox(max_message_bytes)
+        with _LISTENING.lock:
+            _LISTENING.servers.add(id(self))
+
+    def shutdown(self) -> None:
+        """Stop listening, once the calls in progress end (Flight's own shutdown)."""
+        try:
+            super().shutdown()
+        finally:
+            with _LISTENING.lock:
+                _LISTENING.servers.discard(id(self))
 
     def set_schema(self, schema: pa.Schema) -> None:
         """The knowledge stream's Arrow schema, once the teacher knows it."""
