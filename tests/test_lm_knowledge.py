@@ -54,6 +54,7 @@ def test_top_k_sequence_knowledge_reaches_the_loss_compact_and_masked(tmp_path: 
     lengths = first["tokens_lengths"]
     assert first["logits_values"].shape == (8, int(lengths.max()), K)
     assert first["logits_indices"].shape == (8, int(lengths.max()), K)
+    assert first["logits_indices"].dtype == torch.int64  # stored uint16: few ops take that
     assert first["logits_tail"].shape == (8, int(lengths.max()))
     assert torch.equal(first["logits_lengths"], lengths)
     assert torch.equal(first["tokens_mask"], first["logits_mask"])
@@ -65,7 +66,7 @@ def test_top_k_sequence_knowledge_reaches_the_loss_compact_and_masked(tmp_path: 
             full = model(torch.as_tensor(seqs[row])[None])[0]
         n = int(lengths[row])
         expected = torch.topk(full, K, dim=-1).indices.sort(-1).values
-        got = first["logits_indices"][row, :n].long().sort(-1).values
+        got = first["logits_indices"][row, :n].sort(-1).values
         assert torch.equal(got, expected)
 
     student_logits = torch.zeros(8, int(lengths.max()), VOCAB, requires_grad=True)

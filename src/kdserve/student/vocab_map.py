@@ -16,7 +16,8 @@ Only top-k indices can be rewritten: a dense field (or an fp16/int8-coded one) a
 the teacher's vocabulary would stay in the teacher's vocabulary, and is refused. The map
 is one to one: every teacher token needs its own student token (a token without a
 counterpart cannot move its probability into the tail without changing ``k``), so two
-teacher tokens on one student token, or none, are refused.
+teacher tokens on one student token, or none, are refused. Other fields pass unchanged:
+token ids a teacher kept (an integer sequence field) stay the teacher's ids.
 """
 
 from __future__ import annotations

@@ -66,13 +66,18 @@ def to_tensors(batch: Knowledge, pin_memory: bool = False) -> dict[str, torch.Te
     zero-padded tensor ``name`` plus an int64 ``name_lengths`` and a bool ``name_mask``
     (true at real positions: padding is never mistaken for data, even where 0 is a real
     token id). A coded field read with ``decode=False`` gives one tensor per component,
-    ``name_values``, ``name_indices``, ``name_tail`` for :class:`~kdserve.TopK`. The
-    wrapped tensors share read-only memory: do not modify them in place."""
+    ``name_values``, ``name_indices``, ``name_tail`` for :class:`~kdserve.TopK`; indices
+    come as int64, what ``gather`` and indexing take (stored as uint16 or int32, which few
+    torch ops accept). The wrapped tensors share read-only memory: do not modify them in
+    place."""
     out: dict[str, torch.Tensor] = {}
     for name, value in batch.items():
         parts = value if isinstance(value, dict) else {"": value}
         for part, piece in parts.items():
-            _add_tensor(out, batch, f"{name}_{part}" if part else name, piece, name)
+            key = f"{name}_{part}" if part else name
+            _add_tensor(out, batch, key, piece, name)
+            if part == "indices":
+                out[key] = out[key].to(torch.int64)
     if pin_memory:
         out = {name: t.pin_memory() for name, t in out.items()}
     return out
