@@ -281,6 +281,21 @@ def test_a_store_holding_more_samples_is_refused_whichever_is_registered_first(t
                 list(student.loader(4))
 
 
+def test_a_store_holding_more_samples_than_an_online_teacher_serves_is_refused(
+    online_teacher, tmp_path
+):
+    # Stores are looked up by the ids the online teacher serves: samples only in the
+    # store were never read, and nothing said so.
+    x = np.arange(10, dtype=np.float32)[:, None]
+    teacher = online_teacher([(x[i : i + 4],) for i in range(0, 10, 4)], ["x"])
+    store = make_store(tmp_path / "store", 12, width=1)
+    with kd.Student({"y": "mean"}, token=TOKEN, connect_timeout=20) as student:
+        student.add_teacher(teacher.address)
+        student.add_store(store)
+        with pytest.raises(kd.AlignmentError, match=r"served 10 in pass 0, store .* holds 12"):
+            list(student.loader(3, drop_last=True))  # counted as served, not as read
+
+
 def test_verify_checks_each_shard_before_its_first_use(tmp_path):
     store = make_store(tmp_path / "store", 300)
     shard = store / kd.StoreReader(store).shards[-1].file

@@ -54,11 +54,17 @@ def served_pass(
     waits for it is warned about each minute, and given up on after ``stall_timeout``."""
     for t in teachers:
         t.check_pass(epoch)
+    served = [0]  # rows the driver served this rank, before re-batching
     # Each teacher is read by its own thread, buf_size batches ahead: network reads of
     # several teachers overlap, and a slow student still slows them all down.
     streams = [
         Prefetcher(
-            functools.partial(rebatch, t.share(epoch, sampler), batch_size, drop_last),
+            functools.partial(
+                rebatch,
+                _counted(t.share(epoch, sampler), served, t is teachers[0]),
+                batch_size,
+                drop_last,
+            ),
             buf_size,
             f"kdserve-{t.name}",
             on_wait=_patience(t.name, epoch, stall_timeout),
@@ -87,6 +93,33 @@ def served_pass(
     finally:
         for stream in streams:
             stream.close()
+    if sampler.world_size == 1:  # one rank reads the whole pass: stores hold no more
+        _no_more_in_stores(stores, driver.name, served[0], epoch)
+
+
+def _counted(
+    batches: Iterator[pa.RecordBatch], rows: list[int], count: bool
+) -> Iterator[pa.RecordBatch]:
+    """``batches``, their rows added to ``rows[0]`` if ``count``."""
+    for batch in batches:
+        if count:
+            rows[0] += batch.num_rows
+        yield batch
+
+
+def _no_more_in_stores(stores: Sequence[StoreSource], driver: str, rows: int, epoch: int) -> None:
+    """AlignmentError for a complete store holding samples the pass did not serve (looked
+    up by id, they would never be read)."""
+    for store in stores:
+        if store.reader.complete and len(store) != rows:
+            raise AlignmentError(
+                f"teachers {driver!r} and {store.name!r} do not hold the same samples: "
+                f"{driver!r} served {rows} in pass {epoch}, store {store.path} holds "
+                f"{len(store)} (the others were never read). Produce both teachers' "
+                f"knowledge over the same data",
+                teachers=(driver, store.name),
+                sample_ids=(None, None),
+            )
 
 
 def _same_share(
