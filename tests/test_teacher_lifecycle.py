@@ -113,6 +113,31 @@ def test_a_program_that_raises_inside_with_leaves_the_store_incomplete(tmp_path)
     np.testing.assert_allclose(got["logits"], inputs(100) @ W, rtol=1e-6)
 
 
+def test_a_service_retried_on_the_same_teacher_resumes_the_failed_one(tmp_path):
+    # The failed service had read ahead of what it stored: the retry used to count ids on
+    # from there, storing samples 0.. again under new ids and leaving a gap, and a later
+    # service went on from the wrong id.
+    store = tmp_path / "store"
+    calls = 0
+
+    def flaky(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        if calls == 6:
+            raise RuntimeError("a transient failure")
+        return program(feed)
+
+    with kd.Teacher(store, shard_bytes=1, progress=False) as teacher:
+        with pytest.raises(RuntimeError, match="transient"):
+            teacher.start_knowledge_service(["x"], ["logits"], flaky, batches(100, 10))
+        assert 0 < len(kd.StoreReader(store)) < 100
+        assert teacher.start_knowledge_service(["x"], ["logits"], flaky, batches(100, 10)) > 0
+        teacher.start_knowledge_service(["x"], ["logits"], program, batches(20, 10, 100))
+    got = read_all(store)  # complete: the retry covered what the failure left out
+    np.testing.assert_array_equal(got["sample_id"], np.arange(120))
+    np.testing.assert_allclose(got["logits"], inputs(120) @ W, rtol=1e-6)
+
+
 def test_dumps_inside_a_with_block_that_raises_leave_the_store_incomplete(tmp_path):
     store = tmp_path / "store"
     with (

@@ -149,6 +149,15 @@ class StoreSink(Sink):
             self._open().write(batch)
         return int(batch.num_rows)
 
+    def begin(self) -> None:
+        """A service starts: after a failed one, it covers the same samples again (a
+        retry), so the store may be completed by it; the rows the failure left are looked
+        up, not written twice."""
+        with self._lock:
+            if self.failed is not None:
+                self.failed = None
+                self.resume_rows = max(self.resume_rows, self.rows)
+
     def fail(self, why: str) -> None:
         self.keep_incomplete(f"its dump failed ({why})")
 

@@ -353,7 +353,9 @@ class Teacher:
         pass. Online with ``reader_config=None``, the teacher only answers queries, until
         :meth:`close`. Returns the samples this call delivered (written to the store, or
         served over all passes). Offline, the store is complete and durable when this
-        returns; if it raises, the store is left incomplete and a re-run resumes it.
+        returns; if it raises, the store is left incomplete and a re-run resumes it -- in
+        a new process, or on this teacher: the next service starts again at the failed
+        one's first sample id, skipping the samples stored already.
 
         ``num_postprocess_threads`` encode batches (codecs, Arrow) in parallel. With
         ``num_inference_threads`` > 1 that many program calls run at once (order is kept):
@@ -421,14 +423,19 @@ class Teacher:
         )
         with self._idle:
             self._services.add(threading.get_ident())
+        if self._store is not None:
+            self._store.begin()
+        ended = False
         try:
             delivered = pipeline.run()
+            ended = True
             if self._closed.is_set() and self._store is not None:
                 self._store.keep_incomplete("close() stopped its dump")
                 _log.warning("teacher %s: close() stopped its knowledge service", self.name)
             return delivered
         finally:
-            self._position = pipeline.position
+            if ended:  # the next service's ids count on; after a failure, a retry covers
+                self._position = pipeline.position  # the same samples again
             with self._idle:
                 self._services.discard(threading.get_ident())
                 self._idle.notify_all()
