@@ -75,6 +75,18 @@ def test_bad_reader_configs_are_explained(config, message):
         _collect(config)
 
 
+def test_one_feed_refuses_a_tuple_of_several_values():
+    # DataLoader-style (inputs, labels) pairs with feeds=["x"]: each pair was taken for a
+    # batch of two "samples", labels among them.
+    pairs = [(X[i], Y[i]) for i in range(len(X))]
+    with pytest.raises(kd.SchemaError, match=r"has 2 fields but feed_list names 1: \['x'\]"):
+        _collect({"sample_generator": lambda: iter(pairs), "batch_size": 2}, ["x"])
+    with pytest.raises(kd.SchemaError, match="has 2 fields but feed_list names 1"):
+        _collect({"batch_generator": lambda: iter([(X, Y)])}, ["x"])
+    (batch,) = _collect({"batch_generator": lambda: iter([(X,)])}, ["x"])  # a 1-tuple is fine
+    np.testing.assert_array_equal(batch["x"], X)
+
+
 def test_feed_list_must_name_feeds():
     with pytest.raises(kd.SchemaError, match="feed_list must be a non-empty list"):
         _collect([(X, Y)], [])

@@ -694,3 +694,26 @@ def test_idset_add_new_adds_only_ids_that_are_new_and_given_once():
     assert not ids.add_new(np.array([40, 40]))  # repeated within: nothing added
     assert not ids.add_new(np.array([50, 51, 51]))  # increasing but repeated: refused
     assert sorted(ids.to_array().tolist()) == [*range(10), 12, 15, 20, 21, 22]
+
+
+def test_a_store_writer_whose_with_block_raises_leaves_the_store_incomplete(tmp_path):
+    def batch(i: int):
+        ids = np.arange(BATCH * i, BATCH * (i + 1))
+        logits = np.ones((BATCH, WIDTH), np.float32) * ids[:, None]
+        return kd.to_record_batch({"logits": logits, "label": ids % 10}, SCHEMA, sample_ids=ids)
+
+    with (
+        pytest.raises(RuntimeError, match="the producer died"),
+        kd.StoreWriter(tmp_path / "s", SCHEMA, shard_bytes=SHARD_BYTES) as writer,
+    ):
+        for i in range(5):
+            if i == 2:
+                raise RuntimeError("the producer died")
+            writer.write(batch(i))
+    reader = kd.StoreReader(tmp_path / "s")
+    assert not reader.complete and len(reader) == 2 * BATCH  # durable, but not complete
+    with kd.StoreWriter(tmp_path / "s", SCHEMA, shard_bytes=SHARD_BYTES) as writer:
+        for i in range(2, 5):  # the rest, resumed
+            writer.write(batch(i))
+    reader = kd.StoreReader(tmp_path / "s")
+    assert reader.complete and len(reader) == 5 * BATCH

@@ -219,8 +219,9 @@ class StoreWriter:
     def __enter__(self) -> StoreWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Close; a block that raised leaves the store incomplete (a re-run resumes it)."""
+        self.close(complete=exc_type is None)
 
     def _open_new_shard(self) -> None:
         """Start the next shard, under its ``.tmp`` name until it is complete."""

@@ -113,14 +113,18 @@ def _fields_of(item: Any, feed_list: list[str], what: str) -> list[Any]:
         if missing:
             raise SchemaError(f"a {what} lacks feed(s) {missing}; it has {sorted(item)}")
         return [item[n] for n in feed_list]
-    if isinstance(item, (tuple, list)) and len(feed_list) > 1:
+    # A tuple is always one value per feed; a list may also be one feed's batch of
+    # sequences (ragged token ids).
+    if isinstance(item, tuple) or (isinstance(item, list) and len(feed_list) > 1):
         if len(item) != len(feed_list):
             raise SchemaError(
-                f"a {what} has {len(item)} fields but feed_list names {len(feed_list)}: {feed_list}"
+                f"a {what} has {len(item)} fields but feed_list names {len(feed_list)}: "
+                f"{feed_list}; name a feed for each (e.g. an (inputs, labels) pair needs two), "
+                f"or give a feed's value itself, not in a tuple"
             )
         return list(item)
     if len(feed_list) == 1:
-        return [item[0] if isinstance(item, (tuple, list)) and len(item) == 1 else item]
+        return [item[0] if isinstance(item, list) and len(item) == 1 else item]
     raise SchemaError(
         f"a {what} must be a tuple, list or dict with one value per feed {feed_list}, "
         f"got {type(item).__name__}"
