@@ -163,9 +163,25 @@ def test_limits_bound_what_students_may_send_and_the_teacher_serves_on() -> None
         student.add_teacher(service.address)
         with pytest.raises(kd.ProtocolError, match="over the limit of 10000"):
             student.query(0, {"x": np.zeros((1000, D), np.float32)})  # 16 kB
-        with pytest.raises(kd.ProtocolError, match=r"message refused.*limit of 2000 \(Limits"):
-            student.send({"blob": "x" * 5000})
+        with pytest.raises(ValueError, match=r"over the limit of 2000 \(the teacher's Limits"):
+            student.send({"blob": "x" * 5000})  # refused before it is sent
         np.testing.assert_array_equal(student.query(0, {"x": X[:4]})["logits"], 2 * X[:4])
+
+
+def test_a_raised_message_limit_holds_from_the_first_message_both_ways() -> None:
+    # Students learnt the teacher's limit only when they asked for its info: before,
+    # a 6 MB message was refused to send, and dropped when received, at the 4 MiB default.
+    big = np.zeros((6 << 20) // 8)
+    limits = kd.Limits(message_bytes=32 << 20)
+    with (
+        kd.serve(program, None, feeds=["x"], limits=limits) as service,
+        kd.Student(connect_timeout=10.0) as student,
+    ):
+        teacher = student.add_teacher(service.address)
+        service.teacher.send({"a": big})
+        np.testing.assert_array_equal(student.recv(teacher, timeout=10)["a"], big)
+        student.send({"b": big})
+        np.testing.assert_array_equal(service.teacher.recv(timeout=10)["b"], big)
 
 
 def test_a_loaders_transform_runs_on_the_prefetch_thread(tmp_path: Path) -> None:

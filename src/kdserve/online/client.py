@@ -74,6 +74,7 @@ class TeacherClient:
         self.address = address
         self.connect_timeout = connect_timeout
         self.max_message_bytes = MAX_MESSAGE_BYTES  # until info() tells the teacher's
+        self._told_limit = False  # info() was asked: max_message_bytes is the teacher's
         self._dropped: list[int] = []  # indices of the teacher's messages found undecodable
         self._lock = threading.Lock()
         self._readers: set[flight.FlightStreamReader] = set()  # knowledge streams open now
@@ -244,7 +245,14 @@ class TeacherClient:
         (data,) = self.action("info")
         info = TeacherInfo.from_bytes(data, f"info from teacher {self.name!r}")
         self.max_message_bytes = info.max_message_bytes
+        self._told_limit = True
         return info
+
+    def _message_limit(self) -> int:
+        """The teacher's message size limit (``Limits(message_bytes=)``), asked once."""
+        if not self._told_limit:
+            self.teacher_info()
+        return self.max_message_bytes
 
     def schema(self) -> Schema:
         (data,) = self.action("schema")
@@ -259,9 +267,7 @@ class TeacherClient:
     def send(self, student: str, message: Any) -> None:
         """Send ``message`` from ``student``; TypeError/ValueError (nothing sent) for a
         message that cannot be sent, ProtocolError when the teacher refuses it."""
-        self.action(
-            "send", SendRequest(student, message).to_bytes(max_bytes=self.max_message_bytes)
-        )
+        self.action("send", SendRequest(student, message).to_bytes(max_bytes=self._message_limit()))
 
     def _physical(self, after: int) -> int:
         """The teacher's index of the message that follows ``after`` decodable ones."""
@@ -278,13 +284,10 @@ class TeacherClient:
         with the messages after it."""
         start = self._physical(after)
         messages: list[Any] = []
+        limit = self._message_limit()
         for offset, data in enumerate(self.action("recv", RecvRequest(start, wait).to_bytes())):
             try:
-                messages.append(
-                    decode_message(
-                        data, max_bytes=self.max_message_bytes, max_depth=MAX_MESSAGE_DEPTH
-                    )
-                )
+                messages.append(decode_message(data, max_bytes=limit, max_depth=MAX_MESSAGE_DEPTH))
             except ProtocolError as exc:
                 if messages:
                     break  # deliver those before it; it is reported on the next call

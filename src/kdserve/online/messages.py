@@ -168,7 +168,7 @@ def encode_message(
     if len(data) > max_bytes:
         raise ValueError(
             f"message cannot be sent: it is {len(data)} bytes encoded, over the limit of "
-            f"{max_bytes}; send smaller pieces"
+            f"{max_bytes} (the teacher's Limits(message_bytes=...)); send smaller pieces"
         )
     return data
 
