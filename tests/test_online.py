@@ -652,6 +652,15 @@ def asked(serve) -> tuple[Service, kd.Student]:
     return only, student([("Q", only)])
 
 
+def test_a_query_streams_batches_share_their_input_types(asked):
+    # A change within one stream was pyarrow's "different schema" error.
+    _, s = asked
+    unlike = [{"x": X[:2]}, {"x": X[:2].astype(np.float64)}]
+    with pytest.raises(kd.SchemaError, match=r"query batch 1 gives input 'x' as fixed_size"):
+        in_thread(lambda: list(s.query_stream(0, unlike)))
+    np.testing.assert_allclose(s.query(0, {"x": X[:3]})["logits"], X[:3] @ WA, rtol=1e-6)
+
+
 def test_a_query_only_student_has_no_stream(asked):
     only, s = asked
     with pytest.raises(kd.KdserveError, match="only answer queries"):
@@ -973,7 +982,7 @@ def _stuck_after(batches: int, release: threading.Event) -> Callable[[dict[str, 
 
 
 def test_a_stuck_teacher_is_warned_about_then_given_up_on(serve, caplog, monkeypatch):
-    monkeypatch.setattr("kdserve.student.passes._WARN_EVERY", 0.5)
+    monkeypatch.setattr("kdserve.student.patience._WARN_EVERY", 0.5)
     release = threading.Event()
     service = served(serve, A | {"program": _stuck_after(3, release)}, buf_size=2)
     s = student([("stuck", service)], stall_timeout=2.0)
@@ -1041,6 +1050,33 @@ def test_closing_a_student_waiting_for_a_teacher_to_start_its_service_says_so():
         assert time.monotonic() - started < 10
     finally:
         teacher.close()
+
+
+def test_a_query_to_a_stuck_teacher_is_given_up_on_and_close_ends_one():
+    """A query had no bound: a teacher whose program hangs held it forever, and close()
+    from another thread did not end it."""
+    release = threading.Event()
+
+    def hanging(feed: dict[str, Any]) -> dict[str, Any]:
+        release.wait(60)
+        return {"y": feed["x"]}
+
+    x = {"x": np.ones((2, 2), np.float32)}
+    with kd.serve(hanging, None, feeds=["x"], token=TOKEN, progress=False) as service:
+        try:
+            with kd.Student(token=TOKEN, stall_timeout=2.0) as s:
+                teacher = s.add_teacher(service.address, name="hung")
+                started = time.monotonic()
+                with pytest.raises(kd.TeacherUnavailableError, match="'hung' sent no knowledge"):
+                    in_thread(lambda: s.query(teacher, x))
+                assert time.monotonic() - started < 10
+            s = kd.Student(token=TOKEN, stall_timeout=None)  # waits for ever, unless closed
+            teacher = s.add_teacher(service.address, name="hung")
+            threading.Timer(1.0, s.close).start()
+            with pytest.raises(kd.KdserveError, match="cancelled: the student stopped"):
+                in_thread(lambda: s.query(teacher, x))
+        finally:
+            release.set()
 
 
 @pytest.mark.parametrize("value", [0, -1, "10", True])

@@ -182,6 +182,17 @@ def test_a_raised_message_limit_holds_from_the_first_message_both_ways() -> None
         np.testing.assert_array_equal(student.recv(teacher, timeout=10)["a"], big)
         student.send({"b": big})
         np.testing.assert_array_equal(service.teacher.recv(timeout=10)["b"], big)
+    # Before the teacher's service starts too (Pantheon's greetings come first).
+    with (
+        kd.Teacher(out_port=0, limits=limits, progress=False) as early,
+        kd.Student(connect_timeout=10.0) as student,
+    ):
+        early.start()
+        teacher = student.add_teacher(early.address)
+        early.send({"a": big})
+        np.testing.assert_array_equal(student.recv(teacher, timeout=10)["a"], big)
+        student.send({"b": big})
+        np.testing.assert_array_equal(early.recv(timeout=10)["b"], big)
 
 
 def test_a_loaders_transform_runs_on_the_prefetch_thread(tmp_path: Path) -> None:

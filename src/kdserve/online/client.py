@@ -35,7 +35,15 @@ from kdserve.online import ask_query
 from kdserve.online.address import is_loopback, location, split_address
 from kdserve.online.client_errors import TRANSIENT, from_flight, reason
 from kdserve.online.messages import MAX_MESSAGE_BYTES, MAX_MESSAGE_DEPTH, decode_message
-from kdserve.online.protocol import MAX_POSITION, Ack, RecvRequest, SendRequest, TeacherInfo, Ticket
+from kdserve.online.protocol import (
+    MAX_POSITION,
+    Ack,
+    MessageLimit,
+    RecvRequest,
+    SendRequest,
+    TeacherInfo,
+    Ticket,
+)
 from kdserve.online.read_pass import read_pass
 from kdserve.online.server import check_not_forked_from_server
 from kdserve.online.tokens import TOKEN_ENV, find_token, given_token, token_path
@@ -108,7 +116,8 @@ class TeacherClient:
             reader.cancel()
 
     def release(self, reader: flight.FlightStreamReader) -> None:
-        """Forget a knowledge stream that ended (:meth:`get` opened it)."""
+        """Forget a knowledge stream or query exchange that ended (:meth:`get` or
+        :meth:`exchange` opened it)."""
         with self._lock:
             self._readers.discard(reader)
 
@@ -228,12 +237,18 @@ class TeacherClient:
         return reader
 
     def exchange(self) -> tuple[flight.FlightStreamWriter, flight.FlightStreamReader]:
-        """A query exchange's writer and reader (opening it is retried)."""
+        """A query exchange's writer and reader (opening it is retried); the reader is
+        cancelled by :meth:`cancel_streams` until :meth:`release`."""
         descriptor = flight.FlightDescriptor.for_command(b"query")
-        opened: tuple[Any, Any] = self.call(
+        since = self.cancels
+        writer, reader = self.call(
             lambda: self._client.do_exchange(descriptor, self._options()), "query"
         )
-        return opened
+        with self._lock:
+            self._readers.add(reader)
+        if self.cancels != since:  # cancelled while it opened
+            reader.cancel()
+        return writer, reader
 
     def ping(self) -> None:
         """Check that the teacher answers and takes the token (its service may not run
@@ -249,9 +264,17 @@ class TeacherClient:
         return info
 
     def _message_limit(self) -> int:
-        """The teacher's message size limit (``Limits(message_bytes=)``), asked once."""
+        """The teacher's message size limit (``Limits(message_bytes=)``), asked once (an
+        older teacher, which cannot tell, takes the default)."""
         if not self._told_limit:
-            self.teacher_info()
+            try:
+                (data,) = self.action("limits")
+            except ProtocolError:  # "unknown action": a kdserve before 'limits'
+                pass
+            else:
+                what = f"message limit from teacher {self.name!r}"
+                self.max_message_bytes = MessageLimit.from_bytes(data, what).max_message_bytes
+            self._told_limit = True
         return self.max_message_bytes
 
     def schema(self) -> Schema:

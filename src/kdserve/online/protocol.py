@@ -16,6 +16,8 @@ version is refused naming both versions and the fix (upgrade the older side).
     TeacherInfo  do_action("info")'s reply: name, times, buf_size, stream, query,
                  kdserve_version; max_message_bytes, model and provenance (at most
                  MAX_PROVENANCE_ITEMS names to strings, numbers or booleans) optional
+    MessageLimit do_action("limits")'s reply: {"max_message_bytes": int >= 1}, answered
+                 before the teacher's service starts too (info waits for it)
     ChunkMeta    a knowledge stream message's app metadata: pass, seq, part, parts; "rows"
                  when it holds several small batches, "shares" at the end of a rank's pass
     ErrorInfo    a refused call's Flight ``extra_info``: the kdserve exception's kind (its
@@ -52,6 +54,7 @@ __all__ = [
     "Ack",
     "ChunkMeta",
     "ErrorInfo",
+    "MessageLimit",
     "RecvRequest",
     "SendRequest",
     "TeacherInfo",
@@ -222,6 +225,22 @@ class TeacherInfo:
             model=fields.optional_text("model"),
             provenance=fields.scalars("provenance", MAX_PROVENANCE_ITEMS, MAX_PROVENANCE_NAME),
         )
+
+
+@dataclass(frozen=True)
+class MessageLimit:
+    """The largest message a teacher takes and sends (``Limits(message_bytes=)``),
+    known from the moment it listens: students' messages may come before its service."""
+
+    max_message_bytes: int
+
+    def to_bytes(self) -> bytes:
+        return dump({"max_message_bytes": self.max_message_bytes})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, what: str = "message limit") -> MessageLimit:
+        fields = Fields(raw, what, {"max_message_bytes"}, set())
+        return cls(fields.integer("max_message_bytes", 1, MAX_POSITION))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
     do_action("ack")      an Ack: a rank has its batches before a position (frees the window)
     do_action("info")     TeacherInfo: name, times, what the teacher serves, its message limit,
                           its kdserve version, model and provenance
+    do_action("limits")   MessageLimit: its message limit (before its service starts too)
     do_action("send")     a SendRequest: a student's message to the teacher
     do_action("recv")     a RecvRequest: the teacher's messages after an index (long poll)
     do_exchange("query")  input batches in, knowledge batches out (query mode)
@@ -68,6 +69,7 @@ from kdserve.online.protocol import (
     MAX_REQUEST_BYTES,
     MAX_WORLD_SIZE,
     Ack,
+    MessageLimit,
     RecvRequest,
     SendRequest,
     TeacherInfo,
@@ -86,6 +88,7 @@ MAX_ACTION_NAME = 64
 _ACTIONS = [
     ("ack", "a rank has its batches before a position"),
     ("info", "the teacher's name, passes and services"),
+    ("limits", "the largest message the teacher takes and sends"),
     ("schema", "the knowledge schema, Arrow IPC serialized"),
     ("send", "a student's message to the teacher"),
     ("recv", "the teacher's messages after an index"),
@@ -305,8 +308,10 @@ class TeacherServer(flight.FlightServerBase):  # type: ignore[misc]
         if size > limit:
             raise ProtocolError(f"bad {kind} request: {size} bytes, over the limit of {limit}")
         data = body.to_pybytes() if size else b""
-        if kind in ("info", "schema") and data:
+        if kind in ("info", "limits", "schema") and data:
             raise ProtocolError(f"bad {kind} request: it takes no body")
+        if kind == "limits":  # before the service too: messages may come first
+            return iter([flight.Result(MessageLimit(self.max_message_bytes).to_bytes())])
         if kind == "info":
             self._check_ready()
             return iter([flight.Result(self._info().to_bytes())])

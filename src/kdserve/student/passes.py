@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -17,12 +17,12 @@ from kdserve.core.batch import sample_ids
 from kdserve.core.prefetch import Prefetcher
 from kdserve.core.rebatch import rebatch
 from kdserve.core.sampler import Sampler
-from kdserve.errors import AlignmentError, TeacherUnavailableError
+from kdserve.errors import AlignmentError
+from kdserve.student.patience import patience
 from kdserve.student.sources import StoreSource, StreamSource
 
 __all__ = ["Step", "served_pass", "store_pass"]
 
-_WARN_EVERY = 60.0  # seconds between two warnings about a teacher that sends nothing
 _log = logging.getLogger(__name__)
 
 Step = dict[str, pa.RecordBatch]
@@ -67,7 +67,7 @@ def served_pass(
             ),
             buf_size,
             f"kdserve-{t.name}",
-            on_wait=_patience(t.name, epoch, stall_timeout),
+            on_wait=patience(t.name, f"pass {epoch}", stall_timeout),
             cancel=t.cancel,  # a thread blocked reading a teacher that sends nothing returns
         )
         for t in teachers
@@ -145,32 +145,3 @@ def _same_share(
 
 def _first(ids: np.ndarray) -> int | None:
     return int(ids[0]) if len(ids) else None
-
-
-def _patience(teacher: str, epoch: int, timeout: float | None) -> Callable[[float], None]:
-    """The wait for ``teacher``'s next batch: a warning each minute, and after
-    ``timeout`` s (None: never) TeacherUnavailableError."""
-    warned = 0  # minutes warned about
-
-    def waited(seconds: float) -> None:
-        nonlocal warned
-        if timeout is not None and seconds > timeout:
-            raise TeacherUnavailableError(
-                f"teacher {teacher!r} sent no knowledge for {timeout:g} s of pass {epoch} "
-                f"while the student waited for it: it answers, but its program or reader "
-                f"seems stuck. Check the teacher's process, or raise the student's "
-                f"stall_timeout= (None waits forever)",
-                teacher=teacher,
-            )
-        if seconds >= (warned + 1) * _WARN_EVERY:
-            warned = int(seconds // _WARN_EVERY)
-            _log.warning(
-                "student: waiting for teacher %s: no knowledge for %.0f s of pass %d (it gives "
-                "up after stall_timeout=%s s)",
-                teacher,
-                seconds,
-                epoch,
-                "None" if timeout is None else f"{timeout:g}",
-            )
-
-    return waited

@@ -49,6 +49,7 @@ from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
 from kdserve.student.messaging import recv_message
 from kdserve.student.passes import Step, served_pass, store_pass
+from kdserve.student.patience import patience
 from kdserve.student.sources import (
     Source,
     StoreSource,
@@ -522,7 +523,16 @@ class Student:
         if not isinstance(source, StreamSource):
             source.client()  # a store: refused, naming it
         assert isinstance(source, StreamSource)
-        return source.query(batches, max_in_flight, decode)
+        # Read on a thread of its own, so that a teacher that answers but sends nothing
+        # is warned about and given up on (stall_timeout), as in a pass.
+        answers = Prefetcher(
+            lambda: source.query(batches, max_in_flight, decode),
+            max_in_flight,
+            f"kdserve-query-{source.name}",
+            on_wait=patience(source.name, "a query", self.stall_timeout),
+            cancel=source.cancel,
+        )
+        return iter(answers)
 
 
 class Loader:
