@@ -24,6 +24,7 @@ from kdserve.online.protocol import (
     Ack,
     ChunkMeta,
     ErrorInfo,
+    MessageLimit,
     RecvRequest,
     SendRequest,
     TeacherInfo,
@@ -50,6 +51,7 @@ MESSAGES: list[Any] = [
         model="gpt-x",
         provenance={"tokenizer": "bpe-3f2a", "vocab_size": 32000, "temperature": 2.0, "v2": True},
     ),
+    MessageLimit(32 << 20),
     ChunkMeta(0, 4, part=1, parts=3),
     ChunkMeta(1, 2, rows=(3, 0, 5)),
     ChunkMeta(1, 9, shares=()),  # the end of a pass in which this rank got nothing
