@@ -6,7 +6,8 @@ to it takes six array passes. PyTorch's casts are vectorised. When the process h
 imported ``torch`` (kdserve never imports it here), large contiguous casts go through it
 -- for 256,000 values 7.5x faster to float16, 3.4x back -- reading the array in place
 (DLPack: no copy, read-only store memory included). The results are numpy's, bit for bit,
-but for NaNs: they stay NaN, with a sign and payload torch may change. Casts run in pieces
+but for NaNs: they stay NaN, with a sign and payload torch may change. (float64 to float16
+stays numpy's: torch rounds it to float32 first, and twice is not once.) Casts run in pieces
 small enough that torch keeps each on the calling thread: its OpenMP threads would hang a
 child forked after the parent used them.
 """
@@ -37,6 +38,7 @@ def astype(array: np.ndarray, dtype: Any) -> np.ndarray:
         or _HALF not in (array.dtype, dtype)
         or array.dtype == dtype
         or dtype not in _FLOATS
+        or array.dtype.itemsize > 4  # torch rounds float64 to float32 first: twice
     ):
         return array.astype(dtype)
     out = np.empty(array.shape, dtype)
