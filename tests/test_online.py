@@ -669,6 +669,8 @@ def test_a_query_only_student_has_no_stream(asked):
         s.get_knowledge_desc()
     with pytest.raises(TypeError, match=r"a query batch is a dict of input arrays"):
         s.query(0, [1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(kd.SchemaError, match=r"a query batch needs at least one input"):
+        s.query(0, {})
     s.query(0, {"x": X[:2]})  # a query's answer tells the teacher its schema; still no stream:
     client = TeacherClient(only.address, name="Q", token=TOKEN, connect_timeout=5.0)
     with pytest.raises(kd.ProtocolError, match="serves queries only; it has no knowledge stream"):
@@ -805,7 +807,13 @@ def test_messages_refuse_what_json_and_numpy_cannot_hold(serve):
     class Custom:
         pass
 
-    for value in ({1, 2}, {"a": Custom()}, [np.array([object()], dtype=object)], b"bytes"):
+    for value in (
+        {1, 2},
+        {"a": Custom()},
+        [np.array([object()], dtype=object)],
+        b"bytes",
+        [{1: "x"}],  # JSON would make it {"1": "x"}
+    ):
         with pytest.raises(TypeError, match="cannot be sent"):
             only.teacher.send(value)
         with pytest.raises(TypeError, match="cannot be sent"):

@@ -48,8 +48,11 @@ def test_bad_parts_are_refused_naming_the_part(tmp_path: Path) -> None:
     a = part(tmp_path / "a", range(0, 15))
     with pytest.raises(kd.AlignmentError, match="sample ids another part holds"):
         combine([a, part(tmp_path / "b", range(10, 20))], tmp_path / "o1")
-    with pytest.raises(kd.StoreError, match="only parts of one dump"):
+    with pytest.raises(kd.StoreError, match=r"teacher of name 'other', part .* 't'.* one name"):
         combine([a, part(tmp_path / "c", range(15, 30), name="other")], tmp_path / "o2")
+    kd.dump(lambda f: {"z": f["x"]}, [{"x": X[15:]}], tmp_path / "d", name="t", progress=False)
+    with pytest.raises(kd.StoreError, match=r"holds \{'z'.*only parts of one dump"):
+        combine([a, tmp_path / "d"], tmp_path / "o2")
     with pytest.raises(kd.StoreError, match="no knowledge store"):
         combine([a, tmp_path / "missing"], tmp_path / "o3")
     assert not (tmp_path / "o1" / "manifest.json").exists()

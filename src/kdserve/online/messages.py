@@ -139,9 +139,15 @@ def _check_value(message: Any, max_bytes: int, max_depth: int) -> None:
         if array_bytes > max_bytes:
             raise ValueError(
                 f"message cannot be sent: its arrays alone take over {max_bytes} bytes "
-                f"encoded (the limit); send smaller pieces"
+                f"encoded (the teacher's Limits(message_bytes=...)); send smaller pieces"
             )
         if isinstance(value, dict):
+            key = next((k for k in value if not isinstance(k, str)), None)
+            if key is not None:
+                raise TypeError(
+                    f"message cannot be sent: dict keys must be strings (JSON's), got "
+                    f"{key!r}, which would arrive as {json.dumps(str(key))}"
+                )
             if len(value) == 1 and _ARRAY in value:
                 raise TypeError(
                     f"message cannot be sent: a dict whose only key is {_ARRAY!r} is reserved "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kdserve.core.idset import IdSet
+from kdserve.core.schema import Schema
 from kdserve.errors import AlignmentError, StoreError
 from kdserve.store.files import fsync
 from kdserve.store.lock import StoreLock
@@ -53,12 +54,7 @@ def combine(parts: Sequence[str | os.PathLike[str]], path: str | os.PathLike[str
     schema, _ = parse_manifest(sources[0], manifests[0])
     seen = IdSet()
     for p, m in zip(sources, manifests, strict=True):
-        if parse_manifest(p, m)[0] != schema:
-            raise StoreError(
-                f"part {p} holds {parse_manifest(p, m)[0].describe()}, unlike {sources[0]} "
-                f"({schema.describe()}): only parts of one dump can be combined",
-                path=str(p),
-            )
+        _check_same_dump(p, m, parse_manifest(p, m)[0], sources[0], manifests[0], schema)
         if not seen.add_new(StoreReader(p).sample_ids()):
             raise AlignmentError(
                 f"part {p} holds sample ids another part holds too: the parts must split "
@@ -85,6 +81,35 @@ def combine(parts: Sequence[str | os.PathLike[str]], path: str | os.PathLike[str
     finally:
         lock.release()
     return sum(s.rows for s in shards)
+
+
+def _check_same_dump(
+    part: Path,
+    manifest: dict[str, Any],
+    schema: Schema,
+    first: Path,
+    first_manifest: dict[str, Any],
+    first_schema: Schema,
+) -> None:
+    """StoreError unless ``part`` holds the fields of the first part, dumped by the same
+    teacher (name, model, provenance)."""
+    if schema.fields != first_schema.fields:
+        raise StoreError(
+            f"part {part} holds {schema.describe()}, unlike {first} "
+            f"({first_schema.describe()}): only parts of one dump can be combined",
+            path=str(part),
+        )
+    for key in ("name", "model", "provenance"):
+        mine = (manifest.get("teacher") or {}).get(key)
+        theirs = (first_manifest.get("teacher") or {}).get(key)
+        if mine != theirs:
+            raise StoreError(
+                f"part {part} was dumped by a teacher of {key} {mine!r}, part {first} by one "
+                f"of {key} {theirs!r}: only parts of one dump can be combined (a teacher is "
+                f"named after its store's directory unless given name=: dump every part "
+                f"with one name)",
+                path=str(part),
+            )
 
 
 def _link_shards(

@@ -12,6 +12,7 @@ import pyarrow as pa
 from kdserve.core.batch import Knowledge, from_record_batch, to_record_batch
 from kdserve.core.schema import SAMPLE_ID, Schema
 from kdserve.core.wait import slices
+from kdserve.errors import SchemaError
 from kdserve.online.client import TeacherClient
 
 __all__ = ["query_batches", "recv_message"]
@@ -48,6 +49,11 @@ def query_batches(
                 )
             data = dict(inputs)
             ids = data.pop(SAMPLE_ID, None)
+            if not data:
+                raise SchemaError(
+                    f"a query batch needs at least one input array besides {SAMPLE_ID!r}, "
+                    f"got {sorted(inputs)}"
+                )
             n = len(next(iter(data.values())))
             schema = Schema.from_arrays(data)
             yield to_record_batch(data, schema, np.arange(n) if ids is None else ids)
