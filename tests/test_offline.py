@@ -207,11 +207,16 @@ def _data(n: int = 4) -> list[dict[str, np.ndarray]]:
             lambda f: {"a": f["x"] if f["x"][0, 0] < 5 else f["x"].astype(np.float64) * 1e300},
             r"field 'a' is float32, got float64 values beyond its range .* become inf",
         ),
+        # integers a float32 field cannot hold (beyond 2**24) would be other numbers
+        (
+            lambda f: {"a": f["x"] if f["x"][0, 0] < 5 else f["x"].astype(np.int64) + 2**25},
+            r"got int64 values it cannot hold exactly \(e\.g\. 33554438 would be stored as",
+        ),
         # kdserve's own id column: the ids come from the reader
         (lambda f: {"a": f["x"], "sample_id": np.array([7, 7])}, "output named 'sample_id'"),
         (lambda f: {3: f["x"]}, "output names must be non-empty strings, got 3"),
     ],
-    ids=["late-output", "float-overflow", "sample-id", "int-name"],
+    ids=["late-output", "float-overflow", "inexact-int", "sample-id", "int-name"],
 )
 def test_a_program_output_that_would_be_dropped_or_changed_is_refused(tmp_path, program, says):
     with pytest.raises(kd.SchemaError, match=says):

@@ -172,9 +172,27 @@ def _check_rows(f: Field, rows: np.ndarray, what: str) -> np.ndarray:
         wide = rows
         with np.errstate(over="ignore"):
             rows = astype(wide, f.dtype)
-        if rows.dtype.kind == "f" and rows.dtype.itemsize < wide.dtype.itemsize:
+        if rows.dtype.kind == "f" and wide.dtype.kind in "iu":
+            _refuse_inexact(f, wide, rows)
+        elif rows.dtype.kind == "f" and rows.dtype.itemsize < wide.dtype.itemsize:
             _refuse_overflow(f, wide, rows)
     return rows
+
+
+def _refuse_inexact(f: Field, ints: np.ndarray, rows: np.ndarray) -> None:
+    """SchemaError if integers given for a float field changed (beyond 2**24 for float32,
+    2048 for float16): stored, they would silently be other numbers."""
+    with np.errstate(invalid="ignore"):
+        changed = rows.astype(ints.dtype) != ints
+    changed |= ~np.isfinite(rows)
+    if changed.any():
+        raise SchemaError(
+            f"field {f.name!r} is {f.dtype}, got {ints.dtype} values it cannot hold exactly "
+            f"(e.g. {ints[changed].flat[0].item()!r} would be stored as "
+            f"{rows[changed].flat[0].item()!r}); "
+            f"return {f.dtype} values, or declare the field {ints.dtype}",
+            field=f.name,
+        )
 
 
 def _refuse_overflow(f: Field, wide: np.ndarray, rows: np.ndarray) -> None:
