@@ -8,7 +8,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +22,20 @@ W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
 
 def program(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"logits": feed["x"] @ W}
+
+
+def failing_on(when: Callable[[int], bool], why: str) -> Callable[[dict[str, np.ndarray]], Any]:
+    """``program``, raising RuntimeError(why) on the calls (numbered from 1) ``when`` picks."""
+    calls = 0
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        if when(calls):
+            raise RuntimeError(why)
+        return program(feed)
+
+    return run
 
 
 def inputs(n: int, start: int = 0) -> np.ndarray:
@@ -83,19 +99,11 @@ def test_services_and_dumps_on_one_teacher_continue_the_store_without_close(tmp_
 
 def test_a_program_that_raises_inside_with_leaves_the_store_incomplete(tmp_path):
     store = tmp_path / "store"
-    calls = 0
-
-    def failing(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        nonlocal calls
-        calls += 1
-        if calls > 4:
-            raise RuntimeError("the GPU fell over")
-        return program(feed)
-
     with (
         pytest.raises(RuntimeError, match="GPU fell over"),
         kd.Teacher(store, shard_bytes=1, progress=False) as teacher,
     ):
+        failing = failing_on(lambda call: call > 4, "the GPU fell over")
         teacher.start_knowledge_service(["x"], ["logits"], failing, batches(100, 10))
     reader = kd.StoreReader(store)
     reader.verify()  # valid: every durable shard is whole
@@ -118,15 +126,7 @@ def test_a_service_retried_on_the_same_teacher_resumes_the_failed_one(tmp_path):
     # from there, storing samples 0.. again under new ids and leaving a gap, and a later
     # service went on from the wrong id.
     store = tmp_path / "store"
-    calls = 0
-
-    def flaky(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        nonlocal calls
-        calls += 1
-        if calls == 6:
-            raise RuntimeError("a transient failure")
-        return program(feed)
-
+    flaky = failing_on(lambda call: call == 6, "a transient failure")
     with kd.Teacher(store, shard_bytes=1, progress=False) as teacher:
         with pytest.raises(RuntimeError, match="transient"):
             teacher.start_knowledge_service(["x"], ["logits"], flaky, batches(100, 10))

@@ -94,7 +94,8 @@ def served_pass(
         for stream in streams:
             stream.close()
     if sampler.world_size == 1:  # one rank reads the whole pass: stores hold no more
-        _no_more_in_stores(stores, driver.name, served[0], epoch)
+        for store in stores:
+            store.check_served(served[0], driver.name, epoch)
 
 
 def _counted(
@@ -105,21 +106,6 @@ def _counted(
         if count:
             rows[0] += batch.num_rows
         yield batch
-
-
-def _no_more_in_stores(stores: Sequence[StoreSource], driver: str, rows: int, epoch: int) -> None:
-    """AlignmentError for a complete store holding samples the pass did not serve (looked
-    up by id, they would never be read)."""
-    for store in stores:
-        if store.reader.complete and len(store) != rows:
-            raise AlignmentError(
-                f"teachers {driver!r} and {store.name!r} do not hold the same samples: "
-                f"{driver!r} served {rows} in pass {epoch}, store {store.path} holds "
-                f"{len(store)} (the others were never read). Produce both teachers' "
-                f"knowledge over the same data",
-                teachers=(driver, store.name),
-                sample_ids=(None, None),
-            )
 
 
 def _same_share(

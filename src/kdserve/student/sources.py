@@ -220,19 +220,38 @@ class StoreSource(Source):
             raise self._not_the_same(ids, reference)
         return rows
 
+    def check_served(self, rows: int, reference: str, epoch: int) -> None:
+        """AlignmentError if this store, complete, holds other samples than the ``rows``
+        that ``reference`` served in pass ``epoch`` (looked up by id, they were never
+        read)."""
+        if self.reader.complete and len(self) != rows:
+            raise self._unlike(
+                reference,
+                f"{reference!r} served {rows} in pass {epoch}, store {self.path} holds "
+                f"{len(self)} (the others were never read)",
+            )
+
     def _not_the_same(self, ids: np.ndarray, reference: str) -> AlignmentError:
         """The error for ``reference``'s ``ids`` that this store does not hold alike."""
         missing = np.setdiff1d(ids, self.ids)
         extra = np.setdiff1d(self.ids, ids)
         a = int(missing[0]) if len(missing) else None
         b = int(extra[0]) if len(extra) else None
-        return AlignmentError(
-            f"teachers {reference!r} and {self.name!r} do not hold the same samples: "
+        return self._unlike(
+            reference,
             f"first id only in {reference!r}: {a}, first id only in {self.name!r}: {b} "
-            f"({len(np.unique(ids))} vs {len(self.ids)} samples). Produce both teachers' "
-            f"knowledge over the same data",
+            f"({len(np.unique(ids))} vs {len(self.ids)} samples)",
+            (a, b),
+        )
+
+    def _unlike(
+        self, reference: str, how: str, ids: tuple[int | None, int | None] = (None, None)
+    ) -> AlignmentError:
+        return AlignmentError(
+            f"teachers {reference!r} and {self.name!r} do not hold the same samples: {how}. "
+            f"Produce both teachers' knowledge over the same data",
             teachers=(reference, self.name),
-            sample_ids=(a, b),
+            sample_ids=ids,
         )
 
     def lookup(self, ids: np.ndarray, reference: str) -> pa.RecordBatch:
