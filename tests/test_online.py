@@ -990,7 +990,7 @@ def _stuck_after(batches: int, release: threading.Event) -> Callable[[dict[str, 
 
 
 def test_a_stuck_teacher_is_warned_about_then_given_up_on(serve, caplog, monkeypatch):
-    monkeypatch.setattr("kdserve.student.patience._WARN_EVERY", 0.5)
+    monkeypatch.setattr("kdserve.online.patience._WARN_EVERY", 0.5)
     release = threading.Event()
     service = served(serve, A | {"program": _stuck_after(3, release)}, buf_size=2)
     s = student([("stuck", service)], stall_timeout=2.0)
@@ -1081,10 +1081,37 @@ def test_a_query_to_a_stuck_teacher_is_given_up_on_and_close_ends_one():
             s = kd.Student(token=TOKEN, stall_timeout=None)  # waits for ever, unless closed
             teacher = s.add_teacher(service.address, name="hung")
             threading.Timer(1.0, s.close).start()
-            with pytest.raises(kd.KdserveError, match="cancelled: the student stopped"):
+            closed = "query to teacher .hung. was cancelled: the student was closed"
+            with pytest.raises(kd.KdserveError, match=closed):
                 in_thread(lambda: s.query(teacher, x))
         finally:
             release.set()
+
+
+def test_queries_and_a_pass_on_one_teacher_do_not_cancel_each_other():
+    """Ending one stream (a query's, or a pass's) cancelled every stream of the teacher."""
+    x = np.arange(200, dtype=np.float32)[:, None]
+    data = [{"x": x[i : i + 4]} for i in range(0, 200, 4)]
+    with (
+        kd.serve(lambda f: {"y": f["x"] * 2}, data, token=TOKEN, progress=False) as service,
+        kd.Student(token=TOKEN) as s,
+    ):
+        teacher = s.add_teacher(service.address)
+        queried = threading.Event()
+
+        def read() -> np.ndarray:  # its stream stays open while the queries run
+            batches = iter(s.loader(batch_size=4))
+            first = next(batches)
+            queried.wait(JOIN)
+            return ids_of([first, *batches])
+
+        passed = Background(read)
+        answers = [s.query(teacher, {"x": x[i : i + 2]}) for i in range(30)]
+        queried.set()
+        assert all(np.array_equal(a["y"], x[i : i + 2] * 2) for i, a in enumerate(answers))
+        assert passed.result(JOIN).tolist() == list(range(200))
+        with pytest.raises(ValueError, match="max_in_flight must be an int >= 1"):
+            s.query_stream(teacher, [], max_in_flight=0)
 
 
 @pytest.mark.parametrize("value", [0, -1, "10", True])

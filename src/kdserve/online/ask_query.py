@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pyarrow import flight
 
 from kdserve.core.wait import POLL
-from kdserve.errors import SchemaError
+from kdserve.errors import KdserveError, SchemaError
+from kdserve.online.patience import patience
 
 if TYPE_CHECKING:
     from kdserve.online.client import TeacherClient
@@ -26,11 +28,12 @@ def query(
     client: TeacherClient, batches: Iterable[pa.RecordBatch], max_in_flight: int
 ) -> Iterator[pa.RecordBatch]:
     """Send input batches, get the knowledge for each, ``max_in_flight`` pipelined. A
-    read is cancelled by ``client.cancel_streams()`` (the student closing, or giving up
-    on the teacher)."""
-    since = client.cancels
+    teacher that answers nothing for the client's ``stall_timeout`` is given up on
+    (TeacherUnavailableError; warned about each minute before); ``client.close()`` ends
+    a read waiting for an answer."""
     writer, reader = client.exchange()
-    state = _QueryWrite(writer, batches, max_in_flight)
+    waited = patience(client.name, "a query", client.stall_timeout)
+    state = _QueryWrite(writer, reader, batches, max_in_flight, waited, lambda: client.closed)
     thread = threading.Thread(target=state.run, name="kdserve-query", daemon=True)
     thread.start()
     received = 0
@@ -39,16 +42,19 @@ def query(
         while not (state.finished.is_set() and received >= state.sent) or state.failure:
             if state.failure:
                 raise _failed(client, state.failure[0])
+            state.waiting = time.monotonic()
             try:
                 chunk = reader.read_chunk()
             except StopIteration:
                 break
             except flight.FlightError as exc:
-                client.check_cancelled(since)
-                raise client.error(exc) from None
+                raise _why(client, state, exc) from None
+            finally:
+                state.waiting = None
             received += 1
             state.slots.release()
             yield chunk.data
+        state.over.set()
         thread.join(timeout=_JOIN)
         if state.failure:  # the inputs failed after the last result came back
             raise _failed(client, state.failure[0])
@@ -56,7 +62,7 @@ def query(
         error = exc
         raise
     finally:
-        state.finished.set()
+        state.over.set()
         thread.join(timeout=_JOIN)
         client.release(reader)
         try:
@@ -64,6 +70,17 @@ def query(
         except flight.FlightError as exc:
             if error is None:  # never mask the error already on its way
                 raise client.error(exc) from None
+
+
+def _why(client: TeacherClient, state: _QueryWrite, exc: flight.FlightError) -> BaseException:
+    """What to raise for a failed read: the stall, the student closing, or the error."""
+    if state.stalled is not None:
+        return state.stalled
+    if client.closed:
+        return KdserveError(
+            f"the query to teacher {client.name!r} was cancelled: the student was closed"
+        )
+    return client.error(exc)
 
 
 def _unlike(first: pa.Schema, schema: pa.Schema, index: int) -> SchemaError:
@@ -96,23 +113,55 @@ def _failed(client: TeacherClient, exc: BaseException) -> BaseException:
 
 
 class _QueryWrite:
-    """The sending side of a query exchange, run on its own thread."""
+    """The sending side of a query exchange, run on its own thread, which also watches
+    the reading side's waits: ``waited(seconds)`` may raise (the teacher stalls), and
+    then the read is cancelled and that error raised there."""
 
-    def __init__(self, writer: Any, batches: Iterable[pa.RecordBatch], max_in_flight: int) -> None:
+    def __init__(
+        self,
+        writer: Any,
+        reader: Any,
+        batches: Iterable[pa.RecordBatch],
+        max_in_flight: int,
+        waited: Callable[[float], None],
+        closed: Callable[[], bool],
+    ) -> None:
         self.writer = writer
+        self.reader = reader
         self.batches = batches
+        self.waited = waited
+        self.closed = closed  # the client closed: an abandoned stream's thread ends too
         self.slots = threading.Semaphore(max_in_flight)
         self.sent = 0
         self.failure: list[BaseException] = []
-        self.finished = threading.Event()
+        self.finished = threading.Event()  # every input sent (or the sending failed)
+        self.over = threading.Event()  # the reading side is done
+        self.waiting: float | None = None  # since when the reading side waits for an answer
+        self.stalled: BaseException | None = None
 
     def run(self) -> None:
+        self._send()
+        while not self.over.wait(POLL) and not self.closed() and self._watch():
+            pass
+
+    def _watch(self) -> bool:
+        """False once the reading side waited too long (its read is cancelled)."""
+        since = self.waiting
+        if since is not None and self.stalled is None:
+            try:
+                self.waited(time.monotonic() - since)
+            except BaseException as exc:  # raised by the reading side
+                self.stalled = exc
+                self.reader.cancel()
+        return self.stalled is None
+
+    def _send(self) -> None:
         done = False  # done_writing() called: gRPC aborts the process on a second call
         try:
             first: pa.Schema | None = None
             for batch in self.batches:
                 while not self.slots.acquire(timeout=POLL):
-                    if self.finished.is_set():
+                    if self.over.is_set() or self.closed() or not self._watch():
                         return
                 if first is None:
                     first = batch.schema

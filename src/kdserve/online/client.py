@@ -76,16 +76,19 @@ class TeacherClient:
         tls_root_certs: bytes | None = None,
         tls_client_cert: tuple[bytes, bytes] | None = None,
         connect_timeout: float = 60.0,
+        stall_timeout: float | None = None,
     ) -> None:
         check_not_forked_from_server(name)
         self.name = name
         self.address = address
         self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout  # how long a query waits for an answer
         self.max_message_bytes = MAX_MESSAGE_BYTES  # until info() tells the teacher's
         self._told_limit = False  # info() was asked: max_message_bytes is the teacher's
         self._dropped: list[int] = []  # indices of the teacher's messages found undecodable
         self._lock = threading.Lock()
         self._readers: set[flight.FlightStreamReader] = set()  # knowledge streams open now
+        self._exchanges: set[flight.FlightStreamReader] = set()  # queries' answers, open now
         self.cancels = 0  # times cancel_streams() was called: a stream sees it changed
         self._closed = False
         uri = location(address, tls_root_certs is not None)
@@ -102,9 +105,18 @@ class TeacherClient:
         self._client = flight.FlightClient(uri, generic_options=_GRPC_OPTIONS, **kwargs)
 
     def close(self) -> None:
+        """Cancel every stream and query open now, and close the connection."""
         self._closed = True
         self.cancel_streams()
+        with self._lock:
+            exchanges = list(self._exchanges)
+        for reader in exchanges:
+            reader.cancel()
         self._client.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def cancel_streams(self) -> None:
         """Stop every knowledge stream open now, and the calls retrying to open one, from
@@ -120,6 +132,7 @@ class TeacherClient:
         :meth:`exchange` opened it)."""
         with self._lock:
             self._readers.discard(reader)
+            self._exchanges.discard(reader)
 
     def check_cancelled(self, since: int) -> None:
         """KdserveError if :meth:`cancel_streams` was called since ``cancels`` was ``since``."""
@@ -238,15 +251,15 @@ class TeacherClient:
 
     def exchange(self) -> tuple[flight.FlightStreamWriter, flight.FlightStreamReader]:
         """A query exchange's writer and reader (opening it is retried); the reader is
-        cancelled by :meth:`cancel_streams` until :meth:`release`."""
+        cancelled by :meth:`close` (not by :meth:`cancel_streams`, which ends a pass's
+        streams) until :meth:`release`."""
         descriptor = flight.FlightDescriptor.for_command(b"query")
-        since = self.cancels
         writer, reader = self.call(
             lambda: self._client.do_exchange(descriptor, self._options()), "query"
         )
         with self._lock:
-            self._readers.add(reader)
-        if self.cancels != since:  # cancelled while it opened
+            self._exchanges.add(reader)
+        if self._closed:  # closed while it opened
             reader.cancel()
         return writer, reader
 

@@ -18,7 +18,7 @@ from kdserve.core.prefetch import Prefetcher
 from kdserve.core.rebatch import rebatch
 from kdserve.core.sampler import Sampler
 from kdserve.errors import AlignmentError
-from kdserve.student.patience import patience
+from kdserve.online.patience import patience
 from kdserve.student.sources import StoreSource, StreamSource
 
 __all__ = ["Step", "served_pass", "store_pass"]

@@ -49,7 +49,6 @@ from kdserve.errors import KdserveError
 from kdserve.online.client import TeacherClient
 from kdserve.student.messaging import recv_message
 from kdserve.student.passes import Step, served_pass, store_pass
-from kdserve.student.patience import patience
 from kdserve.student.sources import (
     Source,
     StoreSource,
@@ -191,6 +190,7 @@ class Student:
             tls_root_certs=tls_root_certs or self.tls_root_certs,
             tls_client_cert=self.tls_client_cert,
             connect_timeout=self.connect_timeout,
+            stall_timeout=self.stall_timeout,
         )
         source = TeacherSource(teacher_name, client, self.expect, vocab_map)
         self._served.append(source)
@@ -519,20 +519,17 @@ class Student:
         the round trip; results come in input order. Sample ids are taken from a
         ``sample_id`` input or numbered 0..n-1 per batch. ``decode=False`` keeps coded
         fields compact, as :meth:`get_knowledge_generator` does (on-policy top-k)."""
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
         source = self._source(teacher_id)
         if not isinstance(source, StreamSource):
             source.client()  # a store: refused, naming it
         assert isinstance(source, StreamSource)
-        # Read on a thread of its own, so that a teacher that answers but sends nothing
-        # is warned about and given up on (stall_timeout), as in a pass.
-        answers = Prefetcher(
-            lambda: source.query(batches, max_in_flight, decode),
-            max_in_flight,
-            f"kdserve-query-{source.name}",
-            on_wait=patience(source.name, "a query", self.stall_timeout),
-            cancel=source.cancel,
-        )
-        return iter(answers)
+        return source.query(batches, max_in_flight, decode)
 
 
 class Loader:
