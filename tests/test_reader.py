@@ -83,6 +83,8 @@ def test_one_feed_refuses_a_tuple_of_several_values():
         _collect({"sample_generator": lambda: iter(pairs), "batch_size": 2}, ["x"])
     with pytest.raises(kd.SchemaError, match="has 2 fields but feed_list names 1"):
         _collect({"batch_generator": lambda: iter([(X, Y)])}, ["x"])
+    with pytest.raises(kd.SchemaError, match="has 2 fields but feed_list names 1"):
+        _collect({"batch_generator": lambda: iter([[X, Y]])}, ["x"])  # a DataLoader's
     (batch,) = _collect({"batch_generator": lambda: iter([(X,)])}, ["x"])  # a 1-tuple is fine
     np.testing.assert_array_equal(batch["x"], X)
 

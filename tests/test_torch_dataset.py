@@ -282,6 +282,10 @@ def test_a_mid_pass_state_is_refused_once_a_store_was_rewritten(stores: Path, tm
         _resumable(copy).load_state_dict(state)
     with pytest.warns(UserWarning, match="cannot be checked"):  # a state of kdserve <= 0.x
         _resumable(copy).load_state_dict({"epoch": 0, "batches": 3})
+    older = _mid_pass_state(copy)  # stores named without their shards' order, as before
+    older["plan"]["teachers"] = [t[:2] for t in older["plan"]["teachers"]]
+    with pytest.warns(UserWarning, match="without their shards' order"):
+        _resumable(copy).load_state_dict(older)
 
 
 def test_a_mid_pass_state_is_refused_once_a_store_was_repaired_and_re_run(tmp_path) -> None:

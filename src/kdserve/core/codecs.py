@@ -396,6 +396,13 @@ class TopK(Codec):
                 codec=self.name,
             )
         values = np.asarray(out["values"])
+        if indices.shape != values.shape:  # checked before sorting would hide it
+            raise CodecError(
+                f"field {field!r}: top-k components 'values' {values.shape} and 'indices' "
+                f"{indices.shape} must have one shape",
+                field=field,
+                codec=self.name,
+            )
         if np.issubdtype(values.dtype, np.floating):
             if np.isnan(values).any() or np.isposinf(values).any():
                 _need_finite(self.name, field, values)

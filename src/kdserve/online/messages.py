@@ -142,8 +142,9 @@ def _check_value(message: Any, max_bytes: int, max_depth: int) -> None:
                 f"encoded (the teacher's Limits(message_bytes=...)); send smaller pieces"
             )
         if isinstance(value, dict):
-            key = next((k for k in value if not isinstance(k, str)), None)
-            if key is not None:
+            keys = [k for k in value if not isinstance(k, str)]
+            if keys:
+                key = keys[0]
                 raise TypeError(
                     f"message cannot be sent: dict keys must be strings (JSON's), got "
                     f"{key!r}, which would arrive as {json.dumps(str(key))}"

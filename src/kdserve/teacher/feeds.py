@@ -114,8 +114,13 @@ def _fields_of(item: Any, feed_list: list[str], what: str) -> list[Any]:
             raise SchemaError(f"a {what} lacks feed(s) {missing}; it has {sorted(item)}")
         return [item[n] for n in feed_list]
     # A tuple is always one value per feed; a list may also be one feed's batch of
-    # sequences (ragged token ids).
-    if isinstance(item, tuple) or (isinstance(item, list) and len(feed_list) > 1):
+    # sequences (ragged token ids), which share their number of dimensions: a list of
+    # values that do not (a DataLoader's [inputs, labels]) is one value per feed.
+    if (
+        isinstance(item, tuple)
+        or (isinstance(item, list) and len(feed_list) > 1)
+        or (isinstance(item, list) and len({np.ndim(v) for v in item}) > 1)
+    ):
         if len(item) != len(feed_list):
             raise SchemaError(
                 f"a {what} has {len(item)} fields but feed_list names {len(feed_list)}: "

@@ -149,14 +149,16 @@ class StoreSink(Sink):
             self._open().write(batch)
         return int(batch.num_rows)
 
-    def begin(self) -> None:
-        """A service starts: after a failed one, it covers the same samples again (a
-        retry), so the store may be completed by it; the rows the failure left are looked
-        up, not written twice."""
+    def begin(self, service: bool) -> None:
+        """A service (or a :meth:`Teacher.dump`) starts: after a failed one, it covers the
+        same samples again, so the rows the failure left are looked up, not written
+        twice; a service (a retry) may complete the store again."""
         with self._lock:
             if self.failed is not None:
-                self.failed = None
-                self.resume_rows = max(self.resume_rows, self.rows)
+                if not self._overwrite:  # else nothing was written: the store starts over
+                    self.resume_rows = max(self.resume_rows, self.rows)
+                if service:
+                    self.failed = None
 
     def fail(self, why: str) -> None:
         self.keep_incomplete(f"its dump failed ({why})")

@@ -312,6 +312,7 @@ class Teacher:
         self._check_started()
         if self._store is None:
             raise KdserveError(f"teacher {self.name!r} has no out_path; dump() writes a store")
+        self._store.begin(service=False)  # after a failed service: from where it began
         data = dict(knowledge)
         n = batch_length(data)  # every field is checked against it when the batch is built
         ids = np.asarray(data.pop(SAMPLE_ID)) if SAMPLE_ID in data else None
@@ -423,10 +424,10 @@ class Teacher:
         )
         with self._idle:
             self._services.add(threading.get_ident())
-        if self._store is not None:
-            self._store.begin()
         ended = False
         try:
+            if self._store is not None:
+                self._store.begin(service=True)
             delivered = pipeline.run()
             ended = True
             if self._closed.is_set() and self._store is not None:

@@ -329,6 +329,14 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
             raise ValueError(f"state[{_PLAN!r}] must be a mapping, got {type(saved).__name__}")
         for key, value in now.items():
             was = saved.get(key)
+            if key == "teachers" and was != value and was == _without_order(value):
+                warnings.warn(  # a state of a kdserve before stores' shard order was kept
+                    f"resuming pass {epoch} after {batches} batches from a state that names "
+                    f"its stores without their shards' order (an older kdserve): a store "
+                    f"repaired and re-run since cannot be told apart",
+                    stacklevel=3,
+                )
+                continue
             if was != value:
                 raise ValueError(
                     f"cannot resume pass {epoch} after {batches} batches: the state was saved "
@@ -390,3 +398,10 @@ class KnowledgeDataset(IterableDataset[dict[str, torch.Tensor]]):
                 yield tensors
         finally:
             student.close()
+
+
+def _without_order(stores: Any) -> Any:
+    """A plan's stores as older states name them: [created, rows], no shards' order."""
+    if not isinstance(stores, list):
+        return stores
+    return [s[:2] if isinstance(s, list) else s for s in stores]

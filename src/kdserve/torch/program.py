@@ -44,11 +44,12 @@ class TeacherProgram:
     or a :class:`~kdserve.Ragged`) is padded on the right with ``pad_value`` to
     ``(batch, max_len, ...)``; with ``mask_arg`` (e.g. ``"attention_mask"`` for a Hugging
     Face model) the module also gets the padding mask as that keyword (int64, 1 at real
-    tokens). Every output of shape ``(batch, max_len, ...)`` (``(batch, max_len)`` too:
-    one number per token) comes back with ``<name>_lengths``, so the store keeps only the
-    real positions; ``sequence_outputs`` names them instead of this guess by shape (an
-    output that is not per position, of a size that may equal ``max_len``, stays whole;
-    ``()``: none). Positions are not
+    tokens). Every output of shape ``(batch, max_len, ...)`` comes back with
+    ``<name>_lengths``, so the store keeps only the real positions; ``sequence_outputs``
+    names them instead of this guess by shape (an output that is not per position, of a
+    size that may equal ``max_len``, stays whole; ``[]``: none). A 2-D output of shape
+    ``(batch, max_len)`` is one number per token or per sample alike: it must be named
+    (ValueError until it is). Positions are not
     shifted: for a causal LM, knowledge position ``i`` is the distribution after token
     ``i``, predicting token ``i + 1``. Right padding leaves a causal model's real
     positions exact even without a mask (they never attend to later positions).
@@ -281,6 +282,13 @@ class TeacherProgram:
             for name, value in out.items()
         }
         if self.sequence_outputs is None:
+            flat = [n for n, shape in shapes.items() if len(shape) == 2 and shape == wanted]
+            if flat:  # one number per token, or per sample with as many as max_len?
+                raise ValueError(
+                    f"output(s) {flat} have shape (batch, max_len) = {wanted}: name those "
+                    f"holding one number per token in sequence_outputs=[...] (the others, "
+                    f"per sample, stay whole; sequence_outputs=[] for none)"
+                )
             return [name for name, shape in shapes.items() if shape[:2] == wanted]
         missing = sorted(self.sequence_outputs - set(out))
         if missing:
@@ -372,8 +380,12 @@ class TeacherProgram:
         log_p = torch.log_softmax(value.detach().float(), dim=-1)
         values, indices = torch.topk(log_p, k, dim=-1)
         # The tail summed over the other entries themselves: 1 - (top-k mass) would lose
-        # all precision for small tails, and not be 0 at k = vocab.
-        tail = torch.logsumexp(log_p.scatter_(-1, indices, -torch.inf), dim=-1).exp_()
+        # all precision for small tails, and not be 0 at k = vocab. In place (logsumexp
+        # would hold another vocabulary-wide temporary): shifted by the largest of them.
+        rest = log_p.scatter_(-1, indices, -torch.inf)
+        peak = rest.amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, 0.0)  # k = vocab: nothing left
+        tail = rest.sub_(peak).exp_().sum(dim=-1).mul_(peak.squeeze(-1).exp())
         index_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
         return {
             "values": values.cpu().numpy(),
