@@ -224,8 +224,14 @@ def test_components_are_checked():
         kd.SchemaError, match=r"takes the components \['values', 'indices', 'tail'\]"
     ):
         kd.to_record_batch({"logits": {"values": ok["values"]}}, schema, np.arange(2))
-    with pytest.raises(kd.SchemaError, match=r"component 'indices' must be uint16"):
+    with pytest.raises(kd.SchemaError, match=r"'values' \(2, 3\) and 'indices' \(2, 4\)"):
         bad = {**ok, "indices": np.zeros((2, 4), np.uint16)}
+        kd.to_record_batch({"logits": bad}, schema, np.arange(2))
+    with pytest.raises(kd.SchemaError, match=r"the indices integers \(got float32\)"):
+        bad = {**ok, "indices": np.zeros((2, 3), np.float32)}
+        kd.to_record_batch({"logits": bad}, schema, np.arange(2))
+    with pytest.raises(kd.SchemaError, match=r"component 'indices' must be uint16"):
+        bad = {**ok, "indices": np.zeros((2, 3), np.int64)}
         kd.to_record_batch({"logits": bad}, schema, np.arange(2))
     with pytest.raises(kd.SchemaError, match="has 2 samples but the batch has 3"):
         kd.to_record_batch({"logits": ok}, schema, np.arange(3))

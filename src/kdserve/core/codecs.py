@@ -387,19 +387,20 @@ class TopK(Codec):
         indices."""
         out = dict(parts)
         indices, width = np.asarray(out["indices"]), inner_shape[-1]
+        values = np.asarray(out["values"])
+        if indices.shape != values.shape or indices.dtype.kind not in "iu":
+            raise CodecError(  # checked before sorting, which would hide it
+                f"field {field!r}: top-k components 'values' {values.shape} and 'indices' "
+                f"{indices.shape} must have one shape, the indices integers (got "
+                f"{indices.dtype})",
+                field=field,
+                codec=self.name,
+            )
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= width):
             raise CodecError(
                 f"field {field!r} has top-k indices in {int(indices.min())}..."
                 f"{int(indices.max())} but its last axis holds {width} entries; declare the "
                 f"field with the model's whole vocabulary (e.g. a padded embedding's size)",
-                field=field,
-                codec=self.name,
-            )
-        values = np.asarray(out["values"])
-        if indices.shape != values.shape:  # checked before sorting would hide it
-            raise CodecError(
-                f"field {field!r}: top-k components 'values' {values.shape} and 'indices' "
-                f"{indices.shape} must have one shape",
                 field=field,
                 codec=self.name,
             )
