@@ -55,22 +55,19 @@ def served_pass(
     for t in teachers:
         t.check_pass(epoch)
     served = [0]  # rows the driver served this rank, before re-batching
+    shares = [t.share(epoch, sampler) for t in teachers]
+    shares[0] = _counted(shares[0], served)
     # Each teacher is read by its own thread, buf_size batches ahead: network reads of
     # several teachers overlap, and a slow student still slows them all down.
     streams = [
         Prefetcher(
-            functools.partial(
-                rebatch,
-                _counted(t.share(epoch, sampler), served, t is teachers[0]),
-                batch_size,
-                drop_last,
-            ),
+            functools.partial(rebatch, share, batch_size, drop_last),
             buf_size,
             f"kdserve-{t.name}",
             on_wait=patience(t.name, f"pass {epoch}", stall_timeout),
             cancel=t.cancel,  # a thread blocked reading a teacher that sends nothing returns
         )
-        for t in teachers
+        for t, share in zip(teachers, shares, strict=True)
     ]
     driver = teachers[0]
     try:
@@ -98,13 +95,10 @@ def served_pass(
             store.check_served(served[0], driver.name, epoch)
 
 
-def _counted(
-    batches: Iterator[pa.RecordBatch], rows: list[int], count: bool
-) -> Iterator[pa.RecordBatch]:
-    """``batches``, their rows added to ``rows[0]`` if ``count``."""
+def _counted(batches: Iterator[pa.RecordBatch], rows: list[int]) -> Iterator[pa.RecordBatch]:
+    """``batches``, their rows added to ``rows[0]``."""
     for batch in batches:
-        if count:
-            rows[0] += batch.num_rows
+        rows[0] += batch.num_rows
         yield batch
 
 
